@@ -1,0 +1,1 @@
+"""Volume loading, analysis pipelines and compute-device handling."""

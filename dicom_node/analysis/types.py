@@ -1,0 +1,83 @@
+"""Data passed between volume loading, pipelines and the encoders.
+
+These types are plain data: no DICOM encoding and no torch. A pipeline turns a
+:class:`Volume` into an :class:`AnalysisResult`; ``dicom_node.encode`` turns that
+into a Segmentation and a TID 1500 Structured Report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import pydicom
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept, e.g. ``Code("10200004", "SCT", "Liver")``."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One image series as a 3D volume in Hounsfield units.
+
+    ``hu`` has shape (slices, rows, columns); slice k is ``datasets[k]``, and
+    slices are ordered so that the slice position increases along the slice
+    normal (row cosine x column cosine).
+    """
+
+    hu: np.ndarray  # float32 (slices, rows, columns)
+    spacing: tuple[float, float, float]  # mm between (slices, rows, columns)
+    origin: np.ndarray  # LPS position (mm) of the centre of voxel [0, 0, 0]
+    direction: np.ndarray  # 3x3, columns: LPS unit vectors along column, row and slice index
+    datasets: tuple[pydicom.Dataset, ...]  # source headers (no pixel data needed), slice order
+
+    def voxel_to_patient(self, index: np.ndarray) -> np.ndarray:
+        """Map (N, 3) voxel indices ordered (slice, row, column) to (N, 3) LPS mm."""
+        kji = np.asarray(index, dtype=np.float64)
+        ijk = kji[:, ::-1] * np.array(self.spacing[::-1])
+        return self.origin + ijk @ self.direction.T
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segmented structure with its measurements."""
+
+    key: str  # stable identifier within a pipeline, e.g. "lung_left"
+    label: str  # human-readable SegmentLabel, e.g. "Left lung"
+    category: Code  # CID 7150, e.g. Anatomical Structure
+    type: Code  # CID 7151..., e.g. Lung
+    laterality: Code | None  # Left / Right, or None
+    mask: np.ndarray  # bool, same shape as Volume.hu
+    volume_ml: float
+    mean_hu: float
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """What a pipeline found in one series."""
+
+    pipeline: str  # pipeline name, e.g. "ct-chest"
+    algorithm_name: str  # SegmentAlgorithmName
+    algorithm_version: str
+    volume: Volume
+    segments: tuple[Segment, ...]
+
+
+class Pipeline(Protocol):
+    """An analysis pipeline: a named, versioned function of a volume."""
+
+    name: str
+    version: str
+
+    def run(self, volume: Volume) -> AnalysisResult: ...
+
+
+class AnalysisError(Exception):
+    """A pipeline cannot produce a meaningful result for this volume."""

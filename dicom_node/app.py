@@ -1,0 +1,143 @@
+"""The node: builds the object graph once, then start -> serve -> drain -> stop.
+
+A signal only sets a flag; the main thread notices it, stops accepting new
+associations, lets analysis in hand finish (bounded) and closes the journal.
+Everything unfinished is in the journal and resumes on the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+from dicom_node import __version__
+from dicom_node.analysis.device import select_device
+from dicom_node.analysis.pipelines import build_pipeline
+from dicom_node.analysis.types import Pipeline
+from dicom_node.assemble import Assembler, SchedulerTimers
+from dicom_node.config import NodeConfig
+from dicom_node.encode.types import Equipment
+from dicom_node.journal import Journal
+from dicom_node.receive import Receiver
+from dicom_node.send import Sender
+from dicom_node.store import Spool
+from dicom_node.web.metrics import Metrics
+from dicom_node.web.server import WebServer
+from dicom_node.worker import Worker
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass
+class Node:
+    config: NodeConfig
+    spool: Spool
+    journal: Journal
+    metrics: Metrics
+    timers: SchedulerTimers
+    assembler: Assembler
+    receiver: Receiver
+    worker: Worker
+    sender: Sender
+    web: WebServer | None
+
+    def start(self) -> None:
+        """Open the journal, resume unfinished work, then start listening."""
+        self.spool.clear_tmp()
+        resumed = self.journal.resume(time.time())
+        if resumed:
+            log.info("resuming %d job(s) interrupted during analysis", resumed)
+        self.timers.start()
+        open_studies = self.assembler.resume()
+        if open_studies:
+            log.info("resuming %d open stud(y/ies)", open_studies)
+        self.worker.start()
+        self.sender.start()
+        if self.web is not None:
+            self.web.start()
+        self.receiver.start()
+
+    def stop(self, timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:
+        """Stop accepting, drain bounded by ``timeout``, close the journal."""
+        log.info("stopping: no new associations; draining (at most %.0f s)", timeout)
+        self.receiver.stop()
+        self.timers.stop()
+        deadline = time.monotonic() + timeout
+        self.worker.stop(timeout)
+        self.sender.stop(max(0.0, deadline - time.monotonic()))
+        if self.web is not None:
+            self.web.stop()
+        self.journal.close()
+        log.info("stopped")
+
+
+def build_node(config: NodeConfig) -> Node:
+    spool = Spool(config.storage.path)
+    spool.create()
+    journal = Journal(spool.journal_path)
+    journal.create()
+    metrics = Metrics()
+    metrics.watch_journal(journal.state_counts)
+    device = select_device(config.analysis.device)
+    log.info("analysis device: %s", device)
+
+    def pipeline_factory(name: str) -> Pipeline:
+        return build_pipeline(name, device)
+
+    node_uid = journal.meta_value("node_uid", _new_uid)
+    equipment = Equipment(
+        device_serial_number=node_uid.rsplit(".", 1)[-1][:16],
+        device_observer_uid=node_uid,
+        software_version=__version__,
+    )
+    sender = Sender(journal, spool, metrics, config.node.ae_title, config.sending, time.time)
+    worker = Worker(
+        journal, spool, metrics, config.destinations, equipment, pipeline_factory, time.time,
+        on_results=sender.wake, threads=config.analysis.workers,
+    )
+    timers = SchedulerTimers()
+    assembler = Assembler(
+        journal, spool, config.routes, config.completion.study_idle_seconds, time.time, timers,
+        on_jobs=lambda _ids: worker.wake(),
+    )
+    receiver = Receiver(
+        config.node, spool, journal, metrics, time.time, on_recorded=assembler.instance_recorded
+    )
+    web = None
+    if config.web.enabled:
+        web = WebServer(
+            config.web.host, config.web.port, journal, metrics, healthy=lambda: receiver.running
+        )
+    return Node(config, spool, journal, metrics, timers, assembler, receiver, worker, sender, web)
+
+
+def _new_uid() -> str:
+    from pydicom.uid import generate_uid
+
+    return generate_uid(None)
+
+
+def run(config: NodeConfig) -> int:
+    """Serve until SIGTERM/SIGINT, then drain and return 0."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    node = build_node(config)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    host, port = node.receiver.address
+    log.info("dicom_node %s ready: %s on %s:%d", __version__, config.node.ae_title, host, port)
+    while not stop.wait(1.0):
+        pass
+    node.stop()
+    return 0

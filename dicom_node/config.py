@@ -1,0 +1,227 @@
+"""Configuration: pydantic models, the only place where defaults live.
+
+The keys fixed by ``shared/spec/interface.md`` are ``node``, ``storage``,
+``completion``, ``destinations``, ``routes`` and ``web``; ``sending`` and
+``analysis`` are ours. Unknown keys are an error everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SOURCE_DESTINATION = "source"
+CONFIG_ENV_VAR = "DICOM_NODE_CONFIG"
+
+# AE VR (PS3.5 6.2): 1-16 characters, default character repertoire without
+# backslash or control characters; leading/trailing spaces are not significant.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable ASCII, no backslash)")
+    return value.strip()
+
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+ListenPort = Annotated[int, Field(ge=0, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    ae_title: AETitle
+    host: str = "127.0.0.1"
+    port: ListenPort = 11112
+    allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 32
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_aets(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+
+class StorageSection(_Section):
+    path: Path = Path("./var")
+
+
+class CompletionSection(_Section):
+    study_idle_seconds: Annotated[float, Field(gt=0, le=86400)] = 10
+
+
+class Destination(_Section):
+    ae_title: AETitle
+    host: str
+    port: Port
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+Scalar = str | int | float
+Operator = Literal["equals", "one_of", "not", "contains", "regex", "present"]
+
+
+class Condition(_Section):
+    """One test on a DICOM keyword; exactly one operator is set."""
+
+    equals: Scalar | None = None
+    one_of: list[Scalar] | None = None
+    not_: Scalar | list[Scalar] | None = Field(default=None, alias="not")
+    contains: str | None = None
+    regex: str | None = None
+    present: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_operator(self) -> Condition:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a condition needs exactly one of equals, one_of, not, contains, regex, present"
+            )
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from exc
+        return self
+
+
+class Route(_Section):
+    name: Annotated[str, Field(min_length=1)]
+    when: dict[str, Scalar | list[Scalar] | Condition] = Field(default_factory=dict)
+    pipeline: Annotated[str, Field(min_length=1)]
+    send_to: Annotated[list[str], Field(min_length=1)]
+
+    @field_validator("when")
+    @classmethod
+    def _keywords(cls, when: dict[str, Any]) -> dict[str, Any]:
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+        for keyword in when:
+            tag = tag_for_keyword(keyword)
+            if tag is None:
+                raise ValueError(f"{keyword!r} is not a DICOM keyword")
+            if dictionary_VR(tag) == "SQ":
+                raise ValueError(f"{keyword!r} is a sequence; rules test plain attributes")
+        return when
+
+
+class SendingSection(_Section):
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 8
+    backoff_initial_seconds: Annotated[float, Field(gt=0)] = 2.0
+    backoff_max_seconds: Annotated[float, Field(gt=0)] = 300.0
+    timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+
+
+class AnalysisSection(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: Annotated[int, Field(ge=1, le=16)] = 1
+
+
+class WebSection(_Section):
+    host: str = "127.0.0.1"
+    port: ListenPort = 8080
+    enabled: bool = True
+
+
+class NodeConfig(_Section):
+    node: NodeSection
+    storage: StorageSection = StorageSection()
+    completion: CompletionSection = CompletionSection()
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
+    sending: SendingSection = SendingSection()
+    analysis: AnalysisSection = AnalysisSection()
+    web: WebSection = WebSection()
+
+    @model_validator(mode="after")
+    def _references(self) -> NodeConfig:
+        from dicom_node.analysis.pipelines import PIPELINE_NAMES
+
+        problems = []
+        if SOURCE_DESTINATION in self.destinations:
+            problems.append(f"destinations.{SOURCE_DESTINATION}: the name is reserved")
+        names = [route.name for route in self.routes]
+        for index, route in enumerate(self.routes):
+            if names.count(route.name) > 1:
+                problems.append(f"routes.{index}.name: {route.name!r} is used twice")
+            if route.pipeline not in PIPELINE_NAMES:
+                known = ", ".join(PIPELINE_NAMES)
+                problems.append(
+                    f"routes.{index}.pipeline: unknown pipeline {route.pipeline!r} (known: {known})"
+                )
+            for name in route.send_to:
+                if name != SOURCE_DESTINATION and name not in self.destinations:
+                    problems.append(f"routes.{index}.send_to: unknown destination {name!r}")
+        if self.sending.backoff_max_seconds < self.sending.backoff_initial_seconds:
+            problems.append("sending.backoff_max_seconds: smaller than backoff_initial_seconds")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists each as 'path: message'."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def _format_error(error: dict[str, Any]) -> list[str]:
+    path = ".".join(str(part) for part in error["loc"])
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    if error["type"] == "value_error" and not path:
+        # model-level checks already carry their own paths, joined by '; '
+        return [part.removeprefix("Value error, ") for part in message.split("; ")]
+    message = message.removeprefix("Value error, ")
+    return [f"{path or '(top level)'}: {message}"]
+
+
+def parse_config(data: Any, source: str = "<config>") -> NodeConfig:
+    """Validate already-parsed YAML; raise :class:`ConfigError` listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): expected a mapping of sections"])
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [line for error in exc.errors() for line in _format_error(error)]
+        raise ConfigError(source, problems) from None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> NodeConfig:
+    """Read and validate a YAML config file (``DICOM_NODE_CONFIG`` when path is None).
+
+    Relative ``storage.path`` is resolved against the current directory at load time.
+    """
+    if path is None:
+        path = os.environ.get(CONFIG_ENV_VAR)
+    if not path:
+        raise ConfigError("<no config>", [f"no --config given and {CONFIG_ENV_VAR} is not set"])
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+    return parse_config(data, source)

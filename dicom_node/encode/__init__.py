@@ -1,0 +1,1 @@
+"""Analysis results -> DICOM objects (highdicom SEG and TID 1500 SR)."""

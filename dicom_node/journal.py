@@ -1,0 +1,563 @@
+"""The journal: studies, series, instances, jobs and deliveries in SQLite (WAL).
+
+Every state change goes through :mod:`dicom_node.domain`'s transition checks
+inside one write transaction, so a crash leaves either the old or the new
+state. Writers are serialised by a lock; readers run concurrently (WAL).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from dicom_node.domain import (
+    DeliveryState,
+    JobState,
+    StudyState,
+    check_delivery,
+    check_job,
+    check_study,
+    job_state_after_deliveries,
+)
+
+metadata = sa.MetaData()
+
+meta_table = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String, primary_key=True),
+    sa.Column("value", sa.String, nullable=False),
+)
+studies = sa.Table(
+    "studies",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("study_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("calling_aet", sa.String(16), nullable=False),
+    sa.Column("first_received_at", sa.Float, nullable=False),
+    sa.Column("last_received_at", sa.Float, nullable=False),
+    sa.Column("completed_at", sa.Float),
+    sa.Column("generation", sa.Integer, nullable=False, default=1),
+)
+series = sa.Table(
+    "series",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("study_id", sa.ForeignKey("studies.id"), nullable=False, index=True),
+    sa.Column("series_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("modality", sa.String(16), nullable=False),
+    sa.Column("instance_count", sa.Integer, nullable=False, default=0),
+)
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("sop_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("sop_class_uid", sa.String(64), nullable=False),
+    sa.Column("series_id", sa.ForeignKey("series.id"), nullable=False, index=True),
+    sa.Column("relpath", sa.String, nullable=False),
+    sa.Column("transfer_syntax", sa.String(64), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("calling_aet", sa.String(16), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("study_id", sa.ForeignKey("studies.id"), nullable=False, index=True),
+    sa.Column("series_id", sa.ForeignKey("series.id"), nullable=False),
+    sa.Column("route", sa.String, nullable=False),
+    sa.Column("pipeline", sa.String, nullable=False),
+    sa.Column("send_to", sa.JSON, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("instance_count", sa.Integer, nullable=False),
+    sa.Column("seg_series_uid", sa.String(64), nullable=False),
+    sa.Column("seg_sop_uid", sa.String(64), nullable=False),
+    sa.Column("sr_series_uid", sa.String(64), nullable=False),
+    sa.Column("sr_sop_uid", sa.String(64), nullable=False),
+    sa.Column("predecessor_id", sa.ForeignKey("jobs.id")),
+    sa.Column("error", sa.String),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("job_id", sa.ForeignKey("jobs.id"), nullable=False, index=True),
+    sa.Column("destination", sa.String, nullable=False),
+    sa.Column("ae_title", sa.String(16), nullable=False),
+    sa.Column("host", sa.String, nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),
+    sa.Column("last_error", sa.String),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """An instance written to the spool, about to be recorded."""
+
+    sop_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    relpath: str
+    transfer_syntax: str
+    size: int
+    calling_aet: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Outcome of :meth:`Journal.record_instance`."""
+
+    study_id: int
+    duplicate: bool
+    reopened: bool  # the study had completed and this instance re-opened it
+    opened: bool  # the study is new or re-opened: completion must be (re)scheduled
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    series_id: int
+    route: str
+    pipeline: str
+    send_to: tuple[str, ...]
+    instance_count: int
+    uids: tuple[str, str, str, str]  # seg series, seg sop, sr series, sr sop
+
+
+@dataclass(frozen=True)
+class DeliverySpec:
+    destination: str
+    ae_title: str
+    host: str
+    port: int
+    state: DeliveryState = DeliveryState.PENDING
+    error: str | None = None
+
+
+Row = sa.Row[Any]
+
+
+@dataclass(frozen=True)
+class StudySnapshot:
+    study: Row
+    series: tuple[Row, ...]
+    first_relpath: dict[int, str]  # series id -> one of its instances
+    jobs: tuple[Row, ...]
+
+
+class Journal:
+    """SQLite journal. ``now`` values are passed in so tests control time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._engine: Engine = sa.create_engine(
+            f"sqlite:///{path}",
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=8,
+            max_overflow=8,
+        )
+        sa.event.listen(self._engine, "connect", _configure_connection)
+        self._write_lock = threading.Lock()
+
+    def create(self) -> None:
+        metadata.create_all(self._engine)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._write_lock, self._engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            yield conn
+
+    # -- node identity ------------------------------------------------------
+
+    def meta_value(self, key: str, default_factory: Any) -> str:
+        """Read ``key``; store ``default_factory()`` first if it is missing."""
+        with self._write() as conn:
+            value = conn.scalar(sa.select(meta_table.c.value).where(meta_table.c.key == key))
+            if value is None:
+                value = str(default_factory())
+                conn.execute(meta_table.insert().values(key=key, value=value))
+            return value
+
+    # -- receiving ----------------------------------------------------------
+
+    def record_instance(self, inst: ReceivedInstance) -> Recorded:
+        """Record a stored instance; a known SOP Instance UID is a duplicate."""
+        with self._write() as conn:
+            known = conn.scalar(
+                sa.select(instances.c.id).where(instances.c.sop_uid == inst.sop_uid)
+            )
+            study = conn.execute(
+                sa.select(studies).where(studies.c.study_uid == inst.study_uid)
+            ).one_or_none()
+            if known is not None:
+                assert study is not None  # an instance always has its study
+                return Recorded(study.id, duplicate=True, reopened=False, opened=False)
+            study_id, reopened, opened = _touch_study(conn, study, inst)
+            series_id = _touch_series(conn, study_id, inst)
+            conn.execute(
+                instances.insert().values(
+                    sop_uid=inst.sop_uid,
+                    sop_class_uid=inst.sop_class_uid,
+                    series_id=series_id,
+                    relpath=inst.relpath,
+                    transfer_syntax=inst.transfer_syntax,
+                    size=inst.size,
+                    calling_aet=inst.calling_aet,
+                    received_at=inst.received_at,
+                )
+            )
+        return Recorded(study_id, duplicate=False, reopened=reopened, opened=opened)
+
+    # -- completion ---------------------------------------------------------
+
+    def open_studies(self) -> list[Row]:
+        with self._read() as conn:
+            query = sa.select(studies).where(studies.c.state == StudyState.OPEN)
+            return list(conn.execute(query))
+
+    def study(self, study_id: int) -> Row:
+        with self._read() as conn:
+            return conn.execute(sa.select(studies).where(studies.c.id == study_id)).one()
+
+    def study_snapshot(self, study_id: int) -> StudySnapshot:
+        """The study with its series (and one instance path each) and its jobs so far."""
+        with self._read() as conn:
+            study = conn.execute(sa.select(studies).where(studies.c.id == study_id)).one()
+            series_rows = list(
+                conn.execute(
+                    sa.select(series).where(series.c.study_id == study_id).order_by(series.c.id)
+                )
+            )
+            first_paths = {
+                row.series_id: row.relpath
+                for row in conn.execute(
+                    sa.select(
+                        instances.c.series_id, sa.func.min(instances.c.relpath).label("relpath")
+                    )
+                    .where(instances.c.series_id.in_([s.id for s in series_rows]))
+                    .group_by(instances.c.series_id)
+                )
+            }
+            job_rows = list(conn.execute(sa.select(jobs).where(jobs.c.study_id == study_id)))
+            return StudySnapshot(study, tuple(series_rows), first_paths, tuple(job_rows))
+
+    def complete_study(
+        self, study_id: int, seen_last_received_at: float, now: float, specs: list[JobSpec]
+    ) -> list[int] | None:
+        """Mark the study COMPLETE and create its jobs in one transaction.
+
+        Nothing happens (None) when the study is no longer open, or received an
+        instance after the snapshot the caller planned from.
+        """
+        with self._write() as conn:
+            study = conn.execute(sa.select(studies).where(studies.c.id == study_id)).one()
+            if study.state != StudyState.OPEN or study.last_received_at != seen_last_received_at:
+                return None
+            check_study(StudyState(study.state), StudyState.COMPLETE)
+            conn.execute(
+                studies.update()
+                .where(studies.c.id == study_id)
+                .values(state=StudyState.COMPLETE, completed_at=now)
+            )
+            previous = list(conn.execute(sa.select(jobs).where(jobs.c.study_id == study_id)))
+            return [_insert_job(conn, study_id, spec, previous, now) for spec in specs]
+
+    def instance_relpaths(self, series_id: int) -> list[str]:
+        with self._read() as conn:
+            query = sa.select(instances.c.relpath).where(instances.c.series_id == series_id)
+            return list(conn.scalars(query.order_by(instances.c.id)))
+
+    def all_instance_relpaths(self) -> set[str]:
+        with self._read() as conn:
+            return set(conn.scalars(sa.select(instances.c.relpath)))
+
+    # -- jobs ---------------------------------------------------------------
+
+    def resume(self, now: float) -> int:
+        """After a restart, jobs caught mid-analysis go back to the queue."""
+        with self._write() as conn:
+            rows = list(conn.execute(sa.select(jobs).where(jobs.c.state == JobState.ANALYSING)))
+            for row in rows:
+                _set_job_state(conn, row, JobState.QUEUED, now)
+            return len(rows)
+
+    def claim_job(self, now: float) -> Row | None:
+        """Take the oldest queued job and mark it analysing."""
+        with self._write() as conn:
+            row = conn.execute(
+                sa.select(jobs).where(jobs.c.state == JobState.QUEUED).order_by(jobs.c.id).limit(1)
+            ).one_or_none()
+            if row is None:
+                return None
+            _set_job_state(conn, row, JobState.ANALYSING, now)
+            return conn.execute(sa.select(jobs).where(jobs.c.id == row.id)).one()
+
+    def job(self, job_id: int) -> Row:
+        with self._read() as conn:
+            return conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
+
+    def job_context(self, job_id: int) -> tuple[Row, Row, Row]:
+        """The job with its study and series rows."""
+        with self._read() as conn:
+            job = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
+            study = conn.execute(sa.select(studies).where(studies.c.id == job.study_id)).one()
+            ser = conn.execute(sa.select(series).where(series.c.id == job.series_id)).one()
+            return job, study, ser
+
+    def job_analysed(self, job_id: int, specs: list[DeliverySpec], now: float) -> None:
+        """Results are on disk: move to SENDING and create one delivery per destination."""
+        with self._write() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
+            _set_job_state(conn, row, JobState.SENDING, now)
+            for spec in specs:
+                conn.execute(
+                    deliveries.insert().values(
+                        job_id=job_id,
+                        destination=spec.destination,
+                        ae_title=spec.ae_title,
+                        host=spec.host,
+                        port=spec.port,
+                        state=spec.state,
+                        attempts=0,
+                        next_attempt_at=now,
+                        last_error=spec.error,
+                        updated_at=now,
+                    )
+                )
+            _settle_job(conn, job_id, now)
+
+    def job_failed(self, job_id: int, error: str, now: float) -> None:
+        with self._write() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
+            _set_job_state(conn, row, JobState.FAILED, now, error=error)
+
+    # -- deliveries ---------------------------------------------------------
+
+    def due_deliveries(self, now: float, limit: int = 32) -> list[Row]:
+        with self._read() as conn:
+            query = (
+                sa.select(deliveries)
+                .where(deliveries.c.state == DeliveryState.PENDING)
+                .where(deliveries.c.next_attempt_at <= now)
+                .order_by(deliveries.c.next_attempt_at)
+                .limit(limit)
+            )
+            return list(conn.execute(query))
+
+    def next_delivery_at(self) -> float | None:
+        with self._read() as conn:
+            query = sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
+                deliveries.c.state == DeliveryState.PENDING
+            )
+            return conn.scalar(query)
+
+    def delivery_attempted(
+        self,
+        delivery_id: int,
+        new: DeliveryState,
+        now: float,
+        error: str | None = None,
+        retry_at: float | None = None,
+    ) -> Row:
+        """Record one send attempt: SENT, DEAD, or PENDING again with ``retry_at``."""
+        with self._write() as conn:
+            row = conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
+            if new != DeliveryState.PENDING:
+                check_delivery(DeliveryState(row.state), new)
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == delivery_id)
+                .values(
+                    state=new,
+                    attempts=row.attempts + 1,
+                    last_error=error,
+                    next_attempt_at=retry_at if retry_at is not None else row.next_attempt_at,
+                    updated_at=now,
+                )
+            )
+            _settle_job(conn, row.job_id, now)
+            return conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
+
+    def job_deliveries(self, job_id: int) -> list[Row]:
+        with self._read() as conn:
+            return list(conn.execute(sa.select(deliveries).where(deliveries.c.job_id == job_id)))
+
+    # -- reporting ----------------------------------------------------------
+
+    def state_counts(self) -> dict[str, dict[str, int]]:
+        """Counts by state for studies, jobs and deliveries, plus the instance total."""
+        with self._read() as conn:
+            out: dict[str, dict[str, int]] = {}
+            for name, table in (("studies", studies), ("jobs", jobs), ("deliveries", deliveries)):
+                query = sa.select(table.c.state, sa.func.count()).group_by(table.c.state)
+                out[name] = {state: count for state, count in conn.execute(query)}
+            out["instances"] = {"total": conn.scalar(sa.select(sa.func.count(instances.c.id)))}
+            return out
+
+    def recent_studies(self, limit: int = 50) -> list[Row]:
+        with self._read() as conn:
+            query = sa.select(studies).order_by(studies.c.last_received_at.desc()).limit(limit)
+            return list(conn.execute(query))
+
+    def recent_jobs(self, limit: int = 50) -> list[Row]:
+        with self._read() as conn:
+            return list(conn.execute(sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)))
+
+    def study_instance_count(self, study_uid: str) -> int:
+        with self._read() as conn:
+            query = (
+                sa.select(sa.func.count(instances.c.id))
+                .select_from(instances.join(series).join(studies))
+                .where(studies.c.study_uid == study_uid)
+            )
+            return int(conn.scalar(query) or 0)
+
+    def jobs_for_study(self, study_uid: str) -> list[Row]:
+        with self._read() as conn:
+            query = (
+                sa.select(jobs)
+                .select_from(jobs.join(studies))
+                .where(studies.c.study_uid == study_uid)
+                .order_by(jobs.c.id)
+            )
+            return list(conn.execute(query))
+
+
+def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _touch_study(
+    conn: Connection, study: Row | None, inst: ReceivedInstance
+) -> tuple[int, bool, bool]:
+    """Insert or refresh the study row; returns (id, reopened, opened)."""
+    if study is None:
+        result = conn.execute(
+            studies.insert().values(
+                study_uid=inst.study_uid,
+                state=StudyState.OPEN,
+                calling_aet=inst.calling_aet,
+                first_received_at=inst.received_at,
+                last_received_at=inst.received_at,
+                generation=1,
+            )
+        )
+        return int(result.inserted_primary_key[0]), False, True
+    values: dict[str, Any] = {"last_received_at": max(study.last_received_at, inst.received_at)}
+    reopened = study.state == StudyState.COMPLETE
+    if reopened:
+        check_study(StudyState(study.state), StudyState.OPEN)
+        values.update(state=StudyState.OPEN, generation=study.generation + 1, completed_at=None)
+    conn.execute(studies.update().where(studies.c.id == study.id).values(**values))
+    return study.id, reopened, reopened
+
+
+def _touch_series(conn: Connection, study_id: int, inst: ReceivedInstance) -> int:
+    row = conn.execute(
+        sa.select(series.c.id, series.c.study_id).where(series.c.series_uid == inst.series_uid)
+    ).one_or_none()
+    if row is None:
+        result = conn.execute(
+            series.insert().values(
+                study_id=study_id,
+                series_uid=inst.series_uid,
+                modality=inst.modality,
+                instance_count=1,
+            )
+        )
+        return int(result.inserted_primary_key[0])
+    conn.execute(
+        series.update()
+        .where(series.c.id == row.id)
+        .values(instance_count=series.c.instance_count + 1)
+    )
+    return int(row.id)
+
+
+def _insert_job(
+    conn: Connection, study_id: int, spec: JobSpec, previous: list[Row], now: float
+) -> int:
+    """Insert a job; queued jobs it replaces are superseded, the last result is its predecessor."""
+    same = [j for j in previous if j.series_id == spec.series_id and j.route == spec.route]
+    for old in same:
+        if old.state == JobState.QUEUED:
+            _set_job_state(conn, old, JobState.SUPERSEDED, now)
+    with_results = [j for j in same if j.state in _HAS_RESULTS]
+    predecessor = max((j.id for j in with_results), default=None)
+    seg_series, seg_sop, sr_series, sr_sop = spec.uids
+    result = conn.execute(
+        jobs.insert().values(
+            study_id=study_id,
+            series_id=spec.series_id,
+            route=spec.route,
+            pipeline=spec.pipeline,
+            send_to=list(spec.send_to),
+            state=JobState.QUEUED,
+            instance_count=spec.instance_count,
+            seg_series_uid=seg_series,
+            seg_sop_uid=seg_sop,
+            sr_series_uid=sr_series,
+            sr_sop_uid=sr_sop,
+            predecessor_id=predecessor,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    return int(result.inserted_primary_key[0])
+
+
+_HAS_RESULTS = frozenset({JobState.SENDING, JobState.DONE, JobState.DEAD_LETTER})
+
+
+def _set_job_state(
+    conn: Connection, row: Row, new: JobState, now: float, error: str | None = None
+) -> None:
+    check_job(JobState(row.state), new)
+    values: dict[str, Any] = {"state": new, "updated_at": now}
+    if error is not None:
+        values["error"] = error
+    conn.execute(jobs.update().where(jobs.c.id == row.id).values(**values))
+
+
+def _settle_job(conn: Connection, job_id: int, now: float) -> None:
+    row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
+    if row.state != JobState.SENDING:
+        return
+    states = [
+        DeliveryState(s)
+        for s in conn.scalars(sa.select(deliveries.c.state).where(deliveries.c.job_id == job_id))
+    ]
+    new = job_state_after_deliveries(states)
+    if new is not None:
+        _set_job_state(conn, row, new, now)

@@ -1,0 +1,239 @@
+"""The Storage SCP: C-ECHO and C-STORE handlers -> spool -> journal -> assembler.
+
+The C-STORE handler is thin. It parses the header (never pixel data), checks
+it against the request, writes the bytes exactly as received to a temporary
+file, fsyncs and renames it into place, records the instance in the journal and
+only then answers success. :func:`store_status` is the one place where a
+failure becomes a DICOM status.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.config import NodeSection
+from dicom_node.journal import Journal, ReceivedInstance, Recorded
+from dicom_node.store import Spool
+from dicom_node.web.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# C-STORE response statuses (PS3.4 B.2.3 and pynetdicom's service-specific codes)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+CANNOT_DECODE = 0xC210
+UNEXPECTED_ERROR = 0xC211
+
+
+class Rejected(Exception):
+    """An instance we refuse, with the status to answer and a PHI-free reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Header:
+    """What routing and the journal need from a received dataset."""
+
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+
+
+def parse_header(data: bytes, request_class: str, request_instance: str) -> Header:
+    """Parse the UIDs from an encoded Part 10 stream and check them against the request."""
+    try:
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        values = {
+            key: str(ds.get(key, "") or "").strip()
+            for key in (
+                "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"
+            )
+        }
+    except Exception as exc:
+        raise Rejected(CANNOT_DECODE, f"dataset cannot be decoded ({type(exc).__name__})") from exc
+    for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not values[key]:
+            raise Rejected(CANNOT_UNDERSTAND, f"{key} is missing or empty")
+        if not UID(values[key]).is_valid:
+            raise Rejected(CANNOT_UNDERSTAND, f"{key} is not a valid UID")
+    if values["SOPClassUID"] != request_class:
+        raise Rejected(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"dataset SOP Class {values['SOPClassUID']} != request {request_class}",
+        )
+    if values["SOPInstanceUID"] != request_instance:
+        raise Rejected(DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset SOP Instance UID != request")
+    return Header(
+        values["SOPClassUID"],
+        values["SOPInstanceUID"],
+        values["StudyInstanceUID"],
+        values["SeriesInstanceUID"],
+        values["Modality"] or "OT",
+    )
+
+
+class Receiver:
+    """The DICOM listener. ``on_recorded`` is called after each new instance is durable."""
+
+    def __init__(
+        self,
+        config: NodeSection,
+        spool: Spool,
+        journal: Journal,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        on_recorded: Callable[[Recorded], None],
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._journal = journal
+        self._metrics = metrics
+        self._clock = clock
+        self._on_recorded = on_recorded
+        self._server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise RuntimeError("the receiver is not running")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> tuple[str, int]:
+        ae = _make_ae(self._config)
+        handlers = [
+            (evt.EVT_C_ECHO, _handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_REJECTED, _log_rejected),
+        ]
+        server = ae.start_server(
+            (self._config.host, self._config.port), block=False, evt_handlers=handlers
+        )
+        assert server is not None  # block=False always returns the server
+        # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux.
+        server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server = server
+        log.info(
+            "listening as %s on %s:%d", self._config.ae_title, *self.address
+        )
+        return self.address
+
+    def stop(self) -> None:
+        """Stop accepting; associations in progress are allowed to finish."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+
+    def _handle_store(self, event: evt.Event) -> int:
+        request = event.request
+        calling = event.assoc.requestor.ae_title
+        try:
+            status = self._store(event, calling)
+        except Rejected as exc:
+            self._metrics.instances_rejected.labels(reason=_reason_label(exc.status)).inc()
+            log.warning(
+                "refused C-STORE from %s (status 0x%04X): %s", calling, exc.status, exc.reason
+            )
+            return exc.status
+        except Exception:
+            log.exception("unexpected error storing an instance from %s", calling)
+            self._metrics.instances_rejected.labels(reason="error").inc()
+            return UNEXPECTED_ERROR
+        log.debug("stored %s from %s", request.AffectedSOPInstanceUID, calling)
+        return status
+
+    def _store(self, event: evt.Event, calling: str) -> int:
+        request = event.request
+        data = event.encoded_dataset()
+        header = parse_header(
+            data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+        )
+        relpath = self._spool.new_instance_relpath()
+        try:
+            self._spool.write_atomic(relpath, data)
+        except OSError as exc:
+            raise Rejected(OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror}") from exc
+        received = ReceivedInstance(
+            sop_uid=header.sop_uid,
+            sop_class_uid=header.sop_class_uid,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            modality=header.modality,
+            relpath=relpath,
+            transfer_syntax=str(event.context.transfer_syntax),
+            size=len(data),
+            calling_aet=calling,
+            received_at=self._clock(),
+        )
+        try:
+            recorded = self._journal.record_instance(received)
+        except Exception as exc:
+            self._spool.remove(relpath)
+            raise Rejected(OUT_OF_RESOURCES, f"cannot record the instance: {exc}") from exc
+        if recorded.duplicate:
+            self._spool.remove(relpath)
+            self._metrics.instances_duplicate.inc()
+            log.info("instance already stored; acknowledged again (from %s)", calling)
+            return SUCCESS
+        self._metrics.instances_received.inc()
+        self._metrics.bytes_received.inc(len(data))
+        self._on_recorded(recorded)
+        return SUCCESS
+
+
+def _make_ae(config: NodeSection) -> AE:
+    ae = AE(ae_title=config.ae_title)
+    ae.maximum_associations = config.max_associations
+    ae.require_calling_aet = list(config.allowed_calling_aets)
+    ae.add_supported_context(Verification)
+    for context in StoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+def _handle_echo(event: evt.Event) -> int:
+    log.debug("C-ECHO from %s", event.assoc.requestor.ae_title)
+    return SUCCESS
+
+
+def _log_rejected(event: evt.Event) -> None:
+    requestor = event.assoc.requestor
+    log.warning(
+        "association from %s at %s rejected (calling AE title not in allowed_calling_aets,"
+        " or too many associations)",
+        requestor.ae_title,
+        requestor.address,
+    )
+
+
+def _reason_label(status: int) -> str:
+    return {
+        OUT_OF_RESOURCES: "out_of_resources",
+        DATASET_DOES_NOT_MATCH_SOP_CLASS: "sop_mismatch",
+        CANNOT_DECODE: "undecodable",
+        CANNOT_UNDERSTAND: "invalid",
+    }.get(status, "error")

@@ -1,0 +1,237 @@
+"""C-STORE SCU: send files to a peer; the delivery loop with retry and dead letter.
+
+:func:`store_files` is the plain sender used by the CLI and by deliveries.
+:class:`Sender` drives pending deliveries from the journal: each attempt sends
+the job's SEG and SR; a failure is retried with exponential backoff and jitter
+until ``sending.max_attempts``, then the delivery is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.config import SendingSection
+from dicom_node.domain import DeliveryState, backoff_seconds
+from dicom_node.journal import Journal, Row
+from dicom_node.store import Spool
+from dicom_node.web.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Statuses that mean the peer has the object (PS3.4 B.2.3: success and warnings).
+STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+class SendError(Exception):
+    """A send did not complete; the message names the peer and the reason."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    host: str
+    port: int
+
+
+def _associate(calling_aet: str, peer: Peer, contexts: Iterable[tuple[str, list[str]]], timeout: float) -> Association:
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, syntaxes)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        raise SendError(
+            f"association with {peer.ae_title}@{peer.host}:{peer.port} was "
+            f"{'rejected' if assoc.is_rejected else 'not established'}"
+        )
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return assoc
+
+
+def echo(calling_aet: str, peer: Peer, timeout: float = 10.0) -> None:
+    """C-ECHO the peer; raise :class:`SendError` unless it answers success."""
+    assoc = _associate(calling_aet, peer, [(Verification, ["1.2.840.10008.1.2"])], timeout)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not status or status.Status != 0x0000:
+        raise SendError(f"C-ECHO to {peer.ae_title} failed: {_status_text(status)}")
+
+
+def dicom_files(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """Split ``paths`` into DICOM Part 10 files (with file meta) and the rest."""
+    files, skipped = [], []
+    for path in paths:
+        try:
+            meta = pydicom.filereader.read_file_meta_info(path)
+            usable = "MediaStorageSOPClassUID" in meta and "TransferSyntaxUID" in meta
+        except Exception:
+            usable = False
+        (files if usable else skipped).append(path)
+    return files, skipped
+
+
+def _contexts(paths: Sequence[Path]) -> list[tuple[str, list[str]]]:
+    """One context per (SOP class), offering each file's own transfer syntax first."""
+    by_class: dict[str, list[str]] = {}
+    for path in paths:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        syntaxes = by_class.setdefault(str(meta.MediaStorageSOPClassUID), [])
+        syntax = str(meta.TransferSyntaxUID)
+        if syntax not in syntaxes:
+            syntaxes.append(syntax)
+    contexts = []
+    for abstract, syntaxes in by_class.items():
+        for syntax in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"):  # uncompressed fallbacks
+            if syntax not in syntaxes:
+                syntaxes.append(syntax)
+        contexts.append((abstract, syntaxes))
+    if len(contexts) > 128:
+        raise SendError(f"{len(contexts)} SOP classes in one send; at most 128 fit one association")
+    return contexts
+
+
+def store_files(
+    calling_aet: str,
+    peer: Peer,
+    paths: Sequence[Path],
+    timeout: float = 30.0,
+    progress: Callable[[Path, int], None] | None = None,
+) -> None:
+    """C-STORE every file over one association; raise :class:`SendError` on the first failure."""
+    if not paths:
+        return
+    assoc = _associate(calling_aet, peer, _contexts(paths), timeout)
+    try:
+        for path in paths:
+            status = assoc.send_c_store(path)
+            if not status or int(status.Status) not in STORED_STATUSES:
+                raise SendError(f"C-STORE of {path.name} to {peer.ae_title} failed: {_status_text(status)}")
+            if progress is not None:
+                progress(path, int(status.Status))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _status_text(status: pydicom.Dataset | None) -> str:
+    if not status:
+        return "no response (connection lost, timeout or aborted)"
+    return f"status 0x{int(status.Status):04X}"
+
+
+class Sender:
+    """Sends due deliveries; sleeps until the next one is due or it is woken."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        spool: Spool,
+        metrics: Metrics,
+        calling_aet: str,
+        settings: SendingSection,
+        clock: Callable[[], float],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._journal = journal
+        self._spool = spool
+        self._metrics = metrics
+        self._calling_aet = calling_aet
+        self._settings = settings
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="sender", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                while not self._stopping.is_set() and self.send_due():
+                    pass
+                next_at = self._journal.next_delivery_at()
+            except Exception:
+                log.exception("delivery loop error; retrying in 5 s")
+                next_at = self._clock() + 5
+            wait = 60.0 if next_at is None else max(0.0, min(60.0, next_at - self._clock()))
+            self._wake.wait(wait)
+
+    def send_due(self) -> int:
+        """Attempt every due delivery once; return how many were attempted."""
+        due = self._journal.due_deliveries(self._clock())
+        for delivery in due:
+            if self._stopping.is_set():
+                break
+            self.attempt(delivery)
+        return len(due)
+
+    def attempt(self, delivery: Row) -> DeliveryState:
+        """One attempt for one delivery; records SENT, a retry time or DEAD."""
+        job = self._journal.job(delivery.job_id)
+        paths = [self._spool.path(self._spool.result_relpath(job.id, kind)) for kind in ("seg", "sr")]
+        peer = Peer(delivery.ae_title, delivery.host, delivery.port)
+        try:
+            store_files(self._calling_aet, peer, paths, timeout=self._settings.timeout_seconds)
+        except Exception as exc:
+            return self._failed(delivery, exc)
+        self._journal.delivery_attempted(delivery.id, DeliveryState.SENT, self._clock())
+        self._metrics.sends.labels(destination=delivery.destination, outcome="sent").inc()
+        log.info("job %d: results sent to %s", job.id, delivery.destination)
+        return DeliveryState.SENT
+
+    def _failed(self, delivery: Row, exc: Exception) -> DeliveryState:
+        attempt = delivery.attempts + 1
+        error = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
+        now = self._clock()
+        if attempt >= self._settings.max_attempts:
+            self._journal.delivery_attempted(delivery.id, DeliveryState.DEAD, now, error=error)
+            self._metrics.sends.labels(destination=delivery.destination, outcome="dead").inc()
+            log.error(
+                "job %d: DEAD LETTER for %s after %d attempts: %s",
+                delivery.job_id, delivery.destination, attempt, error,
+            )
+            return DeliveryState.DEAD
+        delay = backoff_seconds(
+            attempt,
+            self._settings.backoff_initial_seconds,
+            self._settings.backoff_max_seconds,
+            self._rng.random(),
+        )
+        self._journal.delivery_attempted(
+            delivery.id, DeliveryState.PENDING, now, error=error, retry_at=now + delay
+        )
+        self._metrics.sends.labels(destination=delivery.destination, outcome="retry").inc()
+        log.warning(
+            "job %d: send to %s failed (attempt %d of %d), retrying in %.1f s: %s",
+            delivery.job_id, delivery.destination, attempt, self._settings.max_attempts, delay, error,
+        )
+        return DeliveryState.PENDING
+

@@ -1,0 +1,84 @@
+"""Durable files in the spool: received instances and result objects.
+
+Every file is written once: to a temporary file in ``tmp/`` on the same file
+system, flushed and fsynced, then renamed into place and the directory fsynced.
+Paths come from our own random ids, never from a received UID.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class Spool:
+    """The storage folder: ``instances/``, ``results/``, ``tmp/`` and the journal."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.instances = self.root / "instances"
+        self.results = self.root / "results"
+        self.tmp = self.root / "tmp"
+        self.journal_path = self.root / "journal.sqlite"
+
+    def create(self) -> None:
+        for folder in (self.root, self.instances, self.results, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def clear_tmp(self) -> int:
+        """Remove partial files left by a crash; they were never acknowledged."""
+        removed = 0
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.warning(
+                "removed %d partial file(s) left in %s by an interrupted run", removed, self.tmp
+            )
+        return removed
+
+    def new_instance_relpath(self) -> str:
+        """A fresh relative path for a received instance: ``instances/ab/<uuid>.dcm``."""
+        name = uuid.uuid4().hex
+        return f"instances/{name[:2]}/{name}.dcm"
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def write_atomic(self, relpath: str, data: bytes | bytearray | memoryview) -> Path:
+        """Write ``data`` durably to ``relpath``; on any error no file is left behind."""
+        final = self.root / relpath
+        temp = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+        return final
+
+    def remove(self, relpath: str) -> None:
+        (self.root / relpath).unlink(missing_ok=True)
+
+    def result_relpath(self, job_id: int, kind: str) -> str:
+        return f"results/{job_id}/{kind}.dcm"
+
+    def iter_instance_relpaths(self) -> list[str]:
+        return [str(path.relative_to(self.root)) for path in self.instances.glob("*/*.dcm")]
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,156 @@
+"""Drives queued jobs through analysis: load -> pipeline -> SEG + SR -> deliveries.
+
+:meth:`Worker.run_job` is the one boundary where an analysis failure becomes
+the job's FAILED state with a reason; nothing inside it logs patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from io import BytesIO
+
+import pydicom
+from pydicom import Dataset
+
+from dicom_node.analysis.types import Pipeline
+from dicom_node.analysis.volume import load_series
+from dicom_node.config import SOURCE_DESTINATION, Destination
+from dicom_node.domain import DeliveryState
+from dicom_node.encode.seg import build_seg
+from dicom_node.encode.sr import build_sr
+from dicom_node.encode.types import Equipment, ResultUIDs
+from dicom_node.journal import DeliverySpec, Journal, Row
+from dicom_node.store import Spool
+from dicom_node.web.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Analysis threads. Pipelines are built once (``pipeline_factory``) and reused."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        spool: Spool,
+        metrics: Metrics,
+        destinations: Mapping[str, Destination],
+        equipment: Equipment,
+        pipeline_factory: Callable[[str], Pipeline],
+        clock: Callable[[], float],
+        on_results: Callable[[], None],
+        threads: int = 1,
+    ) -> None:
+        self._journal = journal
+        self._spool = spool
+        self._metrics = metrics
+        self._destinations = destinations
+        self._equipment = equipment
+        self._pipeline_factory = pipeline_factory
+        self._pipelines: dict[str, Pipeline] = {}
+        self._pipelines_lock = threading.Lock()
+        self._clock = clock
+        self._on_results = on_results
+        self._thread_count = threads
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for index in range(self._thread_count):
+            thread = threading.Thread(target=self._loop, name=f"analysis-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float) -> None:
+        """Finish the jobs in hand (bounded by ``timeout``); queued jobs stay queued."""
+        self._stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                worked = self.run_next()
+            except Exception:
+                log.exception("analysis loop error")
+                worked = False
+            if not worked:
+                self._wake.wait(5.0)
+
+    def run_next(self) -> bool:
+        """Claim and run one queued job; False if there was none."""
+        job = self._journal.claim_job(self._clock())
+        if job is None:
+            return False
+        self.run_job(job)
+        return True
+
+    def run_job(self, job: Row) -> None:
+        started = time.monotonic()
+        try:
+            self._analyse(job)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("job %d (%s): analysis failed: %s", job.id, job.pipeline, reason)
+            log.debug("job %d traceback", job.id, exc_info=True)
+            self._journal.job_failed(job.id, reason, self._clock())
+            self._metrics.jobs_finished.labels(pipeline=job.pipeline, outcome="failed").inc()
+            return
+        elapsed = time.monotonic() - started
+        self._metrics.analysis_seconds.labels(pipeline=job.pipeline).observe(elapsed)
+        self._metrics.jobs_finished.labels(pipeline=job.pipeline, outcome="ok").inc()
+        log.info("job %d (%s): analysed in %.1f s", job.id, job.pipeline, elapsed)
+        self._on_results()
+
+    def _analyse(self, job: Row) -> None:
+        _, study, _ = self._journal.job_context(job.id)
+        paths = [self._spool.path(p) for p in self._journal.instance_relpaths(job.series_id)]
+        volume = load_series(paths)
+        result = self._pipeline(job.pipeline).run(volume)
+        uids = ResultUIDs(job.seg_series_uid, job.seg_sop_uid, job.sr_series_uid, job.sr_sop_uid)
+        seg = build_seg(result, uids, self._equipment)
+        sr = build_sr(result, seg, uids, self._equipment, predecessor=self._predecessor(job))
+        self._spool.write_atomic(self._spool.result_relpath(job.id, "seg"), _encode(seg))
+        self._spool.write_atomic(self._spool.result_relpath(job.id, "sr"), _encode(sr))
+        specs = [self._delivery(name, study.calling_aet) for name in job.send_to]
+        self._journal.job_analysed(job.id, specs, self._clock())
+
+    def _pipeline(self, name: str) -> Pipeline:
+        with self._pipelines_lock:
+            if name not in self._pipelines:
+                self._pipelines[name] = self._pipeline_factory(name)
+            return self._pipelines[name]
+
+    def _predecessor(self, job: Row) -> Dataset | None:
+        if job.predecessor_id is None:
+            return None
+        path = self._spool.path(self._spool.result_relpath(job.predecessor_id, "sr"))
+        return pydicom.dcmread(path, stop_before_pixels=True)
+
+    def _delivery(self, name: str, calling_aet: str) -> DeliverySpec:
+        """Resolve a ``send_to`` name; ``source`` is the destination with the sender's AE title."""
+        if name == SOURCE_DESTINATION:
+            matches = [n for n, d in self._destinations.items() if d.ae_title == calling_aet]
+            if not matches:
+                error = f"no destination is configured with the sending AE title {calling_aet!r}"
+                log.error("cannot send to source: %s", error)
+                return DeliverySpec(name, calling_aet, "", 0, DeliveryState.DEAD, error)
+            name = matches[0]
+        dest = self._destinations[name]
+        return DeliverySpec(name, dest.ae_title, dest.host, dest.port)
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

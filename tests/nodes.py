@@ -1,0 +1,126 @@
+"""Our node in tests: in-process (:func:`running_node`) or as a real process (:class:`NodeProcess`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from peers import LOCALHOST, free_port, wait_until
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.app import Node, build_node
+from dicom_node.config import NodeConfig, parse_config
+
+
+def node_settings(storage: Path, **sections: Any) -> dict[str, Any]:
+    """A config dict on free ports; ``sections`` replace or extend the defaults."""
+    settings: dict[str, Any] = {
+        "node": {"ae_title": "AINODE", "host": LOCALHOST, "port": free_port()},
+        "storage": {"path": str(storage)},
+        "completion": {"study_idle_seconds": 1.0},
+        "destinations": {},
+        "routes": [],
+        "sending": {"max_attempts": 3, "backoff_initial_seconds": 0.2, "backoff_max_seconds": 1.0},
+        "analysis": {"device": "cpu"},
+        "web": {"host": LOCALHOST, "port": free_port()},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(settings.get(key), dict) and key != "destinations":
+            settings[key] = {**settings[key], **value}
+        else:
+            settings[key] = value
+    return settings
+
+
+@contextmanager
+def running_node(settings: dict[str, Any]) -> Iterator[Node]:
+    """Build and start a node in this process; stop it afterwards."""
+    config: NodeConfig = parse_config(settings)
+    node = build_node(config)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop(timeout=10)
+
+
+def echo_ok(port: int, ae_title: str = "AINODE", calling: str = "TESTSCU") -> bool:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate(LOCALHOST, port, ae_title=ae_title)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and status.Status == 0
+    finally:
+        assoc.release()
+
+
+class NodeProcess:
+    """``dicom-node serve`` as a child process, as an operator would run it."""
+
+    def __init__(self, settings: dict[str, Any], workdir: Path) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "node.yaml"
+        self.config_path.write_text(yaml.safe_dump(settings))
+        self.log_path = workdir / "node.log"
+        self.port = int(settings["node"]["port"])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> NodeProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+            )
+        wait_until(self._ready, timeout, interval=0.1, what=f"node on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return echo_ok(self.port)
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, no drain (a crash or power cut for the process)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return int(self.proc.returncode)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()

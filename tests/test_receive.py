@@ -1,0 +1,193 @@
+"""The Storage SCP against real SCUs: pynetdicom and dcmtk's storescu; bad input; disk full."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from nodes import echo_ok, node_settings, running_node
+from peers import GE_3SLICE, LOCALHOST, PHILIPS_L, patch_siemens_copy, require_tools, storescu
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
+
+from dicom_node.app import Node
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    with running_node(node_settings(tmp_path / "var")) as running:
+        yield running
+
+
+def _port(node: Node) -> int:
+    return node.receiver.address[1]
+
+
+@contextlib.contextmanager
+def association(node: Node, calling: str = "TESTSCU", syntaxes: list[str] | None = None):
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    for sop_class in (CTImageStorage, MRImageStorage):
+        ae.add_requested_context(sop_class, syntaxes or [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    assoc = ae.associate(LOCALHOST, _port(node), ae_title="AINODE")
+    assert assoc.is_established
+    try:
+        yield assoc
+    finally:
+        assoc.release()
+
+
+def _stored_files(node: Node) -> list[Path]:
+    return sorted(node.spool.instances.glob("*/*.dcm"))
+
+
+def test_pynetdicom_store_keeps_the_dataset_as_received(node: Node) -> None:
+    originals = sorted(GE_3SLICE.glob("*.dcm"))
+    with association(node) as assoc:
+        statuses = [assoc.send_c_store(pydicom.dcmread(p)).Status for p in originals]
+    assert statuses == [0, 0, 0]
+    assert node.journal.state_counts()["instances"]["total"] == 3
+    stored = {pydicom.dcmread(p).SOPInstanceUID: p for p in _stored_files(node)}
+    for original in originals:
+        ds = pydicom.dcmread(original)
+        copy = pydicom.dcmread(stored[ds.SOPInstanceUID])
+        assert copy.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert copy.PixelData == ds.PixelData
+        assert copy.PatientPosition == "FFS"
+    # paths are our own ids, never a received UID
+    assert not any(uid in str(path) for uid in stored for path in _stored_files(node))
+
+
+def test_repeated_sop_instance_is_stored_once_and_acknowledged(node: Node) -> None:
+    ds = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])
+    with association(node) as assoc:
+        assert assoc.send_c_store(ds).Status == 0
+        assert assoc.send_c_store(ds).Status == 0
+    assert node.journal.state_counts()["instances"]["total"] == 1
+    assert len(_stored_files(node)) == 1
+
+
+def _raw_file(path: Path, sop_class: str, sop_uid: str, body: bytes) -> Path:
+    """A Part 10 file with a valid file meta and an arbitrary dataset body."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buffer = BytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    pydicom.filewriter.write_file_meta_info(buffer, meta, enforce_standard=True)
+    path.write_bytes(buffer.getvalue() + body)
+    return path
+
+
+def _implicit_body(ds: pydicom.Dataset) -> bytes:
+    buffer = BytesIO()
+    pydicom.filewriter.write_dataset(buffer, ds)  # implicit VR little endian by default
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def send_raw_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pynetdicom sends a file's bytes without decoding them only in this mode
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+@pytest.mark.usefixtures("send_raw_files")
+def test_bad_input_is_refused_with_matching_status(
+    node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])
+    uid = generate_uid()
+    garbage = _raw_file(tmp_path / "garbage.dcm", CTImageStorage, uid, os.urandom(4096))
+    mr = good.copy()
+    mr.SOPClassUID = MRImageStorage
+    mismatch = _raw_file(tmp_path / "mismatch.dcm", CTImageStorage, good.SOPInstanceUID, _implicit_body(mr))
+    no_study = good.copy()
+    del no_study.StudyInstanceUID
+    missing = _raw_file(tmp_path / "missing.dcm", CTImageStorage, good.SOPInstanceUID, _implicit_body(no_study))
+    other_uid = _raw_file(tmp_path / "uid.dcm", CTImageStorage, uid, _implicit_body(good))
+    with association(node) as assoc:
+        garbage_status = assoc.send_c_store(garbage).Status
+        mismatch_status = assoc.send_c_store(mismatch).Status
+        missing_status = assoc.send_c_store(missing).Status
+        uid_status = assoc.send_c_store(other_uid).Status
+    assert garbage_status & 0xF000 == 0xC000, hex(garbage_status)
+    assert mismatch_status == 0xA900
+    assert missing_status & 0xF000 == 0xC000, hex(missing_status)
+    assert uid_status == 0xA900
+    assert node.journal.state_counts()["instances"]["total"] == 0
+    assert _stored_files(node) == [] and list(node.spool.tmp.iterdir()) == []
+    assert "StudyInstanceUID is missing" in caplog.text
+    patient = str(good.PatientName)
+    assert patient and patient not in caplog.text and str(good.PatientID) not in caplog.text
+    assert echo_ok(_port(node))  # still serving
+
+
+def test_unknown_calling_ae_is_rejected(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path / "var", node={"allowed_calling_aets": ["SCANNER1"]})
+    with running_node(settings) as node:
+        assert not echo_ok(_port(node), calling="INTRUDER")
+        assert echo_ok(_port(node), calling="SCANNER1")
+
+
+def test_compressed_transfer_syntax_is_stored_as_received(node: Node, tmp_path: Path) -> None:
+    files = patch_siemens_copy(tmp_path / "j2k")
+    syntax = str(pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID)
+    assert syntax == "1.2.840.10008.1.2.4.90"
+    with association(node, syntaxes=[syntax]) as assoc:
+        statuses = [assoc.send_c_store(pydicom.dcmread(p)).Status for p in files[:5]]
+    assert statuses == [0] * 5
+    stored = _stored_files(node)
+    assert len(stored) == 5
+    assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in stored} == {syntax}
+
+
+def test_storescu_sends_a_series(node: Node) -> None:
+    require_tools("storescu")
+    files = sorted(PHILIPS_L.glob("*.dcm"))
+    result = storescu(LOCALHOST, _port(node), "AINODE", files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert node.journal.state_counts()["instances"]["total"] == len(files) == 64
+    assert len(_stored_files(node)) == 64
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir(parents=True)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+def test_disk_full_answers_out_of_resources_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    storage = tmp_path / "small"
+    if not _mount_tmpfs(storage, "4m"):
+        pytest.skip("needs root and tmpfs to make a genuinely full file system")
+    try:
+        with running_node(node_settings(storage / "var")) as node:
+            files = sorted(PHILIPS_L.glob("*.dcm"))
+            filler = storage / "filler"
+            with open(filler, "wb") as handle:  # fill the file system to the last block
+                with contextlib.suppress(OSError):
+                    while True:
+                        handle.write(b"\0" * 65536)
+                        handle.flush()
+            with association(node) as assoc:
+                status = assoc.send_c_store(pydicom.dcmread(files[0])).Status
+            assert status == 0xA700
+            assert _stored_files(node) == [] and list(node.spool.tmp.iterdir()) == []
+            filler.unlink()  # space again: the same instance is accepted
+            with association(node) as assoc:
+                assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0
+            assert len(_stored_files(node)) == 1
+    finally:
+        subprocess.run(["umount", "-l", str(storage)], check=False)
