@@ -98,12 +98,24 @@ def build_node(config: NodeConfig) -> Node:
     )
     sender = Sender(journal, spool, metrics, config.node.ae_title, config.sending, time.time)
     worker = Worker(
-        journal, spool, metrics, config.destinations, equipment, pipeline_factory, time.time,
-        on_results=sender.wake, threads=config.analysis.workers,
+        journal,
+        spool,
+        metrics,
+        config.destinations,
+        equipment,
+        pipeline_factory,
+        time.time,
+        on_results=sender.wake,
+        threads=config.analysis.workers,
     )
     timers = SchedulerTimers()
     assembler = Assembler(
-        journal, spool, config.routes, config.completion.study_idle_seconds, time.time, timers,
+        journal,
+        spool,
+        config.routes,
+        config.completion.study_idle_seconds,
+        time.time,
+        timers,
         on_jobs=lambda _ids: worker.wake(),
     )
     receiver = Receiver(
@@ -131,10 +143,19 @@ def run(config: NodeConfig) -> int:
         log.info("received %s", signal.Signals(signum).name)
         stop.set()
 
-    node = build_node(config)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node.start()
+    try:
+        node = build_node(config)
+    except OSError as exc:  # web port in use, storage not writable, ...
+        log.error("cannot start: %s", exc)
+        return 1
+    try:
+        node.start()
+    except OSError as exc:  # DICOM port in use, ...
+        log.error("cannot start: %s", exc)
+        node.stop(timeout=5)
+        return 1
     host, port = node.receiver.address
     log.info("dicom_node %s ready: %s on %s:%d", __version__, config.node.ae_title, host, port)
     while not stop.wait(1.0):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import UTC, datetime
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Protocol
 
 import pydicom
@@ -93,14 +93,20 @@ class Assembler:
         if now < due:
             self._schedule(study_id, due)
             return None
-        specs = [self._spec(job) for job in plan_jobs(self._routes, self._series(snapshot), _previous(snapshot))]
+        specs = [
+            self._spec(job)
+            for job in plan_jobs(self._routes, self._series(snapshot), _previous(snapshot))
+        ]
         job_ids = self._journal.complete_study(study_id, study.last_received_at, now, specs)
         if job_ids is None:  # an instance arrived while we planned
             self._schedule(study_id, self._clock() + self._idle)
             return None
         log.info(
             "study %d complete (%d series, generation %d): %d job(s)",
-            study_id, len(snapshot.series), study.generation, len(job_ids),
+            study_id,
+            len(snapshot.series),
+            study.generation,
+            len(job_ids),
         )
         if job_ids:
             self._on_jobs(job_ids)
@@ -150,7 +156,8 @@ class SchedulerTimers:
         self._scheduler.start()
 
     def stop(self) -> None:
-        self._scheduler.shutdown(wait=False)
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
 
     def call_at(self, key: str, at: float, callback: Callable[[], None]) -> None:
         run_date = datetime.fromtimestamp(at, tz=UTC)

@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dicom_node {__version__}")
     parser.add_argument(
-        "--log-level", default=os.environ.get("DICOM_NODE_LOG_LEVEL", "INFO"),
+        "--log-level",
+        default=os.environ.get("DICOM_NODE_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,7 +139,9 @@ def _send(config: NodeConfig, name: str, paths: Sequence[Path]) -> int:
         task = progress.add_task(f"sending to {name}", total=len(files))
         try:
             store_files(
-                config.node.ae_title, Peer(ae_title, host, port), files,
+                config.node.ae_title,
+                Peer(ae_title, host, port),
+                files,
                 timeout=config.sending.timeout_seconds,
                 progress=lambda _path, _status: progress.advance(task),
             )

@@ -65,7 +65,11 @@ def parse_header(data: bytes, request_class: str, request_instance: str) -> Head
         values = {
             key: str(ds.get(key, "") or "").strip()
             for key in (
-                "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"
+                "SOPClassUID",
+                "SOPInstanceUID",
+                "StudyInstanceUID",
+                "SeriesInstanceUID",
+                "Modality",
             )
         }
     except Exception as exc:
@@ -137,9 +141,7 @@ class Receiver:
         # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux.
         server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._server = server
-        log.info(
-            "listening as %s on %s:%d", self._config.ae_title, *self.address
-        )
+        log.info("listening as %s on %s:%d", self._config.ae_title, *self.address)
         return self.address
 
     def stop(self) -> None:

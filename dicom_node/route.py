@@ -79,7 +79,10 @@ def plan_jobs(
                 continue
             planned.append(
                 PlannedJob(
-                    info.series_id, route.name, route.pipeline, tuple(route.send_to),
+                    info.series_id,
+                    route.name,
+                    route.pipeline,
+                    tuple(route.send_to),
                     info.instance_count,
                 )
             )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, Association
+from pynetdicom import AE, Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import SendingSection
@@ -43,7 +43,9 @@ class Peer:
     port: int
 
 
-def _associate(calling_aet: str, peer: Peer, contexts: Iterable[tuple[str, list[str]]], timeout: float) -> Association:
+def _associate(
+    calling_aet: str, peer: Peer, contexts: Iterable[tuple[str, list[str]]], timeout: float
+) -> Association:
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
@@ -120,7 +122,9 @@ def store_files(
         for path in paths:
             status = assoc.send_c_store(path)
             if not status or int(status.Status) not in STORED_STATUSES:
-                raise SendError(f"C-STORE of {path.name} to {peer.ae_title} failed: {_status_text(status)}")
+                raise SendError(
+                    f"C-STORE of {path.name} to {peer.ae_title} failed: {_status_text(status)}"
+                )
             if progress is not None:
                 progress(path, int(status.Status))
     finally:
@@ -196,7 +200,9 @@ class Sender:
     def attempt(self, delivery: Row) -> DeliveryState:
         """One attempt for one delivery; records SENT, a retry time or DEAD."""
         job = self._journal.job(delivery.job_id)
-        paths = [self._spool.path(self._spool.result_relpath(job.id, kind)) for kind in ("seg", "sr")]
+        paths = [
+            self._spool.path(self._spool.result_relpath(job.id, kind)) for kind in ("seg", "sr")
+        ]
         peer = Peer(delivery.ae_title, delivery.host, delivery.port)
         try:
             store_files(self._calling_aet, peer, paths, timeout=self._settings.timeout_seconds)
@@ -216,7 +222,10 @@ class Sender:
             self._metrics.sends.labels(destination=delivery.destination, outcome="dead").inc()
             log.error(
                 "job %d: DEAD LETTER for %s after %d attempts: %s",
-                delivery.job_id, delivery.destination, attempt, error,
+                delivery.job_id,
+                delivery.destination,
+                attempt,
+                error,
             )
             return DeliveryState.DEAD
         delay = backoff_seconds(
@@ -231,7 +240,11 @@ class Sender:
         self._metrics.sends.labels(destination=delivery.destination, outcome="retry").inc()
         log.warning(
             "job %d: send to %s failed (attempt %d of %d), retrying in %.1f s: %s",
-            delivery.job_id, delivery.destination, attempt, self._settings.max_attempts, delay, error,
+            delivery.job_id,
+            delivery.destination,
+            attempt,
+            self._settings.max_attempts,
+            delay,
+            error,
         )
         return DeliveryState.PENDING
-

@@ -1,4 +1,4 @@
-"""Our node in tests: in-process (:func:`running_node`) or as a real process (:class:`NodeProcess`)."""
+"""Our node in tests: in-process (:func:`running_node`) or a real process (:class:`NodeProcess`)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,11 @@ def node_settings(storage: Path, **sections: Any) -> dict[str, Any]:
         "web": {"host": LOCALHOST, "port": free_port()},
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(settings.get(key), dict) and key != "destinations":
+        if (
+            isinstance(value, dict)
+            and isinstance(settings.get(key), dict)
+            and key != "destinations"
+        ):
             settings[key] = {**settings[key], **value}
         else:
             settings[key] = value
@@ -84,7 +88,10 @@ class NodeProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
             )
         wait_until(self._ready, timeout, interval=0.1, what=f"node on port {self.port}")
         return self

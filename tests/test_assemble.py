@@ -54,12 +54,23 @@ class Harness:
             {
                 "node": {"ae_title": "N"},
                 "destinations": {"pacs": {"ae_title": "P", "host": "127.0.0.1", "port": 104}},
-                "routes": [{"name": "ct", "when": {"Modality": "CT"}, "pipeline": "ct-chest",
-                            "send_to": ["pacs"]}],
+                "routes": [
+                    {
+                        "name": "ct",
+                        "when": {"Modality": "CT"},
+                        "pipeline": "ct-chest",
+                        "send_to": ["pacs"],
+                    }
+                ],
             }
         )
         self.assembler = Assembler(
-            self.journal, self.spool, config.routes, IDLE, clock, self.timers,
+            self.journal,
+            self.spool,
+            config.routes,
+            IDLE,
+            clock,
+            self.timers,
             on_jobs=self.new_jobs.extend,
         )
 
@@ -69,10 +80,16 @@ class Harness:
         self.spool.write_atomic(relpath, path.read_bytes())
         recorded = self.journal.record_instance(
             ReceivedInstance(
-                sop_uid=sop_uid or ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-                study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-                modality=ds.Modality, relpath=relpath, transfer_syntax="1.2.840.10008.1.2",
-                size=path.stat().st_size, calling_aet="SCANNER", received_at=self.clock(),
+                sop_uid=sop_uid or ds.SOPInstanceUID,
+                sop_class_uid=ds.SOPClassUID,
+                study_uid=ds.StudyInstanceUID,
+                series_uid=ds.SeriesInstanceUID,
+                modality=ds.Modality,
+                relpath=relpath,
+                transfer_syntax="1.2.840.10008.1.2",
+                size=path.stat().st_size,
+                calling_aet="SCANNER",
+                received_at=self.clock(),
             )
         )
         self.assembler.instance_recorded(recorded)
@@ -187,9 +204,10 @@ def test_delivery_outcomes_settle_the_job(harness: Harness) -> None:
     harness.journal.delivery_attempted(
         a.id, DeliveryState.PENDING, harness.clock.now, "refused", retry_at=harness.clock.now + 5
     )
-    assert harness.journal.due_deliveries(harness.clock.now) == [b] or len(
-        harness.journal.due_deliveries(harness.clock.now)
-    ) == 1
+    assert (
+        harness.journal.due_deliveries(harness.clock.now) == [b]
+        or len(harness.journal.due_deliveries(harness.clock.now)) == 1
+    )
     harness.journal.delivery_attempted(b.id, DeliveryState.SENT, harness.clock.now)
     assert harness.journal.job(job.id).state == JobState.SENDING
     harness.journal.delivery_attempted(a.id, DeliveryState.DEAD, harness.clock.now, "gave up")

@@ -46,7 +46,9 @@ def test_every_bad_key_is_reported() -> None:
         "storage": {"path": "./var", "size": 3},
         "completion": {"study_idle_seconds": -1},
         "destinations": {"pacs": {"ae_title": "PACS", "host": "h"}},
-        "routes": [{"name": "r", "when": {"NotAKeyword": 1}, "pipeline": "ct-chest", "send_to": []}],
+        "routes": [
+            {"name": "r", "when": {"NotAKeyword": 1}, "pipeline": "ct-chest", "send_to": []}
+        ],
         "extra_section": {},
     }
     with pytest.raises(ConfigError) as err:
@@ -87,7 +89,9 @@ def test_cross_references_are_checked() -> None:
 
 def test_rule_operators_are_validated() -> None:
     route = {"name": "r", "pipeline": "ct-chest", "send_to": ["source"]}
-    ok = parse_config({**MINIMAL, "routes": [{**route, "when": {"SeriesDescription": {"contains": "lung"}}}]})
+    ok = parse_config(
+        {**MINIMAL, "routes": [{**route, "when": {"SeriesDescription": {"contains": "lung"}}}]}
+    )
     assert ok.routes[0].when["SeriesDescription"].contains == "lung"  # type: ignore[union-attr]
     for bad in ({"contains": "a", "regex": "b"}, {"regex": "("}, {"between": [1, 2]}):
         with pytest.raises(ConfigError) as err:
@@ -100,7 +104,10 @@ def test_rule_operators_are_validated() -> None:
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dicom_node", *args],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
 
 
@@ -108,7 +115,9 @@ def test_check_config_cli(tmp_path: Path) -> None:
     good = _cli("check-config", "--config", str(REPO / "config" / "node.yaml"))
     assert good.returncode == 0, good.stderr
     bad_file = tmp_path / "bad.yaml"
-    bad_file.write_text(yaml.safe_dump({"node": {"ae_title": "X", "prot": 1}, "web": {"port": "x"}}))
+    bad_file.write_text(
+        yaml.safe_dump({"node": {"ae_title": "X", "prot": 1}, "web": {"port": "x"}})
+    )
     bad = _cli("check-config", "--config", str(bad_file))
     assert bad.returncode == 2
     assert "node.prot: unknown key" in bad.stderr
@@ -122,8 +131,11 @@ def test_serve_refuses_bad_config_before_opening_a_port(tmp_path: Path) -> None:
     bad_file = tmp_path / "bad.yaml"
     bad_file.write_text(
         yaml.safe_dump(
-            {"node": {"ae_title": "X", "port": port}, "storage": {"path": str(tmp_path / "var")},
-             "routes": [{"name": "r", "pipeline": "nope", "send_to": ["source"]}]}
+            {
+                "node": {"ae_title": "X", "port": port},
+                "storage": {"path": str(tmp_path / "var")},
+                "routes": [{"name": "r", "pipeline": "nope", "send_to": ["source"]}],
+            }
         )
     )
     result = _cli("serve", "--config", str(bad_file))

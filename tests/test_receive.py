@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import subprocess
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -14,6 +14,7 @@ import pytest
 from nodes import echo_ok, node_settings, running_node
 from peers import GE_3SLICE, LOCALHOST, PHILIPS_L, patch_siemens_copy, require_tools, storescu
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
@@ -36,7 +37,9 @@ def association(node: Node, calling: str = "TESTSCU", syntaxes: list[str] | None
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     for sop_class in (CTImageStorage, MRImageStorage):
-        ae.add_requested_context(sop_class, syntaxes or [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+        ae.add_requested_context(
+            sop_class, syntaxes or [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
+        )
     assoc = ae.associate(LOCALHOST, _port(node), ae_title="AINODE")
     assert assoc.is_established
     try:
@@ -81,7 +84,7 @@ def _raw_file(path: Path, sop_class: str, sop_uid: str, body: bytes) -> Path:
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    buffer = BytesIO()
+    buffer = DicomBytesIO()
     buffer.write(b"\0" * 128 + b"DICM")
     pydicom.filewriter.write_file_meta_info(buffer, meta, enforce_standard=True)
     path.write_bytes(buffer.getvalue() + body)
@@ -89,8 +92,9 @@ def _raw_file(path: Path, sop_class: str, sop_uid: str, body: bytes) -> Path:
 
 
 def _implicit_body(ds: pydicom.Dataset) -> bytes:
-    buffer = BytesIO()
-    pydicom.filewriter.write_dataset(buffer, ds)  # implicit VR little endian by default
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    pydicom.filewriter.write_dataset(buffer, ds)
     return buffer.getvalue()
 
 
@@ -107,12 +111,16 @@ def test_bad_input_is_refused_with_matching_status(
     good = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])
     uid = generate_uid()
     garbage = _raw_file(tmp_path / "garbage.dcm", CTImageStorage, uid, os.urandom(4096))
-    mr = good.copy()
+    mr = copy.deepcopy(good)
     mr.SOPClassUID = MRImageStorage
-    mismatch = _raw_file(tmp_path / "mismatch.dcm", CTImageStorage, good.SOPInstanceUID, _implicit_body(mr))
-    no_study = good.copy()
+    mismatch = _raw_file(
+        tmp_path / "mismatch.dcm", CTImageStorage, good.SOPInstanceUID, _implicit_body(mr)
+    )
+    no_study = copy.deepcopy(good)
     del no_study.StudyInstanceUID
-    missing = _raw_file(tmp_path / "missing.dcm", CTImageStorage, good.SOPInstanceUID, _implicit_body(no_study))
+    missing = _raw_file(
+        tmp_path / "missing.dcm", CTImageStorage, good.SOPInstanceUID, _implicit_body(no_study)
+    )
     other_uid = _raw_file(tmp_path / "uid.dcm", CTImageStorage, uid, _implicit_body(good))
     with association(node) as assoc:
         garbage_status = assoc.send_c_store(garbage).Status
@@ -163,8 +171,9 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
     folder.mkdir(parents=True)
     if os.geteuid() != 0:
         return False
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    )
     return done.returncode == 0
 
 

@@ -77,7 +77,9 @@ def test_skip_reasons() -> None:
 
 
 def test_plan_skips_unanalysable_and_unchanged_series() -> None:
-    rules = routes({"when": {"Modality": "CT"}}, {"when": {"SeriesDescription": {"contains": "lung"}}})
+    rules = routes(
+        {"when": {"Modality": "CT"}}, {"when": {"SeriesDescription": {"contains": "lung"}}}
+    )
     series = [
         SeriesInfo(1, header(), 64),
         SeriesInfo(2, header(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]), 2),

@@ -17,7 +17,9 @@ class Metrics:
             "dicom_node_instances_received", "New instances stored", registry=r
         )
         self.instances_duplicate = Counter(
-            "dicom_node_instances_duplicate", "Instances received again and acknowledged", registry=r
+            "dicom_node_instances_duplicate",
+            "Instances received again and acknowledged",
+            registry=r,
         )
         self.instances_rejected = Counter(
             "dicom_node_instances_rejected", "C-STORE requests refused", ["reason"], registry=r
@@ -36,7 +38,9 @@ class Metrics:
             "dicom_node_jobs_analysed", "Analysis outcomes", ["pipeline", "outcome"], registry=r
         )
         self.sends = Counter(
-            "dicom_node_send_attempts", "C-STORE send attempts", ["destination", "outcome"],
+            "dicom_node_send_attempts",
+            "C-STORE send attempts",
+            ["destination", "outcome"],
             registry=r,
         )
 
@@ -53,7 +57,9 @@ class _JournalCollector(Collector):
         counts = self._counts()
         for kind in ("studies", "jobs", "deliveries"):
             family = GaugeMetricFamily(
-                f"dicom_node_{kind}", f"{kind.capitalize()} in the journal by state", labels=["state"]
+                f"dicom_node_{kind}",
+                f"{kind.capitalize()} in the journal by state",
+                labels=["state"],
             )
             for state, count in sorted(counts.get(kind, {}).items()):
                 family.add_metric([state], count)

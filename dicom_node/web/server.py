@@ -44,7 +44,9 @@ class WebServer:
         log.info("web on http://%s:%d", *self.address)
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread = None
         self._httpd.server_close()
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:

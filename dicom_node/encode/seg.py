@@ -1,0 +1,144 @@
+"""Analysis result -> DICOM Segmentation (BINARY) with highdicom.
+
+One segment per :class:`~dicom_node.analysis.types.Segment`; the SEG shares
+the Study and Frame of Reference of the source series, starts a new series and
+references every source instance (frames are derived from the source images).
+Laterality is a SegmentedPropertyTypeModifierCodeSequence (0062,0011) item,
+as dcmqi writes it.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_node.analysis.types import AnalysisResult, Code, Segment
+from dicom_node.encode.types import Equipment, ResultUIDs
+
+#: CID 7162 Surface Processing Algorithm Family: what the built-in pipelines do.
+ALGORITHM_FAMILY = codes.cid7162.MorphologicalOperations
+
+
+def build_seg(
+    result: AnalysisResult, uids: ResultUIDs, equipment: Equipment
+) -> hd.seg.Segmentation:
+    """Encode ``result`` as a BINARY Segmentation referencing every source image."""
+    if not result.segments:
+        raise ValueError(f"pipeline {result.pipeline!r} returned no segments to encode")
+    volume = result.volume
+    expected = volume.hu.shape
+    for segment in result.segments:
+        if segment.mask.shape != expected:
+            raise ValueError(
+                f"segment {segment.key!r} mask shape {segment.mask.shape} "
+                f"differs from the volume's {expected}"
+            )
+    pixels = np.stack([s.mask.astype(bool) for s in result.segments], axis=-1)
+    seg = hd.seg.Segmentation(
+        source_images=list(volume.datasets),
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(result, uids),
+        series_instance_uid=uids.seg_series_uid,
+        series_number=equipment.seg_series_number,
+        sop_instance_uid=uids.seg_sop_uid,
+        instance_number=1,
+        manufacturer=equipment.manufacturer,
+        manufacturer_model_name=equipment.model_name,
+        software_versions=equipment.software_version,
+        device_serial_number=equipment.device_serial_number,
+        content_description=f"{result.pipeline} segmentation",
+        content_label=_content_label(result.pipeline),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        omit_empty_frames=True,
+    )
+    seg.SeriesDescription = f"{result.pipeline} SEG"
+    drop_incomplete_study_references(seg)
+    if equipment.institution_name:
+        seg.InstitutionName = equipment.institution_name
+    return seg
+
+
+def segment_descriptions(
+    result: AnalysisResult, uids: ResultUIDs
+) -> list[hd.seg.SegmentDescription]:
+    """Segment Description macro items, numbered from 1 in result order."""
+    algorithm = algorithm_identification(result)
+    descriptions = []
+    for number, segment in enumerate(result.segments, start=1):
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=segment.label,
+            segmented_property_category=_code(segment.category),
+            segmented_property_type=_code(segment.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=tracking_uid(uids, segment),
+            tracking_id=segment.label,
+        )
+        if segment.laterality is not None:
+            type_item = description.SegmentedPropertyTypeCodeSequence[0]
+            type_item.SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept.from_code(_code(segment.laterality))
+            ]
+        descriptions.append(description)
+    return descriptions
+
+
+def algorithm_identification(result: AnalysisResult) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(
+        name=result.algorithm_name,
+        family=ALGORITHM_FAMILY,
+        version=result.algorithm_version,
+    )
+
+
+def tracking_uid(uids: ResultUIDs, segment: Segment) -> str:
+    """Deterministic Tracking UID of a segment: the same in the SEG and the SR, and on resend."""
+    name = f"{uids.seg_sop_uid}/{segment.key}"
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
+
+
+def segment_number(result: AnalysisResult, key: str) -> int:
+    """The SegmentNumber that :func:`build_seg` gives the segment ``key``."""
+    for number, segment in enumerate(result.segments, start=1):
+        if segment.key == key:
+            return number
+    raise KeyError(f"no segment {key!r} in result of {result.pipeline!r}")
+
+
+def referenced_source_series(seg: Dataset) -> str:
+    """SeriesInstanceUID of the images the SEG was derived from."""
+    return str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+
+
+def drop_incomplete_study_references(dataset: Dataset) -> None:
+    """Remove ReferencedStudySequence items without a SOP Class UID.
+
+    highdicom copies this Type 3 sequence from the source images; de-identified
+    data often keep only the instance UID, which dciodvfy reports as an error.
+    """
+    items = [
+        item
+        for item in dataset.get("ReferencedStudySequence", [])
+        if item.get("ReferencedSOPClassUID") and item.get("ReferencedSOPInstanceUID")
+    ]
+    if items:
+        dataset.ReferencedStudySequence = items
+    elif "ReferencedStudySequence" in dataset:
+        del dataset.ReferencedStudySequence
+
+
+def _code(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def _content_label(pipeline: str) -> str:
+    """ContentLabel is a CS: upper case, digits, underscore, at most 16 characters."""
+    label = "".join(c if c.isalnum() else "_" for c in pipeline.upper())
+    return label[:16] or "SEGMENTATION"

@@ -1,0 +1,197 @@
+"""The ct-chest pipeline on real chest CT, and on re-oriented copies of it.
+
+The re-oriented copies show the same anatomy at the same patient coordinates
+through different image orientations and slice orders, so the patient's left
+lung must stay the left lung.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from peers import SHARED_REAL
+
+from dicom_node.analysis.ct_chest import CtChestPipeline
+from dicom_node.analysis.device import select_device
+from dicom_node.analysis.pipelines import PIPELINE_NAMES, build_pipeline
+from dicom_node.analysis.types import AnalysisError, Volume
+from dicom_node.analysis.volume import load_series
+
+REAL = SHARED_REAL
+PHILIPS_HFS = REAL / "lung-pet-ct-dx-A0001" / "series2_5mm_kernelL"
+GE_FFS = REAL / "dcmqi-ct-3slice" / "dicom"
+CPU = torch.device("cpu")
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix == ".dcm")
+
+
+def _by_key(result):
+    return {s.key: s for s in result.segments}
+
+
+def _centroid(volume: Volume, mask: np.ndarray) -> np.ndarray:
+    return volume.voxel_to_patient(np.argwhere(mask).mean(axis=0, keepdims=True))[0]
+
+
+@pytest.fixture(scope="module")
+def philips_result():
+    return CtChestPipeline(CPU).run(load_series(_files(PHILIPS_HFS)))
+
+
+def test_segments_and_codes(philips_result):
+    segments = _by_key(philips_result)
+    assert list(segments) == ["body", "lung_left", "lung_right"]
+    assert segments["lung_left"].laterality.meaning == "Left"
+    assert segments["lung_right"].laterality.meaning == "Right"
+    assert segments["body"].laterality is None
+    assert {s.type.value for s in segments.values()} == {"38266002", "39607008"}
+    assert philips_result.pipeline == "ct-chest"
+    for segment in segments.values():
+        assert segment.mask.shape == philips_result.volume.hu.shape
+        assert segment.mask.dtype == bool
+
+
+def test_lung_volumes_and_density_are_plausible(philips_result):
+    segments = _by_key(philips_result)
+    for key in ("lung_left", "lung_right"):
+        assert 1000 < segments[key].volume_ml < 4500, key
+        assert -920 < segments[key].mean_hu < -700, key
+    # the tumour sits in the left lung: it should not come out larger than the right
+    assert segments["lung_left"].volume_ml < segments["lung_right"].volume_ml
+    body = segments["body"]
+    assert 10_000 < body.volume_ml < 40_000
+    assert -400 < body.mean_hu < 0  # soft tissue and bone, with the lungs inside
+
+
+def test_masks_are_disjoint_and_lungs_inside_body(philips_result):
+    segments = _by_key(philips_result)
+    left, right, body = (segments[k].mask for k in ("lung_left", "lung_right", "body"))
+    assert not (left & right).any()
+    assert not (left & ~body).any() and not (right & ~body).any()
+
+
+def test_left_lung_is_the_patients_left(philips_result):
+    segments = _by_key(philips_result)
+    volume = philips_result.volume
+    left_x = _centroid(volume, segments["lung_left"].mask)[0]
+    right_x = _centroid(volume, segments["lung_right"].mask)[0]
+    assert left_x > right_x + 100  # LPS: +x is the patient's left; lungs ~15 cm apart
+
+
+def _reoriented_copy(tmp_path: Path, flip_rows: bool, flip_columns: bool, position: str):
+    """The Philips series with its pixels flipped and IOP/IPP changed to match.
+
+    Every voxel keeps its patient coordinates; the slices are numbered in reverse.
+    """
+    paths = []
+    for index, source in enumerate(_files(PHILIPS_HFS)):
+        ds = pydicom.dcmread(source)
+        pixels = ds.pixel_array
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+        row_cos = np.array([float(v) for v in ds.ImageOrientationPatient[:3]])
+        col_cos = np.array([float(v) for v in ds.ImageOrientationPatient[3:]])
+        dy, dx = (float(v) for v in ds.PixelSpacing)
+        if flip_columns:
+            pixels = pixels[:, ::-1]
+            ipp = ipp + (ds.Columns - 1) * dx * row_cos
+            row_cos = -row_cos
+        if flip_rows:
+            pixels = pixels[::-1, :]
+            ipp = ipp + (ds.Rows - 1) * dy * col_cos
+            col_cos = -col_cos
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
+        ds.ImageOrientationPatient = [f"{v:g}" for v in (*row_cos, *col_cos)]
+        ds.PatientPosition = position
+        ds.InstanceNumber = 1000 - int(ds.InstanceNumber)
+        path = tmp_path / f"{index:03d}.dcm"
+        ds.save_as(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("flip_rows", "flip_columns", "position"),
+    [(False, True, "FFS"), (True, False, "HFP")],
+    ids=["feet-first-mirrored", "upside-down"],
+)
+def test_reoriented_series_keep_patient_laterality(
+    tmp_path, philips_result, flip_rows, flip_columns, position
+):
+    volume = load_series(_reoriented_copy(tmp_path, flip_rows, flip_columns, position))
+    assert volume.direction[2, 2] == pytest.approx(-1.0)  # slices now run head to feet
+    result = CtChestPipeline(CPU).run(volume)
+    original, flipped = _by_key(philips_result), _by_key(result)
+    for key in ("body", "lung_left", "lung_right"):
+        assert flipped[key].volume_ml == pytest.approx(original[key].volume_ml, rel=0.01), key
+        assert flipped[key].mean_hu == pytest.approx(original[key].mean_hu, abs=5), key
+        before = _centroid(philips_result.volume, original[key].mask)
+        after = _centroid(volume, flipped[key].mask)
+        np.testing.assert_allclose(after, before, atol=2.0, err_msg=key)
+
+
+def test_feet_first_ge_lung_bases():
+    volume = load_series(_files(GE_FFS))
+    segments = _by_key(CtChestPipeline(CPU).run(volume))
+    left_x = _centroid(volume, segments["lung_left"].mask)[0]
+    right_x = _centroid(volume, segments["lung_right"].mask)[0]
+    assert left_x > right_x + 100
+    for key in ("lung_left", "lung_right"):
+        assert 5 < segments[key].volume_ml < 100, key  # 3 mm of lung bases
+        assert -900 < segments[key].mean_hu < -600, key
+
+
+def _synthetic_volume(hu: np.ndarray, direction: np.ndarray | None = None) -> Volume:
+    return Volume(
+        hu=hu.astype(np.float32),
+        spacing=(5.0, 1.0, 1.0),
+        origin=np.zeros(3),
+        direction=np.eye(3) if direction is None else direction,
+        datasets=(),
+    )
+
+
+def test_air_only_volume_has_no_body():
+    with pytest.raises(AnalysisError, match="no body found"):
+        CtChestPipeline(CPU).run(_synthetic_volume(np.full((4, 64, 64), -1000.0)))
+
+
+def test_body_without_lungs_is_an_error():
+    hu = np.full((4, 64, 64), -1000.0)
+    hu[:, 10:54, 10:54] = 40.0  # a water phantom: no lung
+    with pytest.raises(AnalysisError, match="lung_left"):
+        CtChestPipeline(CPU).run(_synthetic_volume(hu))
+
+
+def test_sagittal_slices_are_refused():
+    sagittal = np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]])
+    with pytest.raises(AnalysisError, match="axial"):
+        CtChestPipeline(CPU).run(_synthetic_volume(np.zeros((4, 8, 8)), sagittal))
+
+
+def test_build_pipeline():
+    pipeline = build_pipeline("ct-chest", CPU)
+    assert isinstance(pipeline, CtChestPipeline)
+    assert pipeline.device == CPU
+    assert PIPELINE_NAMES == ("ct-chest",)
+    with pytest.raises(ValueError, match="unknown pipeline 'mr-brain'; known pipelines: ct-chest"):
+        build_pipeline("mr-brain", CPU)
+
+
+def test_select_device():
+    assert select_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert select_device("auto").type == expected
+    if torch.cuda.is_available():
+        assert select_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="cuda"):
+            select_device("cuda")
+    with pytest.raises(ValueError, match="'tpu'"):
+        select_device("tpu")

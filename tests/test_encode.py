@@ -1,0 +1,220 @@
+"""SEG and TID 1500 SR built from a real ct-chest result: written, read back, validated."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from dciodvfy import dciodvfy_errors
+from peers import PHILIPS_L
+from pydicom.uid import generate_uid
+
+from dicom_node.analysis.ct_chest import CtChestPipeline
+from dicom_node.analysis.volume import load_series
+from dicom_node.encode.seg import build_seg, tracking_uid
+from dicom_node.encode.sr import build_sr
+from dicom_node.encode.types import Equipment, ResultUIDs
+
+PHILIPS_HFS = PHILIPS_L
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _uids() -> ResultUIDs:
+    return ResultUIDs(generate_uid(), generate_uid(), generate_uid(), generate_uid())
+
+
+@pytest.fixture(scope="module")
+def equipment() -> Equipment:
+    return Equipment(device_serial_number="TEST-0001", device_observer_uid=generate_uid())
+
+
+@pytest.fixture(scope="module")
+def result():
+    return CtChestPipeline(torch.device("cpu")).run(load_series(sorted(PHILIPS_HFS.glob("*.dcm"))))
+
+
+@pytest.fixture(scope="module")
+def written(result, equipment, tmp_path_factory):
+    """(uids, SEG path, SR path, SR-with-predecessor path), built once."""
+    folder = tmp_path_factory.mktemp("encode")
+    uids = _uids()
+    seg = build_seg(result, uids, equipment)
+    seg.save_as(folder / "seg.dcm")
+    sr = build_sr(result, seg, uids, equipment)
+    sr.save_as(folder / "sr.dcm")
+    first = pydicom.dcmread(folder / "sr.dcm")
+    second_uids = ResultUIDs(
+        uids.seg_series_uid, uids.seg_sop_uid, uids.sr_series_uid, generate_uid()
+    )
+    build_sr(result, seg, second_uids, equipment, predecessor=first).save_as(folder / "sr2.dcm")
+    return uids, folder / "seg.dcm", folder / "sr.dcm", folder / "sr2.dcm"
+
+
+@pytest.fixture(scope="module")
+def seg(written):
+    return pydicom.dcmread(written[1])
+
+
+@pytest.fixture(scope="module")
+def sr(written):
+    return pydicom.dcmread(written[2])
+
+
+def test_seg_identity_and_equipment(seg, result, written, equipment):
+    source = result.volume.datasets[0]
+    uids = written[0]
+    assert seg.SOPClassUID == SEG_STORAGE
+    assert seg.SOPInstanceUID == uids.seg_sop_uid
+    assert seg.SeriesInstanceUID == uids.seg_series_uid != source.SeriesInstanceUID
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert seg.SeriesNumber == equipment.seg_series_number
+    assert seg.SegmentationType == "BINARY"
+    assert (seg.Manufacturer, seg.ManufacturerModelName) == ("dicom_node", "dicom_node")
+    assert seg.SoftwareVersions == equipment.software_version
+    assert seg.DeviceSerialNumber == "TEST-0001"
+
+
+def test_seg_references_every_source_instance(seg, result):
+    sources = {ds.SOPInstanceUID for ds in result.volume.datasets}
+    series = seg.ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == result.volume.datasets[0].SeriesInstanceUID
+    assert {item.ReferencedSOPInstanceUID for item in series.ReferencedInstanceSequence} == sources
+
+
+def test_seg_segments_describe_structures_with_laterality(seg):
+    described = {}
+    for item in seg.SegmentSequence:
+        type_item = item.SegmentedPropertyTypeCodeSequence[0]
+        modifiers = type_item.get("SegmentedPropertyTypeModifierCodeSequence", [])
+        described[item.SegmentNumber] = (
+            item.SegmentLabel,
+            type_item.CodeValue,
+            [m.CodeMeaning for m in modifiers],
+            item.SegmentAlgorithmType,
+        )
+    assert described == {
+        1: ("Body", "38266002", [], "AUTOMATIC"),
+        2: ("Left lung", "39607008", ["Left"], "AUTOMATIC"),
+        3: ("Right lung", "39607008", ["Right"], "AUTOMATIC"),
+    }
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmVersion == "0.1.0"
+
+
+def test_seg_frames_round_trip_the_masks(seg, result):
+    """Every frame equals the mask slice of the source image it is derived from."""
+    slice_of = {ds.SOPInstanceUID: k for k, ds in enumerate(result.volume.datasets)}
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    seen = set()
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        number = group.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        derivation = group.DerivationImageSequence[0].SourceImageSequence[0]
+        k = slice_of[derivation.ReferencedSOPInstanceUID]
+        np.testing.assert_array_equal(frame.astype(bool), result.segments[number - 1].mask[k])
+        seen.add((number, k))
+    expected = {
+        (n, k)
+        for n, segment in enumerate(result.segments, start=1)
+        for k in np.flatnonzero(segment.mask.any(axis=(1, 2)))
+    }
+    assert seen == expected  # empty frames omitted, none missing
+
+
+def _groups(sr):
+    report = sr.ContentSequence
+    measurements = next(i for i in report if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    return measurements.ContentSequence
+
+
+def _find(items, code_value):
+    return [i for i in items if i.ConceptNameCodeSequence[0].CodeValue == code_value]
+
+
+def test_sr_identity_and_evidence(sr, seg, result, written, equipment):
+    uids = written[0]
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert (sr.SOPInstanceUID, sr.SeriesInstanceUID) == (uids.sr_sop_uid, uids.sr_series_uid)
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID
+    assert (sr.ManufacturerModelName, sr.DeviceSerialNumber) == ("dicom_node", "TEST-0001")
+    assert sr.SoftwareVersions == equipment.software_version
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    sources = {ds.SOPInstanceUID for ds in result.volume.datasets}
+    assert evidence == sources | {seg.SOPInstanceUID}
+    assert "PredecessorDocumentsSequence" not in sr
+
+
+def test_sr_device_observer(sr, equipment):
+    observer = _find(sr.ContentSequence, "121012")  # Device Observer UID
+    assert [item.UID for item in observer] == [equipment.device_observer_uid]
+
+
+def test_sr_measurement_groups_match_the_result(sr, seg, result):
+    groups = _groups(sr)
+    assert len(groups) == len(result.segments)
+    for number, (group, segment) in enumerate(zip(groups, result.segments, strict=True), 1):
+        items = group.ContentSequence
+        (referenced,) = _find(items, "121191")  # Referenced Segment
+        ref = referenced.ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert ref.ReferencedSegmentNumber == number
+        (volume,) = _find(items, "118565006")
+        (mean,) = _find(items, "112031")
+        assert float(volume.MeasuredValueSequence[0].NumericValue) == pytest.approx(
+            segment.volume_ml, abs=1e-3
+        )
+        assert float(mean.MeasuredValueSequence[0].NumericValue) == pytest.approx(
+            segment.mean_hu, abs=1e-3
+        )
+        assert mean.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "[hnsf'U]"
+        (finding,) = _find(items, "121071")
+        assert finding.ConceptCodeSequence[0].CodeValue == segment.type.value
+        (site,) = _find(items, "363698007")
+        laterality = [i.ConceptCodeSequence[0].CodeMeaning for i in site.get("ContentSequence", [])]
+        expected = [segment.laterality.meaning] if segment.laterality else []
+        assert laterality == expected
+
+
+def test_tracking_uids_are_shared_by_seg_and_sr(sr, seg):
+    in_seg = [item.TrackingUID for item in seg.SegmentSequence]
+    in_sr = [_find(group.ContentSequence, "112040")[0].UID for group in _groups(sr)]
+    assert in_seg == in_sr and len(set(in_seg)) == 3
+
+
+def test_predecessor_is_referenced(written, sr):
+    second = pydicom.dcmread(written[3])
+    previous = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert previous.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sr.SOPInstanceUID
+
+
+@pytest.mark.parametrize("index", [1, 2, 3], ids=["seg", "sr", "sr-with-predecessor"])
+def test_dciodvfy_finds_no_errors(written, index):
+    assert dciodvfy_errors(written[index]) == []
+
+
+def test_tracking_uid_is_deterministic_per_segment(result, written):
+    uids = written[0]
+    first = [tracking_uid(uids, segment) for segment in result.segments]
+    again = [tracking_uid(uids, segment) for segment in result.segments]
+    other = [tracking_uid(_uids(), segment) for segment in result.segments]
+    assert first == again
+    assert len(set(first)) == 3 and not set(first) & set(other)
+    assert all(uid.startswith("2.25.") and len(uid) <= 64 for uid in first)
+
+
+def test_mask_shape_mismatch_is_refused(result, equipment):
+    body = result.segments[0]
+    bad = dataclasses.replace(body, mask=body.mask[:-1])
+    broken = dataclasses.replace(result, segments=(bad, *result.segments[1:]))
+    with pytest.raises(ValueError, match="'body' mask shape"):
+        build_seg(broken, _uids(), equipment)

@@ -1,0 +1,101 @@
+"""Delivery: retry with backoff until the peer is up, dead letter after the limit."""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from peers import GE_3SLICE, LOCALHOST, Storescp, free_port, require_tools
+from test_assemble import IDLE, Clock, Harness, ge_files
+
+from dicom_node.config import SendingSection
+from dicom_node.domain import DeliveryState, JobState
+from dicom_node.journal import DeliverySpec
+from dicom_node.send import Sender
+from dicom_node.web.metrics import Metrics
+
+
+def job_with_results(harness: Harness, port: int) -> int:
+    """A job whose SEG/SR stand-ins (two real CT files) are on disk, with one delivery."""
+    for path in ge_files():
+        harness.receive(path)
+    harness.clock.now += IDLE
+    harness.timers.fire_due(harness.clock.now)
+    job = harness.journal.claim_job(harness.clock.now)
+    assert job is not None
+    for kind, source in zip(("seg", "sr"), sorted(GE_3SLICE.glob("*.dcm")), strict=False):
+        target = harness.spool.path(harness.spool.result_relpath(job.id, kind))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    harness.journal.job_analysed(
+        job.id, [DeliverySpec("pacs", "STORESCP", LOCALHOST, port)], harness.clock.now
+    )
+    return int(job.id)
+
+
+def make_sender(harness: Harness, max_attempts: int) -> Sender:
+    settings = SendingSection(
+        max_attempts=max_attempts,
+        backoff_initial_seconds=2,
+        backoff_max_seconds=10,
+        timeout_seconds=5,
+    )
+    return Sender(
+        harness.journal,
+        harness.spool,
+        Metrics(),
+        "AINODE",
+        settings,
+        harness.clock,
+        rng=random.Random(7),
+    )
+
+
+def test_retries_with_backoff_until_the_peer_answers(tmp_path: Path) -> None:
+    require_tools("storescp", "echoscu")
+    harness = Harness(tmp_path / "var", Clock())
+    port = free_port()
+    job_id = job_with_results(harness, port)
+    sender = make_sender(harness, max_attempts=5)
+    assert sender.send_due() == 1  # nobody listens yet
+    (delivery,) = harness.journal.job_deliveries(job_id)
+    assert delivery.state == DeliveryState.PENDING and delivery.attempts == 1
+    first_delay = delivery.next_attempt_at - harness.clock.now
+    assert 1.0 <= first_delay <= 2.0  # initial 2 s, equal jitter
+    assert sender.send_due() == 0  # not due yet
+    harness.clock.now = delivery.next_attempt_at
+    assert sender.send_due() == 1
+    (delivery,) = harness.journal.job_deliveries(job_id)
+    assert 2.0 <= delivery.next_attempt_at - harness.clock.now <= 4.0  # doubled
+    assert "not established" in delivery.last_error
+    with Storescp(tmp_path / "scp", port=port) as scp:
+        harness.clock.now = delivery.next_attempt_at
+        assert sender.send_due() == 1
+        received = scp.wait_for_files(2)
+    (delivery,) = harness.journal.job_deliveries(job_id)
+    assert delivery.state == DeliveryState.SENT and delivery.attempts == 3
+    assert harness.journal.job(job_id).state == JobState.DONE
+    sent = {pydicom.dcmread(p).SOPInstanceUID for p in received}
+    assert sent == {pydicom.dcmread(p).SOPInstanceUID for p in sorted(GE_3SLICE.glob("*.dcm"))[:2]}
+
+
+def test_dead_letter_after_the_attempt_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness = Harness(tmp_path / "var", Clock())
+    job_id = job_with_results(harness, free_port())
+    sender = make_sender(harness, max_attempts=3)
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        harness.clock.now += 60
+        assert sender.send_due() == 1
+    (delivery,) = harness.journal.job_deliveries(job_id)
+    assert delivery.state == DeliveryState.DEAD and delivery.attempts == 3
+    assert harness.journal.job(job_id).state == JobState.DEAD_LETTER
+    assert "DEAD LETTER for pacs after 3 attempts" in caplog.text
+    harness.clock.now += 3600
+    assert sender.send_due() == 0  # dead deliveries are not retried
