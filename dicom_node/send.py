@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pynetdicom import AE, Association
@@ -60,7 +61,30 @@ def _associate(
             f"{'rejected' if assoc.is_rejected else 'not established'}"
         )
     assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    keep_responses_for_the_requestor(assoc)
     return assoc
+
+
+def keep_responses_for_the_requestor(assoc: Association) -> None:
+    """Work around a race in pynetdicom 3.0's requestor.
+
+    ``send_c_store`` pauses the association's reactor thread by clearing an event
+    and then checking a flag the reactor sets *before* it waits, so the reactor
+    can slip past the pause and take the C-STORE response off the queue; it then
+    drops it ("Received unexpected C-STORE service message") and the sender
+    waits for the DIMSE timeout. Here a response the reactor takes is put back
+    for the waiting sender (once; a response nobody waits for is still dropped).
+    """
+    serve_request = assoc._serve_request
+
+    def serve(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and not getattr(msg, "_dicom_node_requeued", False):
+            msg._dicom_node_requeued = True
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve_request(msg, context_id)
+
+    assoc._serve_request = serve  # type: ignore[method-assign]
 
 
 def echo(calling_aet: str, peer: Peer, timeout: float = 10.0) -> None:

@@ -99,3 +99,27 @@ def test_dead_letter_after_the_attempt_limit(
     assert "DEAD LETTER for pacs after 3 attempts" in caplog.text
     harness.clock.now += 3600
     assert sender.send_due() == 0  # dead deliveries are not retried
+
+
+def test_a_response_taken_by_the_reactor_goes_back_to_the_sender(tmp_path: Path) -> None:
+    """The pynetdicom race worked around in send.keep_responses_for_the_requestor."""
+    require_tools("storescp", "echoscu")
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from dicom_node.send import Peer, _associate
+
+    with Storescp(tmp_path / "scp") as scp:
+        peer = Peer(scp.aet, LOCALHOST, scp.port)
+        assoc = _associate("AINODE", peer, [(CTImageStorage, ["1.2.840.10008.1.2"])], 5)
+        try:
+            response = C_STORE()
+            response.MessageIDBeingRespondedTo = 1
+            response.AffectedSOPClassUID = CTImageStorage
+            response.Status = 0
+            assoc._serve_request(response, 1)  # what the reactor does when it wins the race
+            assert assoc.dimse.msg_queue.get(timeout=1) == (1, response)
+            assoc._serve_request(response, 1)  # a second time it is dropped, not re-queued
+            assert assoc.dimse.msg_queue.empty()
+        finally:
+            assoc.release()

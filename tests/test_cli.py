@@ -1,0 +1,68 @@
+"""``dicom-node echo`` and ``dicom-node send`` against dcmtk's storescp."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import yaml
+from peers import GE_3SLICE, LOCALHOST, Storescp, free_port, require_tools
+
+
+def write_config(tmp_path: Path, port: int) -> Path:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "node": {"ae_title": "AINODE"},
+                "destinations": {
+                    "archive": {"ae_title": "STORESCP", "host": LOCALHOST, "port": port}
+                },
+            }
+        )
+    )
+    return path
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_echo_and_send(tmp_path: Path) -> None:
+    require_tools("storescp", "echoscu")
+    with Storescp(tmp_path / "scp") as scp:
+        config = write_config(tmp_path, scp.port)
+        echo = cli("echo", "--config", config, "archive")
+        assert echo.returncode == 0, echo.stderr
+        assert "echo archive (STORESCP@127.0.0.1" in echo.stdout
+        (tmp_path / "not-dicom.txt").write_text("hello")
+        send = cli("send", "--config", config, "archive", GE_3SLICE, tmp_path / "not-dicom.txt")
+        assert send.returncode == 0, send.stderr
+        assert "sent 3 file(s) to archive" in send.stdout
+        assert "skipped (not a DICOM file)" in send.stderr
+        received = scp.wait_for_files(3)
+    sent = {pydicom.dcmread(p).SOPInstanceUID for p in GE_3SLICE.glob("*.dcm")}
+    assert {pydicom.dcmread(p).SOPInstanceUID for p in received} == sent
+
+
+def test_echo_and_send_failures_are_clear(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())  # nobody listens there
+    echo = cli("echo", "--config", config, "archive")
+    assert echo.returncode == 1
+    assert "echo archive: FAILED: association with STORESCP" in echo.stderr
+    unknown = cli("echo", "--config", config, "nowhere")
+    assert unknown.returncode == 2
+    assert "unknown destination 'nowhere' (known: archive)" in unknown.stderr
+    send = cli("send", "--config", config, "archive", GE_3SLICE)
+    assert send.returncode == 1
+    assert "send archive: FAILED" in send.stderr
+    missing = cli("send", "--config", config, "archive", tmp_path / "no-such-folder")
+    assert missing.returncode == 2
+    assert "no such file or folder" in missing.stderr

@@ -1,0 +1,130 @@
+"""The whole node in-process with dcmtk storescp as the destination: analysis, re-opened
+studies whose new SR names its predecessor, failures that end in FAILED with a reason."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pydicom
+from nodes import node_settings, running_node
+from peers import GE_3SLICE, LOCALHOST, Storescp, patch_siemens_copy, require_tools, wait_until
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from dicom_node.app import Node
+from dicom_node.domain import JobState
+
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def send(node: Node, datasets: list[pydicom.Dataset], calling: str = "SCANNER") -> list[int]:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage, [str(datasets[0].file_meta.TransferSyntaxUID)])
+    assoc = ae.associate(LOCALHOST, node.receiver.address[1], ae_title="AINODE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def settings_to(tmp_path: Path, scp: Storescp, send_to: list[str]) -> dict:
+    return node_settings(
+        tmp_path / "var",
+        destinations={
+            "archive": {"ae_title": scp.aet, "host": LOCALHOST, "port": scp.port},
+            "scanner": {"ae_title": "SCANNER", "host": LOCALHOST, "port": scp.port},
+        },
+        routes=[
+            {
+                "name": "chest",
+                "when": {"Modality": "CT"},
+                "pipeline": "ct-chest",
+                "send_to": send_to,
+            }
+        ],
+    )
+
+
+def by_class(files: list[Path]) -> dict[str, list[pydicom.Dataset]]:
+    out: dict[str, list[pydicom.Dataset]] = {}
+    for path in files:
+        ds = pydicom.dcmread(path)
+        out.setdefault(str(ds.SOPClassUID), []).append(ds)
+    return out
+
+
+def test_late_instance_gives_new_results_naming_their_predecessor(tmp_path: Path) -> None:
+    require_tools("storescp", "echoscu")
+    ge = [pydicom.dcmread(p) for p in sorted(GE_3SLICE.glob("*.dcm"))]
+    with (
+        Storescp(tmp_path / "scp") as scp,
+        running_node(settings_to(tmp_path, scp, ["source"])) as node,
+    ):
+        assert send(node, ge) == [0, 0, 0]
+        first = by_class(scp.wait_for_files(2, timeout=120))
+        (seg1,), (sr1,) = first[SEG_STORAGE], first[COMPREHENSIVE_3D_SR]
+        assert "PredecessorDocumentsSequence" not in sr1
+        # one more slice of the same series, 1 mm below the others
+        extra = copy.deepcopy(ge[-1])
+        extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        position = [
+            float(v) for v in min((ds.ImagePositionPatient for ds in ge), key=lambda p: p[2])
+        ]
+        extra.ImagePositionPatient = [position[0], position[1], position[2] - 1.0]
+        assert send(node, [extra]) == [0]
+        second = by_class(scp.wait_for_files(4, timeout=120))
+    sr2 = next(ds for ds in second[COMPREHENSIVE_3D_SR] if ds.SOPInstanceUID != sr1.SOPInstanceUID)
+    seg2 = next(ds for ds in second[SEG_STORAGE] if ds.SOPInstanceUID != seg1.SOPInstanceUID)
+    (predecessor,) = sr2.PredecessorDocumentsSequence
+    refs = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert [r.ReferencedSOPInstanceUID for r in refs] == [sr1.SOPInstanceUID]
+    referenced = {
+        r.ReferencedSOPInstanceUID
+        for s in seg2.ReferencedSeriesSequence
+        for r in s.ReferencedInstanceSequence
+    }
+    assert extra.SOPInstanceUID in referenced and len(referenced) == 4
+    jobs = node.journal.recent_jobs()
+    assert sorted(j.state for j in jobs) == [JobState.DONE, JobState.DONE]
+    assert max(jobs, key=lambda j: j.id).predecessor_id == min(j.id for j in jobs)
+
+
+def test_unanalysable_series_fails_with_a_reason(tmp_path: Path) -> None:
+    require_tools("storescp", "echoscu")
+    # upper abdomen only: no usable lungs, so ct-chest must refuse it
+    siemens = [pydicom.dcmread(p) for p in patch_siemens_copy(tmp_path / "j2k")]
+    with (
+        Storescp(tmp_path / "scp") as scp,
+        running_node(settings_to(tmp_path, scp, ["archive"])) as node,
+    ):
+        assert set(send(node, siemens)) == {0}
+        (job,) = wait_until(
+            lambda: [j for j in node.journal.recent_jobs() if j.state == JobState.FAILED],
+            120,
+            0.2,
+            "the job to fail",
+        )
+    assert job.error.startswith("AnalysisError")
+    assert scp.received_files() == []
+
+
+def test_source_without_a_destination_is_dead_lettered(tmp_path: Path) -> None:
+    require_tools("storescp", "echoscu")
+    ge = [pydicom.dcmread(p) for p in sorted(GE_3SLICE.glob("*.dcm"))]
+    with (
+        Storescp(tmp_path / "scp") as scp,
+        running_node(settings_to(tmp_path, scp, ["source"])) as node,
+    ):
+        assert send(node, ge, calling="UNKNOWN") == [0, 0, 0]
+        (job,) = wait_until(
+            lambda: [j for j in node.journal.recent_jobs() if j.state == JobState.DEAD_LETTER],
+            120,
+            0.2,
+            "the dead letter",
+        )
+        (delivery,) = node.journal.job_deliveries(job.id)
+    assert "no destination is configured with the sending AE title 'UNKNOWN'" in delivery.last_error
