@@ -13,6 +13,8 @@ run: $(VENV)/.installed
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
 
 test: $(VENV)/.installed-test peers
+	$(VENV)/bin/ruff check dicom_node tests bench
+	$(VENV)/bin/mypy dicom_node
 	$(PY) -m pytest --cov=dicom_node --cov-report=term $(PYTEST_ARGS)
 
 install: $(VENV)/.installed

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Protocol
 
 import pydicom
@@ -135,7 +136,10 @@ class Assembler:
 
     def _schedule(self, study_id: int, at: float) -> None:
         with self._lock:
-            self._timers.call_at(f"study-{study_id}", at, lambda: self.check(study_id))
+            self._timers.call_at(f"study-{study_id}", at, partial(self._fire, study_id))
+
+    def _fire(self, study_id: int) -> None:
+        self.check(study_id)
 
 
 def _previous(snapshot: StudySnapshot) -> list[PreviousJob]:

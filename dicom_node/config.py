@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 SOURCE_DESTINATION = "source"
 CONFIG_ENV_VAR = "DICOM_NODE_CONFIG"
@@ -183,7 +184,7 @@ class ConfigError(Exception):
         super().__init__(f"{source}: " + "; ".join(problems))
 
 
-def _format_error(error: dict[str, Any]) -> list[str]:
+def _format_error(error: ErrorDetails) -> list[str]:
     path = ".".join(str(part) for part in error["loc"])
     message = error["msg"]
     if error["type"] == "extra_forbidden":

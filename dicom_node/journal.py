@@ -417,7 +417,9 @@ class Journal:
             for name, table in (("studies", studies), ("jobs", jobs), ("deliveries", deliveries)):
                 query = sa.select(table.c.state, sa.func.count()).group_by(table.c.state)
                 out[name] = {state: count for state, count in conn.execute(query)}
-            out["instances"] = {"total": conn.scalar(sa.select(sa.func.count(instances.c.id)))}
+            out["instances"] = {
+                "total": int(conn.scalar(sa.select(sa.func.count(instances.c.id))) or 0)
+            }
             return out
 
     def recent_studies(self, limit: int = 50) -> list[Row]:
@@ -473,7 +475,7 @@ def _touch_study(
                 generation=1,
             )
         )
-        return int(result.inserted_primary_key[0]), False, True
+        return _inserted_id(result), False, True
     values: dict[str, Any] = {"last_received_at": max(study.last_received_at, inst.received_at)}
     reopened = study.state == StudyState.COMPLETE
     if reopened:
@@ -496,7 +498,7 @@ def _touch_series(conn: Connection, study_id: int, inst: ReceivedInstance) -> in
                 instance_count=1,
             )
         )
-        return int(result.inserted_primary_key[0])
+        return _inserted_id(result)
     conn.execute(
         series.update()
         .where(series.c.id == row.id)
@@ -534,7 +536,13 @@ def _insert_job(
             updated_at=now,
         )
     )
-    return int(result.inserted_primary_key[0])
+    return _inserted_id(result)
+
+
+def _inserted_id(result: sa.CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    assert key is not None  # single-row INSERT
+    return int(key[0])
 
 
 _HAS_RESULTS = frozenset({JobState.SENDING, JobState.DONE, JobState.DEAD_LETTER})

@@ -15,10 +15,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any, cast
 
 import pydicom
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -129,7 +131,7 @@ class Receiver:
 
     def start(self) -> tuple[str, int]:
         ae = _make_ae(self._config)
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_REJECTED, _log_rejected),
@@ -139,6 +141,7 @@ class Receiver:
         )
         assert server is not None  # block=False always returns the server
         # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux.
+        assert server.socket is not None
         server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._server = server
         log.info("listening as %s on %s:%d", self._config.ae_title, *self.address)
@@ -151,7 +154,6 @@ class Receiver:
             server.shutdown()
 
     def _handle_store(self, event: evt.Event) -> int:
-        request = event.request
         calling = event.assoc.requestor.ae_title
         try:
             status = self._store(event, calling)
@@ -165,11 +167,11 @@ class Receiver:
             log.exception("unexpected error storing an instance from %s", calling)
             self._metrics.instances_rejected.labels(reason="error").inc()
             return UNEXPECTED_ERROR
-        log.debug("stored %s from %s", request.AffectedSOPInstanceUID, calling)
+        log.debug("stored an instance from %s", calling)
         return status
 
     def _store(self, event: evt.Event, calling: str) -> int:
-        request = event.request
+        request = cast(C_STORE, event.request)
         data = event.encoded_dataset()
         header = parse_header(
             data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
@@ -213,6 +215,7 @@ def _make_ae(config: NodeSection) -> AE:
     ae.require_calling_aet = list(config.allowed_calling_aets)
     ae.add_supported_context(Verification)
     for context in StoragePresentationContexts:
+        assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     return ae
 

@@ -60,7 +60,9 @@ def _associate(
             f"association with {peer.ae_title}@{peer.host}:{peer.port} was "
             f"{'rejected' if assoc.is_rejected else 'not established'}"
         )
-    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport = assoc.dul.socket
+    if transport is not None and transport.socket is not None:
+        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     keep_responses_for_the_requestor(assoc)
     return assoc
 
@@ -100,7 +102,8 @@ def echo(calling_aet: str, peer: Peer, timeout: float = 10.0) -> None:
 
 def dicom_files(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
     """Split ``paths`` into DICOM Part 10 files (with file meta) and the rest."""
-    files, skipped = [], []
+    files: list[Path] = []
+    skipped: list[Path] = []
     for path in paths:
         try:
             meta = pydicom.filereader.read_file_meta_info(path)
