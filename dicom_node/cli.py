@@ -78,8 +78,10 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pynetdicom logs every PDU at INFO; keep its warnings and errors only.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # pynetdicom logs every PDU and APScheduler every timer at INFO: keep their warnings.
+    quiet = max(logging.WARNING, logging.getLevelName(level))
+    for name in ("pynetdicom", "apscheduler"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 def _destination(config: NodeConfig, name: str) -> tuple[str, int, str] | None:

@@ -12,6 +12,7 @@ A job analyses one series for one route::
 
     QUEUED/ANALYSING -> QUEUED      (restart while analysing: run again, same UIDs)
     QUEUED -> SUPERSEDED            (a newer job for the same series and route replaced it)
+    FAILED -> QUEUED, DEAD_LETTER -> SENDING   (an operator's retry)
 
 Each job has one delivery per destination::
 
@@ -64,7 +65,7 @@ JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.ANALYSING: frozenset({JobState.SENDING, JobState.FAILED, JobState.QUEUED}),
     JobState.SENDING: frozenset({JobState.DONE, JobState.DEAD_LETTER}),
     JobState.DONE: frozenset(),
-    JobState.FAILED: frozenset(),
+    JobState.FAILED: frozenset({JobState.QUEUED}),  # operator-requested retry
     JobState.DEAD_LETTER: frozenset({JobState.SENDING}),  # operator-requested resend
     JobState.SUPERSEDED: frozenset(),
 }

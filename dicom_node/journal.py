@@ -88,6 +88,12 @@ jobs = sa.Table(
     sa.Column("error", sa.String),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # stage timings: analysis started, results written, all deliveries settled
+    sa.Column("started_at", sa.Float),
+    sa.Column("analysed_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("analysis_seconds", sa.Float),
+    sa.Column("encode_seconds", sa.Float),
 )
 deliveries = sa.Table(
     "deliveries",
@@ -330,11 +336,26 @@ class Journal:
             ser = conn.execute(sa.select(series).where(series.c.id == job.series_id)).one()
             return job, study, ser
 
-    def job_analysed(self, job_id: int, specs: list[DeliverySpec], now: float) -> None:
-        """Results are on disk: move to SENDING and create one delivery per destination."""
+    def job_analysed(
+        self,
+        job_id: int,
+        specs: list[DeliverySpec],
+        now: float,
+        timings: tuple[float, float] | None = None,
+    ) -> None:
+        """Results are on disk: move to SENDING and create one delivery per destination.
+
+        ``timings`` are the (analysis, encode) durations in seconds.
+        """
         with self._write() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
             _set_job_state(conn, row, JobState.SENDING, now)
+            if timings is not None:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id)
+                    .values(analysis_seconds=timings[0], encode_seconds=timings[1])
+                )
             for spec in specs:
                 conn.execute(
                     deliveries.insert().values(
@@ -356,6 +377,43 @@ class Journal:
         with self._write() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
             _set_job_state(conn, row, JobState.FAILED, now, error=error)
+
+    def retry_job(self, job_id: int, now: float) -> str:
+        """Operator retry: a FAILED job is analysed again, a DEAD_LETTER job resent.
+
+        Returns what was done; raises :class:`IllegalTransition` for other states
+        and ``LookupError`` for an unknown job.
+        """
+        with self._write() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one_or_none()
+            if row is None:
+                raise LookupError(f"no job {job_id}")
+            if row.state == JobState.FAILED:
+                _set_job_state(conn, row, JobState.QUEUED, now)
+                return "queued for analysis again"
+            _set_job_state(conn, row, JobState.SENDING, now)
+            dead = list(
+                conn.execute(
+                    sa.select(deliveries)
+                    .where(deliveries.c.job_id == job_id)
+                    .where(deliveries.c.state == DeliveryState.DEAD)
+                )
+            )
+            for delivery in dead:
+                check_delivery(DeliveryState(delivery.state), DeliveryState.PENDING)
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id.in_([d.id for d in dead]))
+                .values(
+                    state=DeliveryState.PENDING, attempts=0, next_attempt_at=now, updated_at=now
+                )
+            )
+            return f"{len(dead)} delivery(ies) pending again"
+
+    def jobs_in_state(self, state: JobState, limit: int = 100) -> list[Row]:
+        with self._read() as conn:
+            query = sa.select(jobs).where(jobs.c.state == state).order_by(jobs.c.id.desc())
+            return list(conn.execute(query.limit(limit)))
 
     # -- deliveries ---------------------------------------------------------
 
@@ -545,6 +603,7 @@ def _inserted_id(result: sa.CursorResult[Any]) -> int:
     return int(key[0])
 
 
+_FINISHED = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER})
 _HAS_RESULTS = frozenset({JobState.SENDING, JobState.DONE, JobState.DEAD_LETTER})
 
 
@@ -555,6 +614,12 @@ def _set_job_state(
     values: dict[str, Any] = {"state": new, "updated_at": now}
     if error is not None:
         values["error"] = error
+    if new == JobState.ANALYSING:
+        values["started_at"] = now
+    elif new == JobState.SENDING and row.state == JobState.ANALYSING:
+        values["analysed_at"] = now
+    elif new in _FINISHED:
+        values["finished_at"] = now
     conn.execute(jobs.update().where(jobs.c.id == row.id).values(**values))
 
 

@@ -115,15 +115,18 @@ class Worker:
     def _analyse(self, job: Row) -> None:
         _, study, _ = self._journal.job_context(job.id)
         paths = [self._spool.path(p) for p in self._journal.instance_relpaths(job.series_id)]
+        started = time.monotonic()
         volume = load_series(paths)
         result = self._pipeline(job.pipeline).run(volume)
+        analysed = time.monotonic()
         uids = ResultUIDs(job.seg_series_uid, job.seg_sop_uid, job.sr_series_uid, job.sr_sop_uid)
         seg = build_seg(result, uids, self._equipment)
         sr = build_sr(result, seg, uids, self._equipment, predecessor=self._predecessor(job))
         self._spool.write_atomic(self._spool.result_relpath(job.id, "seg"), _encode(seg))
         self._spool.write_atomic(self._spool.result_relpath(job.id, "sr"), _encode(sr))
+        timings = (analysed - started, time.monotonic() - analysed)
         specs = [self._delivery(name, study.calling_aet) for name in job.send_to]
-        self._journal.job_analysed(job.id, specs, self._clock())
+        self._journal.job_analysed(job.id, specs, self._clock(), timings)
 
     def _pipeline(self, name: str) -> Pipeline:
         with self._pipelines_lock:

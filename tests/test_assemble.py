@@ -214,3 +214,33 @@ def test_delivery_outcomes_settle_the_job(harness: Harness) -> None:
     assert harness.journal.job(job.id).state == JobState.DEAD_LETTER
     with pytest.raises(IllegalTransition):
         harness.journal.delivery_attempted(b.id, DeliveryState.DEAD, harness.clock.now)
+
+
+def test_operator_retry_of_failed_and_dead_letter_jobs(harness: Harness) -> None:
+    for path in ge_files():
+        harness.receive(path)
+    harness.clock.now += IDLE
+    harness.timers.fire_due(harness.clock.now)
+    job = harness.journal.claim_job(harness.clock.now)
+    assert job is not None and job.started_at == harness.clock.now
+    harness.journal.job_failed(job.id, "AnalysisError: no lungs", harness.clock.now)
+    assert harness.journal.retry_job(job.id, harness.clock.now) == "queued for analysis again"
+    job = harness.journal.claim_job(harness.clock.now)
+    assert job is not None
+    harness.journal.job_analysed(
+        job.id, [DeliverySpec("pacs", "P", "h", 1)], harness.clock.now + 5, timings=(3.0, 1.0)
+    )
+    (delivery,) = harness.journal.job_deliveries(job.id)
+    harness.journal.delivery_attempted(delivery.id, DeliveryState.DEAD, harness.clock.now, "down")
+    row = harness.journal.job(job.id)
+    assert row.state == JobState.DEAD_LETTER and row.analysis_seconds == 3.0
+    assert row.analysed_at == harness.clock.now + 5 and row.finished_at == harness.clock.now
+    assert [j.id for j in harness.journal.jobs_in_state(JobState.DEAD_LETTER)] == [job.id]
+    assert harness.journal.retry_job(job.id, harness.clock.now) == "1 delivery(ies) pending again"
+    (delivery,) = harness.journal.job_deliveries(job.id)
+    assert delivery.state == DeliveryState.PENDING and delivery.attempts == 0
+    assert harness.journal.job(job.id).state == JobState.SENDING
+    with pytest.raises(IllegalTransition):
+        harness.journal.retry_job(job.id, harness.clock.now)  # sending: nothing to retry
+    with pytest.raises(LookupError):
+        harness.journal.retry_job(9999, harness.clock.now)

@@ -41,9 +41,9 @@ def test_illegal_job_transitions(current: JobState, new: JobState) -> None:
         check_job(current, new)
 
 
-def test_terminal_job_states_have_no_way_out_except_resend() -> None:
+def test_terminal_job_states_have_no_way_out_except_an_operator_retry() -> None:
     assert JOB_TRANSITIONS[JobState.DONE] == frozenset()
-    assert JOB_TRANSITIONS[JobState.FAILED] == frozenset()
+    assert JOB_TRANSITIONS[JobState.FAILED] == frozenset({JobState.QUEUED})
     assert JOB_TRANSITIONS[JobState.DEAD_LETTER] == frozenset({JobState.SENDING})
 
 
