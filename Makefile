@@ -31,11 +31,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# dcmtk (storescu, storescp, echoscu, findscu) and Orthanc are the real peers of the tests.
+# dcmtk (storescu, storescp, echoscu, findscu) and Orthanc are the real peers of the tests;
+# headless chromium loads the dashboard as a person would.
 peers:
 	@missing=""; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	{ command -v Orthanc >/dev/null 2>&1 || test -x /usr/sbin/Orthanc; } || missing="$$missing orthanc"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing test peers:$$missing"; \

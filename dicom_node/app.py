@@ -21,10 +21,11 @@ from dicom_node.analysis.types import Pipeline
 from dicom_node.assemble import Assembler, SchedulerTimers
 from dicom_node.config import NodeConfig
 from dicom_node.encode.types import Equipment
-from dicom_node.journal import Journal
+from dicom_node.journal import Journal, JournalSchemaError
 from dicom_node.receive import Receiver
 from dicom_node.send import Sender
 from dicom_node.store import Spool
+from dicom_node.web.echo import DestinationMonitor
 from dicom_node.web.metrics import Metrics
 from dicom_node.web.server import WebServer
 from dicom_node.worker import Worker
@@ -84,6 +85,7 @@ def build_node(config: NodeConfig) -> Node:
     journal.create()
     metrics = Metrics()
     metrics.watch_journal(journal.state_counts)
+    metrics.watch_gpu()
     device = select_device(config.analysis.device)
     log.info("analysis device: %s", device)
 
@@ -117,14 +119,24 @@ def build_node(config: NodeConfig) -> Node:
         time.time,
         timers,
         on_jobs=lambda _ids: worker.wake(),
+        metrics=metrics,
     )
     receiver = Receiver(
         config.node, spool, journal, metrics, time.time, on_recorded=assembler.instance_recorded
     )
+    metrics.watch_associations(lambda: receiver.active_associations)
     web = None
     if config.web.enabled:
+        monitor = DestinationMonitor(
+            config.node.ae_title, config.destinations, config.web.echo_interval_seconds, time.time
+        )
+
+        def on_retry() -> None:
+            worker.wake()
+            sender.wake()
+
         web = WebServer(
-            config.web.host, config.web.port, journal, metrics, healthy=lambda: receiver.running
+            config, journal, metrics, monitor, lambda: receiver.running, on_retry, time.time
         )
     return Node(config, spool, journal, metrics, timers, assembler, receiver, worker, sender, web)
 
@@ -147,7 +159,7 @@ def run(config: NodeConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         node = build_node(config)
-    except OSError as exc:  # web port in use, storage not writable, ...
+    except (OSError, JournalSchemaError) as exc:  # web port in use, storage not writable, ...
         log.error("cannot start: %s", exc)
         return 1
     try:

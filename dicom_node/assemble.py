@@ -21,8 +21,10 @@ from pydicom.uid import generate_uid
 
 from dicom_node.config import Route
 from dicom_node.journal import JobSpec, Journal, Recorded, StudySnapshot
+from dicom_node.logs import log_context
 from dicom_node.route import PlannedJob, PreviousJob, SeriesInfo, plan_jobs
 from dicom_node.store import Spool
+from dicom_node.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,9 @@ class Assembler:
         timers: Timers,
         on_jobs: Callable[[list[int]], None],
         uid_prefix: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._journal = journal
         self._spool = spool
         self._routes = list(routes)
@@ -77,12 +81,13 @@ class Assembler:
 
         Returns the created job ids, or None if the study is not complete yet.
         """
-        try:
-            return self._check(study_id)
-        except Exception:
-            log.exception("study %d: routing failed; trying again later", study_id)
-            self._schedule(study_id, self._clock() + RETRY_AFTER_ERROR_SECONDS)
-            return None
+        with log_context(study_id=study_id):
+            try:
+                return self._check(study_id)
+            except Exception:
+                log.exception("study %d: routing failed; trying again later", study_id)
+                self._schedule(study_id, self._clock() + RETRY_AFTER_ERROR_SECONDS)
+                return None
 
     def _check(self, study_id: int) -> list[int] | None:
         snapshot = self._journal.study_snapshot(study_id)
@@ -109,6 +114,10 @@ class Assembler:
             study.generation,
             len(job_ids),
         )
+        if self._metrics is not None:
+            stages = self._metrics.stage_seconds
+            stages.labels(stage="receive").observe(study.last_received_at - study.first_received_at)
+            stages.labels(stage="wait").observe(now - study.last_received_at)
         if job_ids:
             self._on_jobs(job_ids)
         return job_ids

@@ -1,4 +1,4 @@
-"""Command line: ``dicom-node serve | check-config | echo | send``.
+"""Command line: ``dicom-node serve | check-config | echo | send | rules | status | retry``.
 
 Parses arguments, loads the config, configures logging, calls into the app.
 Exit codes: 0 success, 1 operation failed, 2 bad usage or bad config.
@@ -13,8 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dicom_node import __version__
+from dicom_node import __version__, ops
 from dicom_node.config import ConfigError, NodeConfig, load_config
+from dicom_node.logs import LOG_FORMAT_ENV_VAR, LOG_FORMATS, configure_logging
 
 log = logging.getLogger("dicom_node")
 
@@ -31,28 +32,59 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("DICOM_NODE_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get(LOG_FORMAT_ENV_VAR, "text"),
+        choices=LOG_FORMATS,
+        help=f"text or one JSON object per line (default: ${LOG_FORMAT_ENV_VAR} or text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
-        command = sub.add_parser(name, help=help_text)
-        command.add_argument(
-            "--config", help="YAML config file (default: $DICOM_NODE_CONFIG)", default=None
-        )
-        return command
-
-    with_config("serve", "run the node until SIGTERM/SIGINT")
-    with_config("check-config", "validate a config file")
-    echo = with_config("echo", "C-ECHO a configured destination")
+    with_config(sub, "serve", "run the node until SIGTERM/SIGINT")
+    with_config(sub, "check-config", "validate a config file")
+    echo = with_config(sub, "echo", "C-ECHO a configured destination")
     echo.add_argument("destination")
-    send = with_config("send", "C-STORE files or folders to a configured destination")
+    send = with_config(sub, "send", "C-STORE files or folders to a configured destination")
     send.add_argument("destination")
     send.add_argument("paths", nargs="+", type=Path)
+    _ops_commands(sub)
     return parser
 
 
+def with_config(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
+) -> argparse.ArgumentParser:
+    command = sub.add_parser(name, help=help_text, description=help_text)
+    command.add_argument(
+        "--config", help="YAML config file (default: $DICOM_NODE_CONFIG)", default=None
+    )
+    return command
+
+
+def _ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rules = sub.add_parser("rules", help="inspect the routing rules")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    explain = with_config(
+        rules_sub, "explain", "show which routes match the series in DICOM files, and why"
+    )
+    explain.add_argument("paths", nargs="+", type=Path)
+    status = with_config(sub, "status", "counts by state, recent and stuck jobs (journal)")
+    status.add_argument("--limit", type=int, default=10, help="recent jobs shown (default 10)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    retry = with_config(sub, "retry", "retry failed jobs and resend dead-letter jobs")
+    retry.add_argument("job_ids", nargs="*", type=int, metavar="JOB_ID")
+    retry.add_argument("--dead-letter", action="store_true", help="every dead-letter job")
+    retry.add_argument("--failed", action="store_true", help="every failed job")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "retry" and not (args.job_ids or args.dead_letter or args.failed):
+        parser.error("retry: give JOB_IDs, --dead-letter or --failed")
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as exc:  # from $DICOM_NODE_LOG_LEVEL / $DICOM_NODE_LOG_FORMAT
+        parser.error(str(exc))
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -60,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_USAGE
+    return _dispatch(args, config)
+
+
+def _dispatch(args: argparse.Namespace, config: NodeConfig) -> int:
     if args.command == "check-config":
         print(f"{args.config or os.environ.get('DICOM_NODE_CONFIG')}: OK")
         return EXIT_OK
@@ -69,19 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(config)
     if args.command == "echo":
         return _echo(config, args.destination)
+    if args.command == "rules":
+        return ops.explain_rules(config, args.paths)
+    if args.command == "status":
+        return ops.status(config, args.limit, args.json)
+    if args.command == "retry":
+        return ops.retry(config, args.job_ids, args.dead_letter, args.failed)
     return _send(config, args.destination, args.paths)
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # pynetdicom logs every PDU and APScheduler every timer at INFO: keep their warnings.
-    quiet = max(logging.WARNING, logging.getLevelName(level))
-    for name in ("pynetdicom", "apscheduler"):
-        logging.getLogger(name).setLevel(quiet)
 
 
 def _destination(config: NodeConfig, name: str) -> tuple[str, int, str] | None:
@@ -109,18 +139,6 @@ def _echo(config: NodeConfig, name: str) -> int:
     return EXIT_OK
 
 
-def _collect(paths: Sequence[Path]) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
-    return files
-
-
 def _send(config: NodeConfig, name: str, paths: Sequence[Path]) -> int:
     from rich.progress import Progress
 
@@ -131,7 +149,7 @@ def _send(config: NodeConfig, name: str, paths: Sequence[Path]) -> int:
         return EXIT_USAGE
     host, port, ae_title = found
     try:
-        files, skipped = dicom_files(_collect(paths))
+        files, skipped = dicom_files(ops.collect_files(paths))
     except FileNotFoundError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE

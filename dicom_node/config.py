@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 SOURCE_DESTINATION = "source"
@@ -133,10 +141,20 @@ class AnalysisSection(_Section):
     workers: Annotated[int, Field(ge=1, le=16)] = 1
 
 
+class BasicAuth(_Section):
+    username: Annotated[str, Field(min_length=1)]
+    password: Annotated[SecretStr, Field(min_length=1)]
+
+
 class WebSection(_Section):
     host: str = "127.0.0.1"
     port: ListenPort = 8080
     enabled: bool = True
+    # Either protects everything but /healthz: "Authorization: Bearer TOKEN" or basic auth.
+    token: Annotated[SecretStr, Field(min_length=16)] | None = None
+    basic_auth: BasicAuth | None = None
+    refresh_seconds: Annotated[int, Field(ge=0, le=3600)] = 5  # dashboard auto-refresh; 0: off
+    echo_interval_seconds: Annotated[float, Field(gt=0)] = 30.0  # destination C-ECHO status
 
 
 class NodeConfig(_Section):
@@ -210,7 +228,7 @@ def parse_config(data: Any, source: str = "<config>") -> NodeConfig:
 def load_config(path: str | os.PathLike[str] | None) -> NodeConfig:
     """Read and validate a YAML config file (``DICOM_NODE_CONFIG`` when path is None).
 
-    Relative ``storage.path`` is resolved against the current directory at load time.
+    A relative ``storage.path`` is relative to the directory the node is started in.
     """
     if path is None:
         path = os.environ.get(CONFIG_ENV_VAR)

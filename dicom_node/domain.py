@@ -10,7 +10,7 @@ A job analyses one series for one route::
                   v           v
                 FAILED     DEAD_LETTER      (terminal; visible in logs and journal)
 
-    QUEUED/ANALYSING -> QUEUED      (restart while analysing: run again, same UIDs)
+    ANALYSING -> QUEUED             (restart while analysing: run again, same UIDs)
     QUEUED -> SUPERSEDED            (a newer job for the same series and route replaced it)
     FAILED -> QUEUED, DEAD_LETTER -> SENDING   (an operator's retry)
 

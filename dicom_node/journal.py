@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,15 @@ from dicom_node.domain import (
     job_state_after_deliveries,
 )
 
+# Bump when the tables change; a journal of another version is refused at start.
+SCHEMA_VERSION = 1
+
 metadata = sa.MetaData()
+
+
+class JournalSchemaError(Exception):
+    """The journal on disk was written by an incompatible version."""
+
 
 meta_table = sa.Table(
     "meta",
@@ -46,6 +54,7 @@ studies = sa.Table(
     sa.Column("last_received_at", sa.Float, nullable=False),
     sa.Column("completed_at", sa.Float),
     sa.Column("generation", sa.Integer, nullable=False, default=1),
+    sa.Column("details", sa.JSON, nullable=False, default=dict),  # display text, untrusted
 )
 series = sa.Table(
     "series",
@@ -55,6 +64,7 @@ series = sa.Table(
     sa.Column("series_uid", sa.String(64), nullable=False, unique=True),
     sa.Column("modality", sa.String(16), nullable=False),
     sa.Column("instance_count", sa.Integer, nullable=False, default=0),
+    sa.Column("details", sa.JSON, nullable=False, default=dict),  # display text, untrusted
 )
 instances = sa.Table(
     "instances",
@@ -126,6 +136,8 @@ class ReceivedInstance:
     size: int
     calling_aet: str
     received_at: float
+    study_details: dict[str, str] = field(default_factory=dict)
+    series_details: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -184,7 +196,18 @@ class Journal:
         self._write_lock = threading.Lock()
 
     def create(self) -> None:
+        """Create the tables of a new journal; refuse a journal of another schema version."""
         metadata.create_all(self._engine)
+        with self._write() as conn:
+            found = conn.scalar(sa.select(meta_table.c.value).where(meta_table.c.key == "schema"))
+            if found is None:
+                conn.execute(meta_table.insert().values(key="schema", value=str(SCHEMA_VERSION)))
+            elif found != str(SCHEMA_VERSION):
+                raise JournalSchemaError(
+                    f"journal {self.path} has schema version {found}; this dicom_node uses "
+                    f"version {SCHEMA_VERSION} (keep the old version running until its work is "
+                    "done, then start the new one on an empty storage.path)"
+                )
 
     def close(self) -> None:
         self._engine.dispose()
@@ -489,6 +512,39 @@ class Journal:
         with self._read() as conn:
             return list(conn.execute(sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)))
 
+    def studies_overview(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Recent studies, each with its series and jobs (for the dashboard and REST API)."""
+        with self._read() as conn:
+            query = sa.select(studies).order_by(studies.c.last_received_at.desc()).limit(limit)
+            study_rows = list(conn.execute(query))
+            ids = [row.id for row in study_rows]
+            series_rows = list(
+                conn.execute(
+                    sa.select(series).where(series.c.study_id.in_(ids)).order_by(series.c.id)
+                )
+            )
+            job_rows = list(
+                conn.execute(sa.select(jobs).where(jobs.c.study_id.in_(ids)).order_by(jobs.c.id))
+            )
+        out = []
+        for row in study_rows:
+            item = row._asdict()
+            item["series"] = [s._asdict() for s in series_rows if s.study_id == row.id]
+            item["jobs"] = [j._asdict() for j in job_rows if j.study_id == row.id]
+            out.append(item)
+        return out
+
+    def job_detail(self, job_id: int) -> dict[str, Any] | None:
+        """One job with its deliveries, or None."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one_or_none()
+            if row is None:
+                return None
+            found = conn.execute(sa.select(deliveries).where(deliveries.c.job_id == job_id))
+            item = row._asdict()
+            item["deliveries"] = [d._asdict() for d in found]
+            return item
+
     def study_instance_count(self, study_uid: str) -> int:
         with self._read() as conn:
             query = (
@@ -531,6 +587,7 @@ def _touch_study(
                 first_received_at=inst.received_at,
                 last_received_at=inst.received_at,
                 generation=1,
+                details=inst.study_details,
             )
         )
         return _inserted_id(result), False, True
@@ -554,6 +611,7 @@ def _touch_series(conn: Connection, study_id: int, inst: ReceivedInstance) -> in
                 series_uid=inst.series_uid,
                 modality=inst.modality,
                 instance_count=1,
+                details=inst.series_details,
             )
         )
         return _inserted_id(result)

@@ -13,19 +13,21 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, cast
 
 import pydicom
+from pydicom import uid
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeSection
 from dicom_node.journal import Journal, ReceivedInstance, Recorded
+from dicom_node.logs import log_context
 from dicom_node.store import Spool
 from dicom_node.web.metrics import Metrics
 
@@ -38,6 +40,23 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 CANNOT_DECODE = 0xC210
 UNEXPECTED_ERROR = 0xC211
+
+
+# Where a requestor offers several transfer syntaxes in one presentation context, the
+# acceptor chooses: uncompressed explicit VR first (as dcmtk's storescp does), then the
+# lossless compressions, then everything else pynetdicom knows (lossy, deflated, ...).
+PREFERRED_TRANSFER_SYNTAXES = (
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.JPEG2000Lossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLossless,
+    uid.RLELossless,
+    uid.JPEGLSLossless,
+)
+ACCEPTED_TRANSFER_SYNTAXES = list(PREFERRED_TRANSFER_SYNTAXES) + [
+    syntax for syntax in ALL_TRANSFER_SYNTAXES if syntax not in PREFERRED_TRANSFER_SYNTAXES
+]
 
 
 class Rejected(Exception):
@@ -58,12 +77,31 @@ class Header:
     study_uid: str
     series_uid: str
     modality: str
+    study_details: dict[str, str] = field(default_factory=dict)
+    series_details: dict[str, str] = field(default_factory=dict)
+
+
+# Shown on the dashboard and the REST API (never logged): untrusted text, kept short.
+STUDY_DETAILS = ("PatientName", "PatientID", "AccessionNumber", "StudyDescription", "StudyDate")
+SERIES_DETAILS = ("SeriesNumber", "SeriesDescription", "BodyPartExamined")
+DETAIL_MAX_CHARS = 128
+
+
+def _details(ds: pydicom.Dataset, keywords: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for keyword in keywords:
+        value = ds.get(keyword)
+        if value not in (None, ""):
+            out[keyword] = str(value)[:DETAIL_MAX_CHARS]
+    return out
 
 
 def parse_header(data: bytes, request_class: str, request_instance: str) -> Header:
     """Parse the UIDs from an encoded Part 10 stream and check them against the request."""
     try:
         ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        study_details = _details(ds, STUDY_DETAILS)
+        series_details = _details(ds, SERIES_DETAILS)
         values = {
             key: str(ds.get(key, "") or "").strip()
             for key in (
@@ -94,6 +132,8 @@ def parse_header(data: bytes, request_class: str, request_instance: str) -> Head
         values["StudyInstanceUID"],
         values["SeriesInstanceUID"],
         values["Modality"] or "OT",
+        study_details,
+        series_details,
     )
 
 
@@ -126,6 +166,11 @@ class Receiver:
         return str(host), int(port)
 
     @property
+    def active_associations(self) -> int:
+        server = self._server
+        return 0 if server is None else len(server.active_associations)
+
+    @property
     def running(self) -> bool:
         return self._server is not None
 
@@ -134,7 +179,9 @@ class Receiver:
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
-            (evt.EVT_REJECTED, _log_rejected),
+            (evt.EVT_REJECTED, self._rejected),
+            (evt.EVT_ACCEPTED, self._accepted),
+            (evt.EVT_ABORTED, self._aborted),
         ]
         server = ae.start_server(
             (self._config.host, self._config.port), block=False, evt_handlers=handlers
@@ -154,21 +201,22 @@ class Receiver:
             server.shutdown()
 
     def _handle_store(self, event: evt.Event) -> int:
-        calling = event.assoc.requestor.ae_title
-        try:
-            status = self._store(event, calling)
-        except Rejected as exc:
-            self._metrics.instances_rejected.labels(reason=_reason_label(exc.status)).inc()
-            log.warning(
-                "refused C-STORE from %s (status 0x%04X): %s", calling, exc.status, exc.reason
-            )
-            return exc.status
-        except Exception:
-            log.exception("unexpected error storing an instance from %s", calling)
-            self._metrics.instances_rejected.labels(reason="error").inc()
-            return UNEXPECTED_ERROR
-        log.debug("stored an instance from %s", calling)
-        return status
+        with log_context(calling_aet=event.assoc.requestor.ae_title):
+            calling = event.assoc.requestor.ae_title
+            try:
+                status = self._store(event, calling)
+            except Rejected as exc:
+                self._metrics.instances_rejected.labels(reason=_reason_label(exc.status)).inc()
+                log.warning(
+                    "refused C-STORE from %s (status 0x%04X): %s", calling, exc.status, exc.reason
+                )
+                return exc.status
+            except Exception:
+                log.exception("unexpected error storing an instance from %s", calling)
+                self._metrics.instances_rejected.labels(reason="error").inc()
+                return UNEXPECTED_ERROR
+            log.debug("stored an instance from %s", calling)
+            return status
 
     def _store(self, event: evt.Event, calling: str) -> int:
         request = cast(C_STORE, event.request)
@@ -192,6 +240,8 @@ class Receiver:
             size=len(data),
             calling_aet=calling,
             received_at=self._clock(),
+            study_details=header.study_details,
+            series_details=header.series_details,
         )
         try:
             recorded = self._journal.record_instance(received)
@@ -200,13 +250,25 @@ class Receiver:
             raise Rejected(OUT_OF_RESOURCES, f"cannot record the instance: {exc}") from exc
         if recorded.duplicate:
             self._spool.remove(relpath)
-            self._metrics.instances_duplicate.inc()
+            self._metrics.instances_duplicate.labels(calling_aet=calling).inc()
             log.info("instance already stored; acknowledged again (from %s)", calling)
             return SUCCESS
-        self._metrics.instances_received.inc()
-        self._metrics.bytes_received.inc(len(data))
+        self._metrics.instances_received.labels(calling_aet=calling).inc()
+        self._metrics.bytes_received.labels(calling_aet=calling).inc(len(data))
         self._on_recorded(recorded)
         return SUCCESS
+
+    def _accepted(self, event: evt.Event) -> None:
+        self._metrics.associations.labels(outcome="accepted").inc()
+        log.debug("association from %s accepted", event.assoc.requestor.ae_title)
+
+    def _aborted(self, event: evt.Event) -> None:
+        self._metrics.associations.labels(outcome="aborted").inc()
+        log.warning("association from %s aborted", event.assoc.requestor.ae_title)
+
+    def _rejected(self, event: evt.Event) -> None:
+        self._metrics.associations.labels(outcome="rejected").inc()
+        _log_rejected(event)
 
 
 def _make_ae(config: NodeSection) -> AE:
@@ -214,9 +276,9 @@ def _make_ae(config: NodeSection) -> AE:
     ae.maximum_associations = config.max_associations
     ae.require_calling_aet = list(config.allowed_calling_aets)
     ae.add_supported_context(Verification)
-    for context in StoragePresentationContexts:
+    for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
     return ae
 
 

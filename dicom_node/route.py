@@ -168,3 +168,99 @@ def _equal(value: object, expected: Scalar) -> bool:
         except (TypeError, ValueError):
             return False
     return str(value).strip() == str(expected).strip()
+
+
+# -- explaining a decision (``dicom-node rules explain``) ----------------------------------
+
+# Values of the Patient module (group 0010: name, ID, birth date, ...) never appear in reasons.
+_PATIENT_GROUP = 0x0010
+_SHOWN_CHARS = 64
+
+
+@dataclass(frozen=True)
+class RouteVerdict:
+    """One route against one series: whether it matches and, if not, every failing test."""
+
+    route: str
+    matches: bool
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SeriesExplanation:
+    """What :func:`plan_jobs` would decide for a series, with reasons."""
+
+    verdicts: tuple[RouteVerdict, ...]
+    matching: tuple[Route, ...]
+    skip: str | None  # why the series is not analysable, or None
+    jobs: tuple[str, ...]  # names of the routes that would create a job
+
+    @property
+    def verdict(self) -> str:
+        if self.jobs:
+            return "would create jobs for routes " + ", ".join(self.jobs)
+        if not self.matching:
+            return "nothing (no route matches)"
+        return f"nothing (not analysed: {self.skip})"
+
+
+def explain(routes: Sequence[Route], header: Dataset, instance_count: int) -> SeriesExplanation:
+    """Explain routing for one series, using the very tests :func:`rule_matches` uses.
+
+    Ignores jobs already done for the series (``plan_jobs``' ``previous``).
+    """
+    verdicts = tuple(_route_verdict(route, header) for route in routes)
+    matching = tuple(route for route, v in zip(routes, verdicts, strict=True) if v.matches)
+    skip = skip_reason(header, instance_count)
+    jobs = tuple(route.name for route in matching) if skip is None else ()
+    return SeriesExplanation(verdicts, matching, skip, jobs)
+
+
+def _route_verdict(route: Route, header: Dataset) -> RouteVerdict:
+    reasons = tuple(
+        why_not(keyword, test, header)
+        for keyword, test in route.when.items()
+        if not _test(keyword, test, header)
+    )
+    return RouteVerdict(route.name, not reasons, reasons)
+
+
+def why_not(keyword: str, test: Scalar | list[Scalar] | Condition, header: Dataset) -> str:
+    """Why ``test`` fails on ``header``'s ``keyword``, e.g. ``Modality: 'MR' is not 'CT'``."""
+    element = header.get(keyword)
+    values = [] if element is None else _values(element)
+    text = "\\".join(str(v) for v in values)
+    if isinstance(test, Condition) and test.present is False:
+        return f"{keyword}: {_shown(keyword, text)} is present (expected absent)"
+    if element is None:
+        return f"{keyword}: missing"
+    if not text.strip():
+        return f"{keyword}: empty"
+    return f"{keyword}: {_shown(keyword, text)} {_failed_test(test)}"
+
+
+def _failed_test(test: Scalar | list[Scalar] | Condition) -> str:
+    if isinstance(test, list):
+        return f"is not one of {test!r}"
+    if not isinstance(test, Condition):
+        return f"is not {test!r}"
+    if test.equals is not None:
+        return f"is not {test.equals!r}"
+    if test.one_of is not None:
+        return f"is not one of {test.one_of!r}"
+    if test.not_ is not None:
+        return f"is excluded by not: {test.not_!r}"
+    if test.contains is not None:
+        return f"does not contain {test.contains!r}"
+    return f"does not match regex {test.regex!r}"
+
+
+def _shown(keyword: str, text: str) -> str:
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is not None and tag >> 16 == _PATIENT_GROUP:
+        return "<patient data not shown>"
+    if len(text) > _SHOWN_CHARS:
+        text = text[:_SHOWN_CHARS] + "..."
+    return repr(text)

@@ -24,6 +24,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_node.config import SendingSection
 from dicom_node.domain import DeliveryState, backoff_seconds
 from dicom_node.journal import Journal, Row
+from dicom_node.logs import log_context
 from dicom_node.store import Spool
 from dicom_node.web.metrics import Metrics
 
@@ -226,19 +227,28 @@ class Sender:
 
     def attempt(self, delivery: Row) -> DeliveryState:
         """One attempt for one delivery; records SENT, a retry time or DEAD."""
-        job = self._journal.job(delivery.job_id)
-        paths = [
-            self._spool.path(self._spool.result_relpath(job.id, kind)) for kind in ("seg", "sr")
-        ]
-        peer = Peer(delivery.ae_title, delivery.host, delivery.port)
-        try:
-            store_files(self._calling_aet, peer, paths, timeout=self._settings.timeout_seconds)
-        except Exception as exc:
-            return self._failed(delivery, exc)
-        self._journal.delivery_attempted(delivery.id, DeliveryState.SENT, self._clock())
-        self._metrics.sends.labels(destination=delivery.destination, outcome="sent").inc()
-        log.info("job %d: results sent to %s", job.id, delivery.destination)
-        return DeliveryState.SENT
+        with log_context(job_id=delivery.job_id):
+            job = self._journal.job(delivery.job_id)
+            paths = [
+                self._spool.path(self._spool.result_relpath(job.id, kind)) for kind in ("seg", "sr")
+            ]
+            peer = Peer(delivery.ae_title, delivery.host, delivery.port)
+            try:
+                store_files(self._calling_aet, peer, paths, timeout=self._settings.timeout_seconds)
+            except Exception as exc:
+                return self._failed(delivery, exc)
+            self._journal.delivery_attempted(delivery.id, DeliveryState.SENT, self._clock())
+            self._metrics.sends.labels(destination=delivery.destination, outcome="sent").inc()
+            log.info("job %d: results sent to %s", job.id, delivery.destination)
+            self._observe_send_stage(job.id)
+            return DeliveryState.SENT
+
+    def _observe_send_stage(self, job_id: int) -> None:
+        job = self._journal.job(job_id)
+        if job.finished_at is not None and job.analysed_at is not None:
+            self._metrics.stage_seconds.labels(stage="send").observe(
+                job.finished_at - job.analysed_at
+            )
 
     def _failed(self, delivery: Row, exc: Exception) -> DeliveryState:
         attempt = delivery.attempts + 1

@@ -23,6 +23,7 @@ from dicom_node.encode.seg import build_seg
 from dicom_node.encode.sr import build_sr
 from dicom_node.encode.types import Equipment, ResultUIDs
 from dicom_node.journal import DeliverySpec, Journal, Row
+from dicom_node.logs import log_context
 from dicom_node.store import Spool
 from dicom_node.web.metrics import Metrics
 
@@ -96,21 +97,21 @@ class Worker:
         return True
 
     def run_job(self, job: Row) -> None:
-        started = time.monotonic()
-        try:
-            self._analyse(job)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            log.error("job %d (%s): analysis failed: %s", job.id, job.pipeline, reason)
-            log.debug("job %d traceback", job.id, exc_info=True)
-            self._journal.job_failed(job.id, reason, self._clock())
-            self._metrics.jobs_finished.labels(pipeline=job.pipeline, outcome="failed").inc()
-            return
-        elapsed = time.monotonic() - started
-        self._metrics.analysis_seconds.labels(pipeline=job.pipeline).observe(elapsed)
-        self._metrics.jobs_finished.labels(pipeline=job.pipeline, outcome="ok").inc()
-        log.info("job %d (%s): analysed in %.1f s", job.id, job.pipeline, elapsed)
-        self._on_results()
+        with log_context(job_id=job.id, study_id=job.study_id):
+            started = time.monotonic()
+            try:
+                self._analyse(job)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                log.error("job %d (%s): analysis failed: %s", job.id, job.pipeline, reason)
+                log.debug("job %d traceback", job.id, exc_info=True)
+                self._journal.job_failed(job.id, reason, self._clock())
+                self._metrics.jobs_finished.labels(pipeline=job.pipeline, outcome="failed").inc()
+                return
+            elapsed = time.monotonic() - started
+            self._metrics.jobs_finished.labels(pipeline=job.pipeline, outcome="ok").inc()
+            log.info("job %d (%s): analysed in %.1f s", job.id, job.pipeline, elapsed)
+            self._on_results()
 
     def _analyse(self, job: Row) -> None:
         _, study, _ = self._journal.job_context(job.id)
@@ -125,6 +126,8 @@ class Worker:
         self._spool.write_atomic(self._spool.result_relpath(job.id, "seg"), _encode(seg))
         self._spool.write_atomic(self._spool.result_relpath(job.id, "sr"), _encode(sr))
         timings = (analysed - started, time.monotonic() - analysed)
+        self._metrics.stage_seconds.labels(stage="analyse").observe(timings[0])
+        self._metrics.stage_seconds.labels(stage="encode").observe(timings[1])
         specs = [self._delivery(name, study.calling_aet) for name in job.send_to]
         self._journal.job_analysed(job.id, specs, self._clock(), timings)
 

@@ -244,3 +244,15 @@ def test_operator_retry_of_failed_and_dead_letter_jobs(harness: Harness) -> None
         harness.journal.retry_job(job.id, harness.clock.now)  # sending: nothing to retry
     with pytest.raises(LookupError):
         harness.journal.retry_job(9999, harness.clock.now)
+
+
+def test_a_journal_of_another_schema_version_is_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.journal import JournalSchemaError
+
+    Harness(tmp_path / "var", Clock()).journal.close()
+    with sqlite3.connect(tmp_path / "var" / "journal.sqlite") as db:
+        db.execute("UPDATE meta SET value = '0' WHERE key = 'schema'")
+    with pytest.raises(JournalSchemaError, match="has schema version 0; this dicom_node uses"):
+        Journal(tmp_path / "var" / "journal.sqlite").create()

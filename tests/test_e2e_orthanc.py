@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from io import BytesIO
 from pathlib import Path
@@ -71,10 +72,24 @@ def test_orthanc_study_comes_back_with_seg_and_sr(tmp_path: Path) -> None:
                 f"SEG and SR in Orthanc; node log:\n{node.log()[-3000:]}",
             )
             web_port = settings["web"]["port"]
+            status_url = f"http://{LOCALHOST}:{web_port}/api/status"
+            wait_until(
+                lambda: (
+                    json.load(urllib.request.urlopen(status_url, timeout=5))["jobs"] == {"done": 1}
+                ),
+                30,
+                0.2,
+                "the job to be done (sender recorded the delivery)",
+            )
             health = urllib.request.urlopen(f"http://{LOCALHOST}:{web_port}/healthz", timeout=5)
             assert health.status == 200
             metrics = urllib.request.urlopen(f"http://{LOCALHOST}:{web_port}/metrics", timeout=5)
-            assert "dicom_node_instances_received_total 64.0" in metrics.read().decode()
+            exposition = metrics.read().decode()
+            assert 'dicom_node_instances_received_total{calling_aet="ORTHANC"} 64.0' in exposition
+            assert 'dicom_node_associations_total{outcome="accepted"}' in exposition
+            for stage in ("receive", "wait", "analyse", "encode", "send"):
+                assert f'dicom_node_stage_seconds_count{{stage="{stage}"}} 1.0' in exposition
+            assert 'dicom_node_jobs{state="done"} 1.0' in exposition
         assert len(segs) == 1 and len(srs) == 1
 
         seg_bytes = pacs.get_instance_file(segs[0]["ID"])

@@ -62,7 +62,8 @@ def test_pynetdicom_store_keeps_the_dataset_as_received(node: Node) -> None:
     for original in originals:
         ds = pydicom.dcmread(original)
         copy = pydicom.dcmread(stored[ds.SOPInstanceUID])
-        assert copy.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        # negotiated: explicit VR preferred over the implicit VR of the source files
+        assert copy.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert copy.PixelData == ds.PixelData
         assert copy.PatientPosition == "FFS"
     # paths are our own ids, never a received UID
@@ -122,7 +123,7 @@ def test_bad_input_is_refused_with_matching_status(
         tmp_path / "missing.dcm", CTImageStorage, good.SOPInstanceUID, _implicit_body(no_study)
     )
     other_uid = _raw_file(tmp_path / "uid.dcm", CTImageStorage, uid, _implicit_body(good))
-    with association(node) as assoc:
+    with association(node, syntaxes=[ImplicitVRLittleEndian]) as assoc:
         garbage_status = assoc.send_c_store(garbage).Status
         mismatch_status = assoc.send_c_store(mismatch).Status
         missing_status = assoc.send_c_store(missing).Status
@@ -200,3 +201,22 @@ def test_disk_full_answers_out_of_resources_and_leaves_no_partial_file(tmp_path:
             assert len(_stored_files(node)) == 1
     finally:
         subprocess.run(["umount", "-l", str(storage)], check=False)
+
+
+def test_negotiation_prefers_explicit_vr_and_accepts_every_storage_class(node: Node) -> None:
+    from pynetdicom.sop_class import ParametricMapStorage  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="TESTSCU")
+    offered = ["1.2.840.10008.1.2.4.90", ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    ae.add_requested_context(CTImageStorage, offered)
+    ae.add_requested_context(ParametricMapStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate(LOCALHOST, _port(node), ae_title="AINODE")
+    assert assoc.is_established
+    try:
+        accepted = {cx.abstract_syntax: cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+    finally:
+        assoc.release()
+    assert accepted == {
+        CTImageStorage: ExplicitVRLittleEndian,
+        ParametricMapStorage: ExplicitVRLittleEndian,
+    }

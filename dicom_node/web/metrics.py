@@ -1,12 +1,20 @@
-"""Prometheus metrics, in a registry owned by the node (nothing global)."""
+"""Prometheus metrics, in a registry owned by the node (nothing global).
+
+Counters are updated where things happen; journal counts, queue depths,
+active associations and GPU memory are read at scrape time.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+STAGES = ("receive", "wait", "analyse", "encode", "send")
+STAGE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 class Metrics:
@@ -14,24 +22,38 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.instances_received = Counter(
-            "dicom_node_instances_received", "New instances stored", registry=r
+            "dicom_node_instances_received",
+            "New instances stored, by calling AE title",
+            ["calling_aet"],
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "dicom_node_received_bytes",
+            "Bytes of stored instances, by calling AE title",
+            ["calling_aet"],
+            registry=r,
         )
         self.instances_duplicate = Counter(
             "dicom_node_instances_duplicate",
-            "Instances received again and acknowledged",
+            "Instances received again and acknowledged without storing",
+            ["calling_aet"],
             registry=r,
         )
         self.instances_rejected = Counter(
             "dicom_node_instances_rejected", "C-STORE requests refused", ["reason"], registry=r
         )
-        self.bytes_received = Counter(
-            "dicom_node_received_bytes", "Bytes of stored instances", registry=r
+        self.associations = Counter(
+            "dicom_node_associations",
+            "Associations requested of the node, by outcome",
+            ["outcome"],
+            registry=r,
         )
-        self.analysis_seconds = Histogram(
-            "dicom_node_analysis_seconds",
-            "Time to load, analyse and encode one series",
-            ["pipeline"],
-            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+        self.stage_seconds = Histogram(
+            "dicom_node_stage_seconds",
+            "Time spent per stage: receive (first to last instance), wait (idle window),"
+            " analyse, encode, send (results written to all destinations settled)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
             registry=r,
         )
         self.jobs_finished = Counter(
@@ -39,14 +61,44 @@ class Metrics:
         )
         self.sends = Counter(
             "dicom_node_send_attempts",
-            "C-STORE send attempts",
+            "C-STORE send attempts of results, by destination and outcome",
             ["destination", "outcome"],
             registry=r,
         )
 
     def watch_journal(self, counts: Callable[[], dict[str, dict[str, int]]]) -> None:
-        """Export the journal's counts by state as gauges, read at scrape time."""
+        """Export the journal's counts by state (and the queue depths) at scrape time."""
         self.registry.register(_JournalCollector(counts))
+
+    def watch_associations(self, active: Callable[[], int]) -> None:
+        self.registry.register(
+            _GaugeCollector("dicom_node_associations_active", "Associations open right now", active)
+        )
+
+    def watch_gpu(self) -> None:
+        """GPU memory held by torch, where torch is loaded and CUDA is in use."""
+        self.registry.register(
+            _GaugeCollector(
+                "dicom_node_gpu_memory_bytes", "GPU memory allocated by torch", _gpu_memory
+            )
+        )
+
+
+def _gpu_memory() -> int:
+    torch = sys.modules.get("torch")  # never import torch for a scrape
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0
+    return int(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())))
+
+
+class _GaugeCollector(Collector):
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self._name, self._documentation, value=self._read())
 
 
 class _JournalCollector(Collector):
@@ -64,6 +116,14 @@ class _JournalCollector(Collector):
             for state, count in sorted(counts.get(kind, {}).items()):
                 family.add_metric([state], count)
             yield family
+        queues = GaugeMetricFamily(
+            "dicom_node_queue_depth",
+            "Work waiting: queued analyses, pending deliveries",
+            labels=["queue"],
+        )
+        queues.add_metric(["analysis"], counts.get("jobs", {}).get("queued", 0))
+        queues.add_metric(["delivery"], counts.get("deliveries", {}).get("pending", 0))
+        yield queues
         yield GaugeMetricFamily(
             "dicom_node_instances_stored",
             "Instances in the journal",

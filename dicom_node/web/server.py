@@ -1,35 +1,82 @@
-"""HTTP: ``/healthz``, ``/metrics`` (Prometheus), ``/`` (dashboard), ``/api/...``.
+"""HTTP: ``/healthz``, ``/metrics`` (Prometheus), ``/`` (dashboard) and the REST API.
 
-A stdlib threading HTTP server: the node needs a handful of read-only pages,
-not a web framework.
+A stdlib threading HTTP server: the node serves a handful of pages, not a web
+application. Everything but ``/healthz`` is behind ``web.token`` (Bearer) or
+``web.basic_auth`` when either is configured. See :data:`OPENAPI` for the API.
 """
 
 from __future__ import annotations
 
-import html
+import base64
+import hmac
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dicom_node.config import NodeConfig
+from dicom_node.domain import IllegalTransition, JobState
 from dicom_node.journal import Journal
+from dicom_node.web import dashboard
+from dicom_node.web.echo import DestinationMonitor
 from dicom_node.web.metrics import Metrics
+from dicom_node.web.openapi import OPENAPI
 
 log = logging.getLogger(__name__)
+
+Response = tuple[int, str, bytes]
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    params: tuple[str, ...] = ()
 
 
 class WebServer:
     def __init__(
-        self, host: str, port: int, journal: Journal, metrics: Metrics, healthy: Callable[[], bool]
+        self,
+        config: NodeConfig,
+        journal: Journal,
+        metrics: Metrics,
+        monitor: DestinationMonitor,
+        healthy: Callable[[], bool],
+        on_retry: Callable[[], None],
+        clock: Callable[[], float],
     ) -> None:
+        self._config = config
         self._journal = journal
         self._metrics = metrics
+        self._monitor = monitor
         self._healthy = healthy
-        self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
+        self._on_retry = on_retry
+        self._clock = clock
+        self._routes: list[tuple[str, re.Pattern[str], Callable[[Request], Response]]] = [
+            ("GET", re.compile(r"/healthz"), self._healthz),
+            ("GET", re.compile(r"/metrics"), self._metrics_page),
+            ("GET", re.compile(r"/"), self._dashboard),
+            ("POST", re.compile(r"/jobs/(\d+)/retry"), self._retry_form),
+            ("GET", re.compile(r"/api/openapi.json"), lambda _r: _json(OPENAPI)),
+            ("GET", re.compile(r"/api/status"), lambda _r: _json(self._journal.state_counts())),
+            ("GET", re.compile(r"/api/studies"), self._api_studies),
+            ("GET", re.compile(r"/api/jobs"), self._api_jobs),
+            ("GET", re.compile(r"/api/jobs/(\d+)"), self._api_job),
+            ("POST", re.compile(r"/api/jobs/(\d+)/retry"), self._api_retry),
+            ("GET", re.compile(r"/api/destinations"), self._api_destinations),
+            ("GET", re.compile(r"/api/config"), lambda _r: _json(self._public_config())),
+        ]
+        web = config.web
+        self._httpd = ThreadingHTTPServer((web.host, web.port), self._handler_class())
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -39,11 +86,13 @@ class WebServer:
         return str(host), int(port)
 
     def start(self) -> None:
+        self._monitor.start()
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="web", daemon=True)
         self._thread.start()
         log.info("web on http://%s:%d", *self.address)
 
     def stop(self) -> None:
+        self._monitor.stop()
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread = None
@@ -54,80 +103,165 @@ class WebServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                server._dispatch(self)
+                server._dispatch(self, "GET")
+
+            def do_POST(self) -> None:  # noqa: N802
+                server._dispatch(self, "POST")
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 log.debug("http %s", format % args)
 
         return Handler
 
-    def _dispatch(self, request: BaseHTTPRequestHandler) -> None:
-        path = request.path.split("?", 1)[0]
-        routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
-            "/healthz": self._healthz,
-            "/metrics": self._metrics_page,
-            "/": self._dashboard,
-            "/api/status": self._api_status,
-            "/api/studies": self._api_studies,
-            "/api/jobs": self._api_jobs,
-        }
-        page = routes.get(path)
-        try:
-            status, content_type, body = page() if page else (404, "text/plain", b"not found\n")
-        except Exception:
-            log.exception("error serving %s", path)
-            status, content_type, body = 500, "text/plain", b"internal error\n"
-        request.send_response(status)
-        request.send_header("Content-Type", content_type)
-        request.send_header("Content-Length", str(len(body)))
-        request.end_headers()
-        request.wfile.write(body)
+    def _dispatch(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        path, _, query = handler.path.partition("?")
+        request = Request(
+            method, path, _parse_query(query), {k.lower(): v for k, v in handler.headers.items()}
+        )
+        status, content_type, body = self._respond(request)
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("X-Content-Type-Options", "nosniff")
+        handler.send_header(
+            "Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'"
+        )
+        if status == 401:
+            handler.send_header("WWW-Authenticate", 'Basic realm="dicom_node"')
+        if status == 303:
+            handler.send_header("Location", "/")
+        handler.end_headers()
+        handler.wfile.write(body)
 
-    def _healthz(self) -> tuple[int, str, bytes]:
+    def _respond(self, request: Request) -> Response:
+        if request.path != "/healthz" and not self._authorised(request.headers):
+            return 401, "text/plain", b"authentication required\n"
+        for method, pattern, view in self._routes:
+            match = pattern.fullmatch(request.path)
+            if match and method == request.method:
+                try:
+                    return view(replace(request, params=match.groups()))
+                except Exception:
+                    log.exception("error serving %s %s", request.method, request.path)
+                    return 500, "text/plain", b"internal error\n"
+        return 404, "text/plain", b"not found\n"
+
+    def _authorised(self, headers: dict[str, str]) -> bool:
+        web = self._config.web
+        if web.token is None and web.basic_auth is None:
+            return True
+        given = headers.get("authorization", "")
+        if web.token is not None and hmac.compare_digest(
+            given.encode(), f"Bearer {web.token.get_secret_value()}".encode()
+        ):
+            return True
+        if web.basic_auth is not None:
+            pair = f"{web.basic_auth.username}:{web.basic_auth.password.get_secret_value()}"
+            expected = "Basic " + base64.b64encode(pair.encode()).decode()
+            return hmac.compare_digest(given.encode(), expected.encode())
+        return False
+
+    # -- pages ----------------------------------------------------------------
+
+    def _healthz(self, _request: Request) -> Response:
         if self._healthy():
             return 200, "text/plain", b"ok\n"
         return 503, "text/plain", b"not accepting associations\n"
 
-    def _metrics_page(self) -> tuple[int, str, bytes]:
+    def _metrics_page(self, _request: Request) -> Response:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self._metrics.registry)
 
-    def _api_status(self) -> tuple[int, str, bytes]:
-        return _json(self._journal.state_counts())
-
-    def _api_studies(self) -> tuple[int, str, bytes]:
-        rows = self._journal.recent_studies()
-        return _json([_public(row._asdict()) for row in rows])
-
-    def _api_jobs(self) -> tuple[int, str, bytes]:
-        rows = self._journal.recent_jobs()
-        return _json([_public(row._asdict()) for row in rows])
-
-    def _dashboard(self) -> tuple[int, str, bytes]:
-        counts = self._journal.state_counts()
-        jobs = self._journal.recent_jobs(limit=25)
-        rows = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in cells) + "</tr>"
-            for cells in (
-                (j.id, j.study_id, j.series_id, j.route, j.pipeline, j.state, j.error or "")
-                for j in jobs
-            )
+    def _dashboard(self, _request: Request) -> Response:
+        problems = self._journal.jobs_in_state(JobState.FAILED) + self._journal.jobs_in_state(
+            JobState.DEAD_LETTER
         )
-        summary = "".join(
-            f"<li>{html.escape(kind)}: {html.escape(json.dumps(value))}</li>"
-            for kind, value in counts.items()
+        page = dashboard.render(
+            counts=self._journal.state_counts(),
+            studies=self._journal.studies_overview(limit=50),
+            problems=[
+                self._journal.job_detail(row.id) or {}
+                for row in sorted(problems, key=lambda r: -r.id)
+            ],
+            destinations=self._monitor.status(),
+            config=self._public_config(),
+            refresh_seconds=self._config.web.refresh_seconds,
+            now=self._clock(),
         )
-        body = (
-            "<!doctype html><html><head><meta charset='utf-8'><title>dicom_node</title></head>"
-            f"<body><h1>dicom_node</h1><ul>{summary}</ul><h2>Recent jobs</h2>"
-            "<table border='1'><tr><th>job</th><th>study</th><th>series</th><th>route</th>"
-            f"<th>pipeline</th><th>state</th><th>error</th></tr>{rows}</table></body></html>"
+        return 200, "text/html; charset=utf-8", page.encode()
+
+    def _retry_form(self, request: Request) -> Response:
+        if not _same_origin(request.headers):
+            return 403, "text/plain", b"cross-site request refused\n"
+        status, _, body = self._api_retry(request)
+        return (303, "text/plain", b"") if status == 200 else (status, JSON, body)
+
+    # -- REST API -------------------------------------------------------------
+
+    def _api_studies(self, request: Request) -> Response:
+        return _json(self._journal.studies_overview(limit=_limit(request)))
+
+    def _api_jobs(self, request: Request) -> Response:
+        state = request.query.get("state")
+        if state is not None:
+            try:
+                rows = self._journal.jobs_in_state(JobState(state), limit=_limit(request))
+            except ValueError:
+                known = ", ".join(s.value for s in JobState)
+                return _json({"error": f"unknown state {state!r} (known: {known})"}, 400)
+        else:
+            rows = self._journal.recent_jobs(limit=_limit(request))
+        return _json([row._asdict() for row in rows])
+
+    def _api_job(self, request: Request) -> Response:
+        detail = self._journal.job_detail(int(request.params[0]))
+        return _json(detail) if detail is not None else _json({"error": "no such job"}, 404)
+
+    def _api_retry(self, request: Request) -> Response:
+        job_id = int(request.params[0])
+        try:
+            outcome = self._journal.retry_job(job_id, self._clock())
+        except LookupError:
+            return _json({"error": f"no job {job_id}"}, 404)
+        except IllegalTransition as exc:
+            return _json({"error": f"job {job_id} cannot be retried: {exc}"}, 409)
+        log.info("job %d: retry requested over HTTP: %s", job_id, outcome)
+        self._on_retry()
+        return _json({"job": job_id, "outcome": outcome})
+
+    def _api_destinations(self, _request: Request) -> Response:
+        return _json(
+            {
+                name: None if status is None else status.__dict__
+                for name, status in self._monitor.status().items()
+            }
         )
-        return 200, "text/html; charset=utf-8", body.encode()
+
+    def _public_config(self) -> dict[str, Any]:
+        """The effective configuration; secrets come out as '**********'."""
+        return self._config.model_dump(mode="json", exclude_none=True, by_alias=True)
 
 
-def _public(row: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in row.items() if key != "relpath"}
+def _parse_query(query: str) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(query))
 
 
-def _json(value: Any) -> tuple[int, str, bytes]:
-    return 200, "application/json", json.dumps(value, default=str).encode()
+def _limit(request: Request) -> int:
+    try:
+        return max(1, min(500, int(request.query.get("limit", "50"))))
+    except ValueError:
+        return 50
+
+
+def _same_origin(headers: dict[str, str]) -> bool:
+    """A browser form post must come from our own pages (no cross-site retry clicks)."""
+    origin = headers.get("origin") or headers.get("referer")
+    if not origin:
+        return True  # not a browser cross-site request
+    host = headers.get("host", "")
+    return re.match(rf"https?://{re.escape(host)}(/|$)", origin) is not None
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return status, JSON, json.dumps(value, default=str).encode()

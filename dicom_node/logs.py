@@ -1,0 +1,128 @@
+"""Logging set-up for the entry point, and ids that follow the work through the log.
+
+:func:`configure_logging` is the only place logging is configured (called by the CLI).
+:func:`log_context` sets ``study_id`` / ``job_id`` / ``calling_aet`` for every record
+emitted inside it, in this thread or task only (``contextvars``)::
+
+    with log_context(study_id=study.id, job_id=job.id):
+        log.info("analysing series %d", series_id)   # ... [study=3 job=12]
+
+A filter on the handler copies the ids onto each record; the text format appends
+`` [study=.. job=.. aet=..]``, the JSON format (one object per line) adds them as keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, TextIO
+
+LOG_FORMATS = ("text", "json")
+LOG_FORMAT_ENV_VAR = "DICOM_NODE_LOG_FORMAT"
+CONTEXT_KEYS = ("study_id", "job_id", "calling_aet")
+QUIET_LOGGERS = ("pynetdicom", "apscheduler")
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+_TEXT_LABELS = {"study_id": "study", "job_id": "job", "calling_aet": "aet"}
+_EMPTY: Mapping[str, object] = MappingProxyType({})
+# A ContextVar holds a separate, immutable value per thread/task; it is not shared state.
+_ids: ContextVar[Mapping[str, object]] = ContextVar("dicom_node_log_ids", default=_EMPTY)
+
+
+@contextmanager
+def log_context(**ids: object) -> Iterator[None]:
+    """Add ids (``study_id``, ``job_id``, ``calling_aet``) to records logged inside.
+
+    Nested contexts add to (and may override) the outer ids; leaving one restores the
+    outer ids. ``None`` values are ignored.
+    """
+    unknown = sorted(set(ids) - set(CONTEXT_KEYS))
+    if unknown:
+        raise ValueError(f"log_context: unknown id(s) {unknown}; known: {list(CONTEXT_KEYS)}")
+    merged = {**_ids.get(), **{k: v for k, v in ids.items() if v is not None}}
+    token = _ids.set(MappingProxyType(merged))
+    try:
+        yield
+    finally:
+        _ids.reset(token)
+
+
+def current_ids() -> Mapping[str, object]:
+    """The ids set by the enclosing :func:`log_context` blocks (read-only)."""
+    return _ids.get()
+
+
+class ContextFilter(logging.Filter):
+    """Copies the context ids onto each record (an id given via ``extra=`` wins)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _ids.get().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+def _record_ids(record: logging.LogRecord) -> dict[str, object]:
+    return {
+        key: getattr(record, key) for key in CONTEXT_KEYS if getattr(record, key, None) is not None
+    }
+
+
+class TextFormatter(logging.Formatter):
+    """The classic one-line format with `` [study=.. job=..]`` appended when set."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (stdlib name)
+        line = super().formatMessage(record)
+        ids = _record_ids(record)
+        if not ids:
+            return line
+        labels = " ".join(f"{_TEXT_LABELS[key]}={value}" for key, value in ids.items())
+        return f"{line} [{labels}]"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, the ids when set, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **_record_ids(record),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def make_handler(fmt: str = "text", stream: TextIO | None = None) -> logging.Handler:
+    """A stream handler (stderr by default) with the format and the context filter."""
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format {fmt!r} is not one of {list(LOG_FORMATS)}")
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(ContextFilter())
+    return handler
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Configure the root logger once, from the entry point; replaces earlier handlers."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"log level {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    logging.basicConfig(level=numeric, handlers=[make_handler(fmt)], force=True)
+    # pynetdicom logs every PDU and APScheduler every timer at INFO: keep their warnings.
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, numeric))

@@ -1,0 +1,202 @@
+"""The dashboard in a real browser (Debian's headless chromium), the REST API and web auth."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pydicom
+from nodes import node_settings, running_node
+from peers import GE_3SLICE, LOCALHOST, REPO_ROOT, Storescp, require_tools, tool_path, wait_until
+from pydicom.uid import generate_uid
+from test_worker import send
+
+ARTIFACTS = REPO_ROOT / ".artifacts"
+HOSTILE_NAME = "<script>document.title='pwned'</script>"
+HOSTILE_DESCRIPTION = "<img src=x onerror=alert(1)>Chest"
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def post(url: str, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(url, data=b"", method="POST", headers=headers)
+    opener = urllib.request.build_opener(NoRedirect())
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def hostile_study() -> list[pydicom.Dataset]:
+    datasets = [pydicom.dcmread(p) for p in sorted(GE_3SLICE.glob("*.dcm"))]
+    for ds in datasets:
+        ds.PatientName = HOSTILE_NAME
+        ds.StudyDescription = HOSTILE_DESCRIPTION
+    return datasets
+
+
+def another_study(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    study, series = generate_uid(), generate_uid()
+    copies = []
+    for ds in datasets:
+        new = copy.deepcopy(ds)
+        new.StudyInstanceUID, new.SeriesInstanceUID = study, series
+        new.SOPInstanceUID = new.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        new.PatientName = "Other^Patient"
+        copies.append(new)
+    return copies
+
+
+def chromium(url: str, *args: str, user_data: Path) -> str:
+    command = [
+        tool_path("chromium"),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={user_data}",
+        *args,
+        url,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def processed_node(tmp_path: Path, scp: Storescp) -> dict:
+    return node_settings(
+        tmp_path / "var",
+        destinations={"archive": {"ae_title": scp.aet, "host": LOCALHOST, "port": scp.port}},
+        routes=[
+            {
+                "name": "chest",
+                "when": {"Modality": "CT", "PatientName": {"not": "Other^Patient"}},
+                "pipeline": "ct-chest",
+                "send_to": ["archive"],
+            },
+            {
+                "name": "back",
+                "when": {"PatientName": "Other^Patient"},
+                "pipeline": "ct-chest",
+                "send_to": ["source"],
+            },
+        ],
+        web={"refresh_seconds": 0, "echo_interval_seconds": 0.5},
+    )
+
+
+def test_dashboard_in_a_browser(tmp_path: Path) -> None:
+    require_tools("chromium", "storescp", "echoscu")
+    with Storescp(tmp_path / "scp") as scp, running_node(processed_node(tmp_path, scp)) as node:
+        base = f"http://{LOCALHOST}:{node.web.address[1]}" if node.web else ""
+        hostile = hostile_study()
+        assert send(node, hostile) == [0, 0, 0]
+        assert send(node, another_study(hostile), calling="NOWHERE") == [0, 0, 0]
+        jobs = wait_until(lambda: _settled(base), 180, 0.3, "both studies to settle")
+        wait_until(
+            lambda: json.loads(get(f"{base}/api/destinations")[1])["archive"], 30, 0.2, "an echo"
+        )
+        dom = chromium(base + "/", "--dump-dom", user_data=tmp_path / "chrome")
+        ARTIFACTS.mkdir(exist_ok=True)
+        screenshot = ARTIFACTS / "dashboard.png"
+        screenshot.unlink(missing_ok=True)
+        chromium(
+            base + "/",
+            f"--screenshot={screenshot}",
+            "--window-size=1400,1300",
+            user_data=tmp_path / "chrome",
+        )
+        _check_what_a_person_sees(dom, jobs)
+        assert screenshot.stat().st_size > 20_000
+        _check_retry_button(base, next(j for j in jobs if j["state"] == "dead_letter"))
+
+
+def _settled(base: str) -> list[dict] | None:
+    jobs = json.loads(get(f"{base}/api/jobs")[1])
+    states = sorted(job["state"] for job in jobs)
+    return jobs if states == ["dead_letter", "done"] else None
+
+
+def _check_what_a_person_sees(dom: str, jobs: list[dict]) -> None:
+    assert "<title>dicom_node</title>" in dom  # the hostile name did not run
+    assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom
+    assert "&lt;img src=x onerror=alert(1)&gt;Chest" in dom
+    assert "<img" not in dom and dom.count("<script") == 0
+    studies = dom[dom.index('id="studies"') : dom.index("</table>", dom.index('id="studies"'))]
+    assert studies.count("<tr>") == 3  # header + two studies
+    assert "NOWHERE" in studies and "complete" in studies
+    assert re.search(r"#\d+ chest: done", studies)
+    assert re.search(r"analyse \d+\.\d s / encode \d+\.\d s / send \d+\.\d s", studies)
+    problems = dom[dom.index('id="problems"') :]
+    dead = next(j for j in jobs if j["state"] == "dead_letter")
+    assert f'action="/jobs/{dead["id"]}/retry"' in problems
+    assert "source: no destination is configured with the sending AE title" in problems
+    assert "echo OK" in dom[dom.index('id="destinations"') :]
+    config = dom[dom.index('id="config"') :]
+    assert '"ae_title": "AINODE"' in config and '"not": "Other^Patient"' in config
+    assert "null" not in config
+
+
+def _check_retry_button(base: str, dead: dict) -> None:
+    url = f"{base}/jobs/{dead['id']}/retry"
+    assert post(url, {"Origin": "http://evil.example"}) == 403
+    before = json.loads(get(f"{base}/api/jobs/{dead['id']}")[1])["deliveries"][0]["updated_at"]
+    assert post(url, {"Origin": base}) == 303
+    wait_until(
+        lambda: (
+            (d := json.loads(get(f"{base}/api/jobs/{dead['id']}")[1]))["state"] == "dead_letter"
+            and d["deliveries"][0]["updated_at"] > before
+        ),
+        60,
+        0.2,
+        "the retried delivery to run out of attempts again",
+    )
+
+
+def test_web_auth_and_api(tmp_path: Path) -> None:
+    token = "s3cret-token-0123456789"
+    settings = node_settings(
+        tmp_path / "var",
+        web={"token": token, "basic_auth": {"username": "ops", "password": "pa55word"}},
+    )
+    with running_node(settings) as node:
+        assert node.web is not None
+        base = f"http://{LOCALHOST}:{node.web.address[1]}"
+        assert get(f"{base}/healthz")[0] == 200  # for load balancers, always open
+        for path in ("/", "/metrics", "/api/status", "/api/config"):
+            assert get(base + path)[0] == 401, path
+            assert get(base + path, {"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
+        bearer = {"Authorization": f"Bearer {token}"}
+        basic = {"Authorization": "Basic " + base64.b64encode(b"ops:pa55word").decode()}
+        assert get(f"{base}/api/status", basic)[0] == 200
+        status, body = get(f"{base}/api/config", bearer)
+        assert status == 200 and token.encode() not in body and b"pa55word" not in body
+        assert json.loads(body)["web"]["token"] == "**********"
+        spec = json.loads(get(f"{base}/api/openapi.json", bearer)[1])
+        assert "/api/jobs/{job_id}/retry" in spec["paths"]
+        assert get(f"{base}/api/jobs?state=nonsense", bearer)[0] == 400
+        assert get(f"{base}/api/jobs/999", bearer)[0] == 404
+        assert post(f"{base}/api/jobs/999/retry", bearer) == 404

@@ -1,0 +1,186 @@
+"""Log formats and the id context (dicom_node.logs), in-process and through the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from peers import LOCALHOST, free_port
+
+from dicom_node.logs import log_context, make_handler
+
+
+@pytest.fixture
+def captured() -> Iterator[tuple[logging.Logger, io.StringIO, logging.Handler]]:
+    """A private logger writing JSON lines to a buffer (the root logger is left alone)."""
+    stream = io.StringIO()
+    handler = make_handler("json", stream)
+    logger = logging.getLogger("dicom_node.test_logs")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield logger, stream, handler
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_lines_carry_ids_only_inside_the_context(captured) -> None:
+    logger, stream, _ = captured
+    logger.info("before %s", "any")
+    with log_context(study_id=3, calling_aet="SCANNER"):
+        logger.warning("stored %d of %d", 1, 2)
+        with log_context(job_id=12, study_id=4):
+            logger.info("nested")
+        logger.info("back")
+    logger.info("after")
+    before, stored, nested, back, after = lines(stream)
+    assert stored["msg"] == "stored 1 of 2"
+    assert stored["level"] == "WARNING" and stored["logger"] == "dicom_node.test_logs"
+    assert datetime.fromisoformat(str(stored["ts"])).utcoffset().total_seconds() == 0
+    assert (stored["study_id"], stored["calling_aet"]) == (3, "SCANNER")
+    assert "job_id" not in stored
+    assert (nested["study_id"], nested["job_id"], nested["calling_aet"]) == (4, 12, "SCANNER")
+    assert (back["study_id"], back["calling_aet"]) == (3, "SCANNER") and "job_id" not in back
+    for outside in (before, after):
+        assert not {"study_id", "job_id", "calling_aet", "exc"} & set(outside)
+
+
+def test_context_is_restored_after_an_exception_and_exceptions_are_serialised(captured) -> None:
+    logger, stream, _ = captured
+    with pytest.raises(RuntimeError), log_context(job_id=7):
+        try:
+            raise RuntimeError("decoder exploded")
+        except RuntimeError:
+            logger.exception("job failed")
+            raise
+    logger.error("outside")
+    failed, outside = lines(stream)
+    assert failed["job_id"] == 7 and failed["msg"] == "job failed"
+    assert "Traceback" in str(failed["exc"]) and "RuntimeError: decoder exploded" in failed["exc"]
+    assert "job_id" not in outside and "exc" not in outside
+
+
+def test_context_does_not_leak_into_other_threads(captured) -> None:
+    logger, stream, _ = captured
+    with log_context(study_id=1):
+        thread = threading.Thread(target=logger.info, args=("from a thread",))
+        thread.start()
+        thread.join()
+    (line,) = lines(stream)
+    assert "study_id" not in line
+
+
+def test_explicit_extra_wins_and_unknown_ids_are_refused(captured) -> None:
+    logger, stream, _ = captured
+    with log_context(job_id=1, study_id=None):
+        logger.info("explicit", extra={"job_id": 2})
+    (line,) = lines(stream)
+    assert line["job_id"] == 2 and "study_id" not in line
+    with pytest.raises(ValueError, match="patient_id"), log_context(patient_id="X"):
+        pass
+
+
+def test_text_format_appends_ids() -> None:
+    stream = io.StringIO()
+    handler = make_handler("text", stream)
+    record = logging.LogRecord("dicom_node.x", logging.INFO, __file__, 1, "sent %s", ("a",), None)
+    with log_context(study_id=5, job_id=9):
+        handler.handle(record)
+    plain = logging.LogRecord("dicom_node.x", logging.INFO, __file__, 1, "idle", (), None)
+    handler.handle(plain)
+    first, second = stream.getvalue().splitlines()
+    assert first.endswith("INFO    dicom_node.x: sent a [study=5 job=9]")
+    assert second.endswith("dicom_node.x: idle")
+    with pytest.raises(ValueError, match="'xml'"):
+        make_handler("xml")
+
+
+def run_cli(*args: str | Path, env_format: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DICOM_NODE_LOG_FORMAT"}
+    if env_format is not None:
+        env["DICOM_NODE_LOG_FORMAT"] = env_format
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def failed_job_config(tmp_path: Path) -> tuple[Path, int]:
+    """A journal with one failed job, and a config pointing at it."""
+    import time
+
+    from test_assemble import IDLE, Clock, Harness, ge_files
+
+    harness = Harness(tmp_path / "var", Clock(time.time()))
+    for path in ge_files():
+        harness.receive(path)
+    harness.clock.now += IDLE
+    harness.timers.fire_due(harness.clock.now)
+    job = harness.journal.claim_job(harness.clock.now)
+    assert job is not None
+    harness.journal.job_failed(job.id, "AnalysisError: no lungs", harness.clock.now)
+    harness.journal.close()
+    config = tmp_path / "node.yaml"
+    settings = {"node": {"ae_title": "AINODE"}, "storage": {"path": str(tmp_path / "var")}}
+    config.write_text(yaml.safe_dump(settings))
+    return config, job.id
+
+
+def test_cli_writes_json_log_lines_with_the_job_id(tmp_path: Path) -> None:
+    config, job_id = failed_job_config(tmp_path)
+    result = run_cli("--log-format", "json", "retry", "--config", config, str(job_id))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    audit = [r for r in records if r["logger"] == "dicom_node.ops"]
+    assert audit == [
+        {
+            "ts": audit[0]["ts"],
+            "level": "INFO",
+            "logger": "dicom_node.ops",
+            "msg": "operator retry: queued for analysis again",
+            "job_id": job_id,
+        }
+    ]
+
+
+def test_cli_log_format_from_environment_and_text_default(tmp_path: Path) -> None:
+    config, job_id = failed_job_config(tmp_path)
+    text = run_cli("retry", "--config", config, str(job_id))
+    assert text.returncode == 0, text.stderr
+    assert f"dicom_node.ops: operator retry: queued for analysis again [job={job_id}]" in (
+        text.stderr
+    )
+    bad = run_cli("status", "--config", config, env_format="xml")
+    assert bad.returncode == 2
+    assert "log format 'xml' is not one of ['text', 'json']" in bad.stderr
+    settings = {
+        "node": {"ae_title": "AINODE"},
+        "destinations": {"pacs": {"ae_title": "P", "host": LOCALHOST, "port": free_port()}},
+    }
+    config.write_text(yaml.safe_dump(settings))
+    refused = run_cli("echo", "--config", config, "pacs", env_format="json")
+    assert refused.returncode == 1
+    records = [json.loads(line) for line in refused.stderr.splitlines() if line.startswith("{")]
+    assert any(r["level"] == "ERROR" and r["logger"].startswith("pynetdicom") for r in records), (
+        refused.stderr
+    )
+    assert "echo pacs: FAILED" in refused.stderr  # the CLI's own message stays plain text
