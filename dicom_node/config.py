@@ -17,6 +17,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     field_validator,
@@ -47,12 +49,48 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MiB = 1024 * 1024
+
+
+class ServerTLS(_Section):
+    """DICOM TLS on the listener (PS3.15 B.9 / BCP 195): TLS 1.2 or newer."""
+
+    certificate: FilePath
+    private_key: FilePath
+    ca_bundle: FilePath | None = None  # CAs whose client certificates are trusted
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _client_certs_need_a_ca(self) -> ServerTLS:
+        if self.require_client_certificate and self.ca_bundle is None:
+            raise ValueError("require_client_certificate needs ca_bundle")
+        return self
+
+
+class ClientTLS(_Section):
+    """DICOM TLS to a destination."""
+
+    ca_bundle: FilePath | None = None  # None: the system's trusted CAs
+    certificate: FilePath | None = None  # our client certificate, if the peer wants one
+    private_key: FilePath | None = None
+    check_hostname: bool = True
+
+
 class NodeSection(_Section):
     ae_title: AETitle
     host: str = "127.0.0.1"
     port: ListenPort = 11112
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    check_called_aet: bool = True  # reject associations addressed to another AE title
+    allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list)  # empty: any source
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 32
+    max_connections: Annotated[int, Field(ge=1, le=10000)] = 64  # open sockets, held or not
+    max_associations_per_source: Annotated[int, Field(ge=1, le=1000)] = 8
+    max_pdu_bytes: Annotated[int, Field(ge=4096, le=64 * MiB)] = 1 * MiB  # advertised and enforced
+    max_instance_bytes: Annotated[int, Field(ge=MiB, le=8192 * MiB)] = 2048 * MiB
+    idle_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0  # per PDU, slow senders
+    accept_deflate: bool = False  # Deflated Explicit VR LE invites decompression bombs
+    tls: ServerTLS | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -64,6 +102,9 @@ class NodeSection(_Section):
 
 class StorageSection(_Section):
     path: Path = Path("./var")
+    # Below this much free space new instances are refused with 0xA700 (out of resources),
+    # before the disk is full; accepted again by itself once space returns.
+    min_free_bytes: Annotated[int, Field(ge=0)] = 1024 * MiB
 
 
 class CompletionSection(_Section):
@@ -74,6 +115,8 @@ class Destination(_Section):
     ae_title: AETitle
     host: str
     port: Port
+    tls: ClientTLS | None = None
+    storage_commitment: bool = False  # done only when N-EVENT-REPORT confirms every object
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -146,6 +189,13 @@ class BasicAuth(_Section):
     password: Annotated[SecretStr, Field(min_length=1)]
 
 
+class AuditSection(_Section):
+    """Append-only audit trail (JSON lines, PS3.15 A.5 event types)."""
+
+    enabled: bool = True
+    path: Path | None = None  # default: <storage.path>/audit.jsonl
+
+
 class WebSection(_Section):
     host: str = "127.0.0.1"
     port: ListenPort = 8080
@@ -164,6 +214,7 @@ class NodeConfig(_Section):
     destinations: dict[str, Destination] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
     sending: SendingSection = SendingSection()
+    audit: AuditSection = AuditSection()
     analysis: AnalysisSection = AnalysisSection()
     web: WebSection = WebSection()
 

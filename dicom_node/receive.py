@@ -221,6 +221,12 @@ class Receiver:
     def _store(self, event: evt.Event, calling: str) -> int:
         request = cast(C_STORE, event.request)
         data = event.encoded_dataset()
+        if len(data) > self._config.max_instance_bytes:
+            raise Rejected(
+                OUT_OF_RESOURCES,
+                f"instance of {len(data)} bytes exceeds node.max_instance_bytes"
+                f" ({self._config.max_instance_bytes})",
+            )
         header = parse_header(
             data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
         )
@@ -274,11 +280,19 @@ class Receiver:
 def _make_ae(config: NodeSection) -> AE:
     ae = AE(ae_title=config.ae_title)
     ae.maximum_associations = config.max_associations
+    ae.maximum_pdu_size = config.max_pdu_bytes
     ae.require_calling_aet = list(config.allowed_calling_aets)
+    ae.require_called_aet = config.check_called_aet
+    ae.network_timeout = config.idle_timeout_seconds
     ae.add_supported_context(Verification)
+    syntaxes = [
+        syntax
+        for syntax in ACCEPTED_TRANSFER_SYNTAXES
+        if config.accept_deflate or syntax != uid.DeflatedExplicitVRLittleEndian
+    ]
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
-        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        ae.add_supported_context(context.abstract_syntax, syntaxes)
     return ae
 
 
