@@ -19,12 +19,15 @@ from dicom_node.analysis.device import select_device
 from dicom_node.analysis.pipelines import build_pipeline
 from dicom_node.analysis.types import Pipeline
 from dicom_node.assemble import Assembler, SchedulerTimers
+from dicom_node.audit import AuditTrail
+from dicom_node.commit import Commitments
 from dicom_node.config import NodeConfig
 from dicom_node.encode.types import Equipment
 from dicom_node.journal import Journal, JournalSchemaError
 from dicom_node.receive import Receiver
 from dicom_node.send import Sender
 from dicom_node.store import Spool
+from dicom_node.tls import destination_tls
 from dicom_node.web.echo import DestinationMonitor
 from dicom_node.web.metrics import Metrics
 from dicom_node.web.server import WebServer
@@ -47,9 +50,12 @@ class Node:
     worker: Worker
     sender: Sender
     web: WebServer | None
+    audit: AuditTrail
 
     def start(self) -> None:
         """Open the journal, resume unfinished work, then start listening."""
+        self.audit.open()
+        self.audit.application("start", self.config.node.ae_title)
         self.spool.clear_tmp()
         resumed = self.journal.resume(time.time())
         if resumed:
@@ -75,11 +81,13 @@ class Node:
         if self.web is not None:
             self.web.stop()
         self.journal.close()
+        self.audit.application("stop", self.config.node.ae_title)
+        self.audit.close()
         log.info("stopped")
 
 
 def build_node(config: NodeConfig) -> Node:
-    spool = Spool(config.storage.path)
+    spool = Spool(config.storage.path, config.storage.min_free_bytes)
     spool.create()
     journal = Journal(spool.journal_path)
     journal.create()
@@ -98,7 +106,32 @@ def build_node(config: NodeConfig) -> Node:
         device_observer_uid=node_uid,
         software_version=__version__,
     )
-    sender = Sender(journal, spool, metrics, config.node.ae_title, config.sending, time.time)
+    audit_path = None
+    if config.audit.enabled:
+        audit_path = config.audit.path or spool.root / "audit.jsonl"
+    audit = AuditTrail(audit_path, time.time)
+    commitments = Commitments(
+        journal,
+        metrics,
+        config.node.ae_title,
+        config.destinations,
+        config.sending,
+        time.time,
+        on_retry=lambda: sender.wake(),
+        audit=audit,
+    )
+    sender = Sender(
+        journal,
+        spool,
+        metrics,
+        config.node.ae_title,
+        config.sending,
+        time.time,
+        commitments=commitments,
+        tls=destination_tls(config.destinations),
+        audit=audit,
+        destinations=config.destinations,
+    )
     worker = Worker(
         journal,
         spool,
@@ -122,7 +155,14 @@ def build_node(config: NodeConfig) -> Node:
         metrics=metrics,
     )
     receiver = Receiver(
-        config.node, spool, journal, metrics, time.time, on_recorded=assembler.instance_recorded
+        config.node,
+        spool,
+        journal,
+        metrics,
+        time.time,
+        on_recorded=assembler.instance_recorded,
+        audit=audit,
+        on_event_report=commitments.handle_report,
     )
     metrics.watch_associations(lambda: receiver.active_associations)
     web = None
@@ -138,7 +178,9 @@ def build_node(config: NodeConfig) -> Node:
         web = WebServer(
             config, journal, metrics, monitor, lambda: receiver.running, on_retry, time.time
         )
-    return Node(config, spool, journal, metrics, timers, assembler, receiver, worker, sender, web)
+    return Node(
+        config, spool, journal, metrics, timers, assembler, receiver, worker, sender, web, audit
+    )
 
 
 def _new_uid() -> str:

@@ -131,7 +131,7 @@ def _echo(config: NodeConfig, name: str) -> int:
         return EXIT_USAGE
     host, port, ae_title = found
     try:
-        echo(config.node.ae_title, Peer(ae_title, host, port))
+        echo(config.node.ae_title, Peer(ae_title, host, port, config.destinations[name].tls))
     except SendError as exc:
         print(f"echo {name}: FAILED: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -160,7 +160,7 @@ def _send(config: NodeConfig, name: str, paths: Sequence[Path]) -> int:
         try:
             store_files(
                 config.node.ae_title,
-                Peer(ae_title, host, port),
+                Peer(ae_title, host, port, config.destinations[name].tls),
                 files,
                 timeout=config.sending.timeout_seconds,
                 progress=lambda _path, _status: progress.advance(task),

@@ -177,6 +177,8 @@ class SendingSection(_Section):
     backoff_initial_seconds: Annotated[float, Field(gt=0)] = 2.0
     backoff_max_seconds: Annotated[float, Field(gt=0)] = 300.0
     timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # storage commitment: how long to wait for the N-EVENT-REPORT before retrying
+    commitment_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0
 
 
 class AnalysisSection(_Section):

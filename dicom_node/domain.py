@@ -17,6 +17,12 @@ A job analyses one series for one route::
 Each job has one delivery per destination::
 
     PENDING -> SENT | PENDING (retry later) | DEAD
+    PENDING -> COMMITTING -> SENT | PENDING (retry later) | DEAD
+
+A destination with ``storage_commitment`` takes the second path (PS3.4 Annex J):
+after the C-STOREs the delivery is COMMITTING until the peer's N-EVENT-REPORT
+confirms every object (SENT); a failure list or no report in time is a failed
+attempt like a failed C-STORE.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class JobState(enum.StrEnum):
 
 class DeliveryState(enum.StrEnum):
     PENDING = "pending"
+    COMMITTING = "committing"  # stored; waiting for the storage commitment report
     SENT = "sent"
     DEAD = "dead"
 
@@ -71,12 +78,18 @@ JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
 }
 
 DELIVERY_TRANSITIONS: Mapping[DeliveryState, frozenset[DeliveryState]] = {
-    DeliveryState.PENDING: frozenset({DeliveryState.SENT, DeliveryState.DEAD}),
+    DeliveryState.PENDING: frozenset(
+        {DeliveryState.SENT, DeliveryState.COMMITTING, DeliveryState.DEAD}
+    ),
+    DeliveryState.COMMITTING: frozenset(
+        {DeliveryState.SENT, DeliveryState.PENDING, DeliveryState.DEAD}
+    ),
     DeliveryState.SENT: frozenset(),
     DeliveryState.DEAD: frozenset({DeliveryState.PENDING}),  # operator-requested resend
 }
 
 UNFINISHED_JOB_STATES = frozenset({JobState.QUEUED, JobState.ANALYSING, JobState.SENDING})
+UNSETTLED_DELIVERY_STATES = frozenset({DeliveryState.PENDING, DeliveryState.COMMITTING})
 
 
 def check_study(current: StudyState, new: StudyState) -> StudyState:
@@ -98,8 +111,8 @@ def check_delivery(current: DeliveryState, new: DeliveryState) -> DeliveryState:
 
 
 def job_state_after_deliveries(states: list[DeliveryState]) -> JobState | None:
-    """The job's next state once its deliveries settle; None while any is pending."""
-    if not states or DeliveryState.PENDING in states:
+    """The job's next state once its deliveries settle; None while any is unsettled."""
+    if not states or any(s in UNSETTLED_DELIVERY_STATES for s in states):
         return None
     if DeliveryState.DEAD in states:
         return JobState.DEAD_LETTER

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from dicom_node.domain import (
     DeliveryState,
+    IllegalTransition,
     JobState,
     StudyState,
     check_delivery,
@@ -28,7 +29,7 @@ from dicom_node.domain import (
 )
 
 # Bump when the tables change; a journal of another version is refused at start.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: deliveries gained the storage commitment columns
 
 metadata = sa.MetaData()
 
@@ -119,6 +120,10 @@ deliveries = sa.Table(
     sa.Column("next_attempt_at", sa.Float, nullable=False),
     sa.Column("last_error", sa.String),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # storage commitment (PS3.4 J): the attempt's Transaction UID, report deadline, confirmation
+    sa.Column("commit_transaction_uid", sa.String(64), unique=True),
+    sa.Column("commit_deadline", sa.Float),
+    sa.Column("committed_at", sa.Float),
 )
 
 
@@ -414,6 +419,8 @@ class Journal:
             if row.state == JobState.FAILED:
                 _set_job_state(conn, row, JobState.QUEUED, now)
                 return "queued for analysis again"
+            if row.state != JobState.DEAD_LETTER:  # only failed or dead-lettered work is retried
+                raise IllegalTransition("job retry", JobState(row.state), JobState.SENDING)
             _set_job_state(conn, row, JobState.SENDING, now)
             dead = list(
                 conn.execute(
@@ -452,11 +459,92 @@ class Journal:
             return list(conn.execute(query))
 
     def next_delivery_at(self) -> float | None:
+        """When the sender has work next: a retry, or a storage commitment running out."""
         with self._read() as conn:
-            query = sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(
-                deliveries.c.state == DeliveryState.PENDING
+            due = sa.case(
+                (deliveries.c.state == DeliveryState.COMMITTING, deliveries.c.commit_deadline),
+                else_=deliveries.c.next_attempt_at,
+            )
+            query = sa.select(sa.func.min(due)).where(
+                deliveries.c.state.in_([DeliveryState.PENDING, DeliveryState.COMMITTING])
             )
             return conn.scalar(query)
+
+    # -- storage commitment (PS3.4 Annex J) ----------------------------------
+
+    def commitment_requested(
+        self, delivery_id: int, transaction_uid: str, deadline: float, now: float
+    ) -> None:
+        """The objects are stored: wait for the report of ``transaction_uid`` until ``deadline``."""
+        with self._write() as conn:
+            row = conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
+            check_delivery(DeliveryState(row.state), DeliveryState.COMMITTING)
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == delivery_id)
+                .values(
+                    state=DeliveryState.COMMITTING,
+                    commit_transaction_uid=transaction_uid,
+                    commit_deadline=deadline,
+                    committed_at=None,
+                    updated_at=now,
+                )
+            )
+
+    def delivery_by_transaction(self, transaction_uid: str) -> Row | None:
+        with self._read() as conn:
+            query = sa.select(deliveries).where(
+                deliveries.c.commit_transaction_uid == transaction_uid
+            )
+            return conn.execute(query).one_or_none()
+
+    def overdue_commitments(self, now: float) -> list[Row]:
+        """COMMITTING deliveries whose report did not arrive by their deadline."""
+        with self._read() as conn:
+            query = (
+                sa.select(deliveries)
+                .where(deliveries.c.state == DeliveryState.COMMITTING)
+                .where(deliveries.c.commit_deadline <= now)
+                .order_by(deliveries.c.commit_deadline)
+            )
+            return list(conn.execute(query))
+
+    def commitment_settled(
+        self,
+        transaction_uid: str,
+        new: DeliveryState,
+        now: float,
+        error: str | None = None,
+        retry_at: float | None = None,
+    ) -> Row | None:
+        """Record the outcome of a commitment as one attempt: SENT, DEAD or PENDING again.
+
+        None (nothing changed) unless the delivery is still COMMITTING under
+        ``transaction_uid``: a late or repeated report, or one racing the
+        timeout, settles an attempt at most once.
+        """
+        with self._write() as conn:
+            row = conn.execute(
+                sa.select(deliveries).where(deliveries.c.commit_transaction_uid == transaction_uid)
+            ).one_or_none()
+            if row is None or row.state != DeliveryState.COMMITTING:
+                return None
+            check_delivery(DeliveryState.COMMITTING, new)
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == row.id)
+                .values(
+                    state=new,
+                    attempts=row.attempts + 1,
+                    last_error=error,
+                    next_attempt_at=retry_at if retry_at is not None else row.next_attempt_at,
+                    commit_deadline=None,
+                    committed_at=now if new == DeliveryState.SENT else None,
+                    updated_at=now,
+                )
+            )
+            _settle_job(conn, row.job_id, now)
+            return conn.execute(sa.select(deliveries).where(deliveries.c.id == row.id)).one()
 
     def delivery_attempted(
         self,
@@ -631,7 +719,8 @@ def _insert_job(
     for old in same:
         if old.state == JobState.QUEUED:
             _set_job_state(conn, old, JobState.SUPERSEDED, now)
-    with_results = [j for j in same if j.state in _HAS_RESULTS]
+    # The newest earlier job that has (or, being analysed now, will have) results.
+    with_results = [j for j in same if j.state in _HAS_RESULTS or j.state == JobState.ANALYSING]
     predecessor = max((j.id for j in with_results), default=None)
     seg_series, seg_sop, sr_series, sr_sop = spec.uids
     result = conn.execute(

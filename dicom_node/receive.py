@@ -22,13 +22,19 @@ from pydicom import uid
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.audit import AuditTrail
 from dicom_node.config import NodeSection
 from dicom_node.journal import Journal, ReceivedInstance, Recorded
 from dicom_node.logs import log_context
-from dicom_node.store import Spool
+from dicom_node.store import LowSpace, Spool
+from dicom_node.tls import describe, server_context
+from dicom_node.transport import start_server
 from dicom_node.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,10 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 CANNOT_DECODE = 0xC210
 UNEXPECTED_ERROR = 0xC211
+PROCESSING_FAILURE = 0x0110  # N-EVENT-REPORT (PS3.7 10.1.1.1.8)
+
+# Answers an N-EVENT-REPORT: (status, Event Reply or None)
+EventReportHandler = Callable[[evt.Event], tuple[int, pydicom.Dataset | None]]
 
 
 # Where a requestor offers several transfer syntaxes in one presentation context, the
@@ -148,7 +158,11 @@ class Receiver:
         metrics: Metrics,
         clock: Callable[[], float],
         on_recorded: Callable[[Recorded], None],
+        audit: AuditTrail | None = None,
+        on_event_report: EventReportHandler | None = None,
     ) -> None:
+        self._on_event_report = on_event_report
+        self._audit = audit or AuditTrail(None, clock)
         self._config = config
         self._spool = spool
         self._journal = journal
@@ -157,6 +171,8 @@ class Receiver:
         self._on_recorded = on_recorded
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
+        # Built here so that a certificate that cannot be used stops the node before it starts.
+        self._ssl_context = None if config.tls is None else server_context(config.tls)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -182,16 +198,16 @@ class Receiver:
             (evt.EVT_REJECTED, self._rejected),
             (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_ABORTED, self._aborted),
+            (evt.EVT_N_EVENT_REPORT, self._handle_event_report),
         ]
-        server = ae.start_server(
-            (self._config.host, self._config.port), block=False, evt_handlers=handlers
-        )
-        assert server is not None  # block=False always returns the server
+        server = start_server(ae, self._config, handlers, ssl_context=self._ssl_context)
         # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux.
         assert server.socket is not None
         server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._server = server
         log.info("listening as %s on %s:%d", self._config.ae_title, *self.address)
+        if self._ssl_context is not None:
+            log.info("TLS on (%s)", describe(self._ssl_context))
         return self.address
 
     def stop(self) -> None:
@@ -207,6 +223,8 @@ class Receiver:
                 status = self._store(event, calling)
             except Rejected as exc:
                 self._metrics.instances_rejected.labels(reason=_reason_label(exc.status)).inc()
+                sop_uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
+                self._audit.instance_received(calling, None, sop_uid, exc.status)
                 log.warning(
                     "refused C-STORE from %s (status 0x%04X): %s", calling, exc.status, exc.reason
                 )
@@ -230,6 +248,10 @@ class Receiver:
         header = parse_header(
             data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
         )
+        try:
+            self._spool.ensure_space(len(data))
+        except LowSpace as exc:
+            raise Rejected(OUT_OF_RESOURCES, str(exc)) from exc
         relpath = self._spool.new_instance_relpath()
         try:
             self._spool.write_atomic(relpath, data)
@@ -261,11 +283,22 @@ class Receiver:
             return SUCCESS
         self._metrics.instances_received.labels(calling_aet=calling).inc()
         self._metrics.bytes_received.labels(calling_aet=calling).inc(len(data))
+        self._audit.instance_received(calling, header.study_uid, header.sop_uid, SUCCESS)
         self._on_recorded(recorded)
         return SUCCESS
 
+    def _handle_event_report(self, event: evt.Event) -> tuple[int, pydicom.Dataset | None]:
+        """A storage commitment result (PS3.4 J.3.3) from a peer we asked to commit."""
+        with log_context(calling_aet=event.assoc.requestor.ae_title):
+            if self._on_event_report is None:
+                log.warning("N-EVENT-REPORT from %s refused", event.assoc.requestor.ae_title)
+                return PROCESSING_FAILURE, None
+            return self._on_event_report(event)
+
     def _accepted(self, event: evt.Event) -> None:
         self._metrics.associations.labels(outcome="accepted").inc()
+        requestor = event.assoc.requestor
+        self._audit.association(requestor.ae_title, str(requestor.address), True, "accepted")
         log.debug("association from %s accepted", event.assoc.requestor.ae_title)
 
     def _aborted(self, event: evt.Event) -> None:
@@ -274,6 +307,8 @@ class Receiver:
 
     def _rejected(self, event: evt.Event) -> None:
         self._metrics.associations.labels(outcome="rejected").inc()
+        requestor = event.assoc.requestor
+        self._audit.association(requestor.ae_title, str(requestor.address), False, "rejected")
         _log_rejected(event)
 
 
@@ -285,6 +320,9 @@ def _make_ae(config: NodeSection) -> AE:
     ae.require_called_aet = config.check_called_aet
     ae.network_timeout = config.idle_timeout_seconds
     ae.add_supported_context(Verification)
+    # Storage commitment results come back on associations the peer opens, proposing
+    # itself as SCP (SCP/SCU role selection); we are the SCU of the Push Model.
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
     syntaxes = [
         syntax
         for syntax in ACCEPTED_TRANSFER_SYNTAXES
@@ -304,8 +342,8 @@ def _handle_echo(event: evt.Event) -> int:
 def _log_rejected(event: evt.Event) -> None:
     requestor = event.assoc.requestor
     log.warning(
-        "association from %s at %s rejected (calling AE title not in allowed_calling_aets,"
-        " or too many associations)",
+        "association from %s at %s rejected (node.allowed_calling_aets, node.check_called_aet"
+        " or node.max_associations)",
         requestor.ae_title,
         requestor.address,
     )

@@ -3,7 +3,9 @@
 :func:`store_files` is the plain sender used by the CLI and by deliveries.
 :class:`Sender` drives pending deliveries from the journal: each attempt sends
 the job's SEG and SR; a failure is retried with exponential backoff and jitter
-until ``sending.max_attempts``, then the delivery is dead-lettered.
+until ``sending.max_attempts``, then the delivery is dead-lettered. For a
+destination with ``storage_commitment`` a stored delivery is handed to
+:mod:`dicom_node.commit` (COMMITTING) instead of being SENT.
 """
 
 from __future__ import annotations
@@ -11,22 +13,28 @@ from __future__ import annotations
 import logging
 import random
 import socket
+import ssl
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pynetdicom import AE, Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.config import SendingSection
+from dicom_node.audit import AuditTrail
+from dicom_node.config import ClientTLS, SendingSection
 from dicom_node.domain import DeliveryState, backoff_seconds
 from dicom_node.journal import Journal, Row
 from dicom_node.logs import log_context
 from dicom_node.store import Spool
+from dicom_node.tls import TLSConfigError, client_context
 from dicom_node.web.metrics import Metrics
+
+if TYPE_CHECKING:
+    from dicom_node.commit import Commitments
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,16 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    tls: ClientTLS | None = None  # DICOM TLS (destinations.NAME.tls); None: plain TCP
+
+
+def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+    if peer.tls is None:
+        return None
+    try:
+        return client_context(peer.tls), peer.host
+    except TLSConfigError as exc:
+        raise SendError(f"TLS to {peer.ae_title}: {exc}") from exc
 
 
 def _associate(
@@ -55,11 +73,12 @@ def _associate(
     ae.connection_timeout = timeout
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, syntaxes)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_tls_args(peer))
     if not assoc.is_established:
         raise SendError(
             f"association with {peer.ae_title}@{peer.host}:{peer.port} was "
             f"{'rejected' if assoc.is_rejected else 'not established'}"
+            f"{' (over TLS)' if peer.tls else ''}"
         )
     transport = assoc.dul.socket
     if transport is not None and transport.socket is not None:
@@ -178,8 +197,16 @@ class Sender:
         settings: SendingSection,
         clock: Callable[[], float],
         rng: random.Random | None = None,
+        commitments: Commitments | None = None,
+        tls: Mapping[str, ClientTLS] | None = None,  # by destination name
+        audit: AuditTrail | None = None,
+        destinations: Collection[str] | None = None,  # configured names; None: any
     ) -> None:
+        self._audit = audit or AuditTrail(None, clock)
+        self._destinations = None if destinations is None else frozenset(destinations)
         self._journal = journal
+        self._tls = dict(tls or {})
+        self._commitments = commitments
         self._spool = spool
         self._metrics = metrics
         self._calling_aet = calling_aet
@@ -217,7 +244,12 @@ class Sender:
             self._wake.wait(wait)
 
     def send_due(self) -> int:
-        """Attempt every due delivery once; return how many were attempted."""
+        """Attempt every due delivery once; return how many were attempted.
+
+        Storage commitments past their deadline become retries first.
+        """
+        if self._commitments is not None:
+            self._commitments.expire_overdue()
         due = self._journal.due_deliveries(self._clock())
         for delivery in due:
             if self._stopping.is_set():
@@ -226,22 +258,35 @@ class Sender:
         return len(due)
 
     def attempt(self, delivery: Row) -> DeliveryState:
-        """One attempt for one delivery; records SENT, a retry time or DEAD."""
+        """One attempt for one delivery; records SENT, COMMITTING, a retry time or DEAD."""
         with log_context(job_id=delivery.job_id):
             job = self._journal.job(delivery.job_id)
             paths = [
                 self._spool.path(self._spool.result_relpath(job.id, kind)) for kind in ("seg", "sr")
             ]
-            peer = Peer(delivery.ae_title, delivery.host, delivery.port)
+            tls = self._tls.get(delivery.destination)
+            peer = Peer(delivery.ae_title, delivery.host, delivery.port, tls)
+            uids = [job.seg_sop_uid, job.sr_sop_uid]
             try:
+                self._check_configured(delivery.destination)
                 store_files(self._calling_aet, peer, paths, timeout=self._settings.timeout_seconds)
             except Exception as exc:
+                self._audit.results_sent(delivery.destination, peer.ae_title, uids, str(exc))
                 return self._failed(delivery, exc)
+            self._audit.results_sent(delivery.destination, peer.ae_title, uids)
+            if self._commitments is not None and self._commitments.wanted(delivery.destination):
+                return self._commitments.request(delivery, peer, paths)
             self._journal.delivery_attempted(delivery.id, DeliveryState.SENT, self._clock())
             self._metrics.sends.labels(destination=delivery.destination, outcome="sent").inc()
             log.info("job %d: results sent to %s", job.id, delivery.destination)
             self._observe_send_stage(job.id)
             return DeliveryState.SENT
+
+    def _check_configured(self, destination: str) -> None:
+        """A destination removed from the config since the job was made gets nothing
+        (in particular not its results in the clear, had it been a TLS destination)."""
+        if self._destinations is not None and destination not in self._destinations:
+            raise SendError(f"destination {destination!r} is no longer configured")
 
     def _observe_send_stage(self, job_id: int) -> None:
         job = self._journal.job(job_id)

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
+class LowSpace(Exception):
+    """Free space in the spool is below the configured watermark."""
+
+
 class Spool:
     """The storage folder: ``instances/``, ``results/``, ``tmp/`` and the journal."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root.resolve()
+        self.min_free_bytes = min_free_bytes
+        self._low = False
         self.instances = self.root / "instances"
         self.results = self.root / "results"
         self.tmp = self.root / "tmp"
@@ -40,6 +47,29 @@ class Spool:
                 "removed %d partial file(s) left in %s by an interrupted run", removed, self.tmp
             )
         return removed
+
+    def ensure_space(self, incoming: int) -> None:
+        """Raise :class:`LowSpace` if storing ``incoming`` bytes would pass the watermark.
+
+        Checked before every write, so the node recovers by itself when space returns.
+        """
+        free = shutil.disk_usage(self.root).free
+        low = free - incoming < self.min_free_bytes
+        if low != self._low:
+            self._low = low
+            if low:
+                log.error(
+                    "free space %d MiB is below storage.min_free_bytes (%d MiB): refusing"
+                    " new instances with 0xA700 until space returns",
+                    free // 2**20,
+                    self.min_free_bytes // 2**20,
+                )
+            else:
+                log.warning("free space back above storage.min_free_bytes: accepting again")
+        if low:
+            raise LowSpace(
+                f"{free} bytes free, below storage.min_free_bytes ({self.min_free_bytes})"
+            )
 
     def new_instance_relpath(self) -> str:
         """A fresh relative path for a received instance: ``instances/ab/<uuid>.dcm``."""

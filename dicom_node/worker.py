@@ -141,6 +141,9 @@ class Worker:
         if job.predecessor_id is None:
             return None
         path = self._spool.path(self._spool.result_relpath(job.predecessor_id, "sr"))
+        if not path.exists():  # the earlier job failed after this one was created
+            log.warning("job %d: predecessor job %d has no SR", job.id, job.predecessor_id)
+            return None
         return pydicom.dcmread(path, stop_before_pixels=True)
 
     def _delivery(self, name: str, calling_aet: str) -> DeliverySpec:

@@ -24,7 +24,8 @@ def node_settings(storage: Path, **sections: Any) -> dict[str, Any]:
     """A config dict on free ports; ``sections`` replace or extend the defaults."""
     settings: dict[str, Any] = {
         "node": {"ae_title": "AINODE", "host": LOCALHOST, "port": free_port()},
-        "storage": {"path": str(storage)},
+        # no watermark by default: a test machine's disk may be nearly full
+        "storage": {"path": str(storage), "min_free_bytes": 0},
         "completion": {"study_idle_seconds": 1.0},
         "destinations": {},
         "routes": [],

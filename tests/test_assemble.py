@@ -227,6 +227,8 @@ def test_operator_retry_of_failed_and_dead_letter_jobs(harness: Harness) -> None
     assert harness.journal.retry_job(job.id, harness.clock.now) == "queued for analysis again"
     job = harness.journal.claim_job(harness.clock.now)
     assert job is not None
+    with pytest.raises(IllegalTransition):  # analysing: nothing to retry
+        harness.journal.retry_job(job.id, harness.clock.now)
     harness.journal.job_analysed(
         job.id, [DeliverySpec("pacs", "P", "h", 1)], harness.clock.now + 5, timings=(3.0, 1.0)
     )

@@ -294,7 +294,7 @@ def test_retry_refuses_jobs_that_cannot_be_retried(tmp_path: Path, which: str) -
     assert f"job {jobs['failed']}: retried: queued for analysis again" in result.stdout
     expected = {
         "done": f"job {job_id}: not retried: it is done; only failed and dead_letter jobs "
-        "can be retried (job: illegal transition done -> sending)",
+        "can be retried (job retry: illegal transition done -> sending)",
         "unknown": f"job {job_id}: not retried: no such job",
     }
     assert expected[which] in result.stdout

@@ -60,12 +60,31 @@ def test_delivery_transitions() -> None:
         check_delivery(DeliveryState.SENT, DeliveryState.PENDING)
 
 
+def test_storage_commitment_delivery_transitions() -> None:
+    P, C, S, D = (
+        DeliveryState.PENDING,
+        DeliveryState.COMMITTING,
+        DeliveryState.SENT,
+        DeliveryState.DEAD,
+    )
+    assert check_delivery(P, C) is C  # stored, N-ACTION sent
+    assert check_delivery(C, S) is S  # N-EVENT-REPORT confirmed every object
+    assert check_delivery(C, P) is P  # failures reported or no report in time: retry
+    assert check_delivery(C, D) is D  # ... after the attempt limit
+    for current, new in ((S, C), (D, C), (C, C)):
+        with pytest.raises(IllegalTransition, match=f"{current.value} -> {new.value}"):
+            check_delivery(current, new)
+
+
 def test_job_state_after_deliveries() -> None:
     P, S, D = DeliveryState.PENDING, DeliveryState.SENT, DeliveryState.DEAD
     assert job_state_after_deliveries([S, P]) is None
     assert job_state_after_deliveries([S, S]) is JobState.DONE
     assert job_state_after_deliveries([S, D]) is JobState.DEAD_LETTER
     assert job_state_after_deliveries([]) is None
+    C = DeliveryState.COMMITTING
+    assert job_state_after_deliveries([S, C]) is None  # still waiting for the report
+    assert job_state_after_deliveries([D, C]) is None
 
 
 def test_backoff_grows_exponentially_and_is_capped() -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,3 +222,35 @@ def test_negotiation_prefers_explicit_vr_and_accepts_every_storage_class(node: N
         CTImageStorage: ExplicitVRLittleEndian,
         ParametricMapStorage: ExplicitVRLittleEndian,
     }
+
+
+def test_free_space_watermark_refuses_before_the_disk_is_full_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = tmp_path / "small"
+    if not _mount_tmpfs(storage, "16m"):
+        pytest.skip("needs root and tmpfs to make a genuinely small file system")
+    try:
+        settings = node_settings(storage / "var")
+        settings["storage"]["min_free_bytes"] = 8 * 2**20
+        with running_node(settings) as node:
+            files = [pydicom.dcmread(p) for p in sorted(PHILIPS_L.glob("*.dcm"))[:40]]
+            with association(node) as assoc:
+                statuses = [int(assoc.send_c_store(ds).Status) for ds in files]
+            accepted = statuses.index(0xA700)
+            assert 0 < accepted and set(statuses[:accepted]) == {0}
+            assert set(statuses[accepted:]) == {0xA700}  # refused while space is low
+            assert "below storage.min_free_bytes" in caplog.text
+            free = shutil.disk_usage(storage).free
+            assert free >= 4 * 2**20  # refused well before the disk was full
+            assert len(_stored_files(node)) == accepted
+            for path in _stored_files(node)[: accepted // 2]:  # an operator makes room
+                path.unlink()
+            started = time.monotonic()
+            with association(node) as assoc:
+                assert int(assoc.send_c_store(files[accepted]).Status) == 0
+            recovered = time.monotonic() - started
+            assert recovered < 5, recovered  # by itself, on the next instance
+            assert "accepting again" in caplog.text
+    finally:
+        subprocess.run(["umount", "-l", str(storage)], check=False)

@@ -37,12 +37,12 @@ def job_with_results(harness: Harness, port: int) -> int:
     return int(job.id)
 
 
-def make_sender(harness: Harness, max_attempts: int) -> Sender:
+def make_sender(harness: Harness, max_attempts: int, timeout: float = 5) -> Sender:
     settings = SendingSection(
         max_attempts=max_attempts,
         backoff_initial_seconds=2,
         backoff_max_seconds=10,
-        timeout_seconds=5,
+        timeout_seconds=timeout,
     )
     return Sender(
         harness.journal,
@@ -123,3 +123,40 @@ def test_a_response_taken_by_the_reactor_goes_back_to_the_sender(tmp_path: Path)
             assert assoc.dimse.msg_queue.empty()
         finally:
             assoc.release()
+
+
+def test_refusing_and_silent_destinations_are_retried(tmp_path: Path) -> None:
+    """A peer that rejects the association, and one that accepts TCP but never answers."""
+    import socket
+    import threading
+
+    from pynetdicom import AE as PeerAE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    refusing = PeerAE(ae_title="STORESCP")
+    refusing.add_supported_context(CTImageStorage)
+    refusing.require_calling_aet = ["SOMEONE_ELSE"]
+    refusing_port = free_port()
+    server = refusing.start_server((LOCALHOST, refusing_port), block=False)
+    silent = socket.socket()
+    silent.bind((LOCALHOST, 0))
+    silent.listen()
+    held: list[socket.socket] = []
+    accepting = threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True)
+    accepting.start()
+    try:
+        for port, expected in ((refusing_port, "was rejected"), (silent.getsockname()[1], "")):
+            harness = Harness(tmp_path / f"var{port}", Clock())
+            job_id = job_with_results(harness, port)
+            sender = make_sender(harness, max_attempts=5, timeout=1.0)
+            assert sender.send_due() == 1
+            (delivery,) = harness.journal.job_deliveries(job_id)
+            assert delivery.state == DeliveryState.PENDING and delivery.attempts == 1
+            assert expected in delivery.last_error
+            assert delivery.next_attempt_at > harness.clock.now  # waits in the journal
+            assert harness.journal.job(job_id).state == JobState.SENDING
+    finally:
+        server.shutdown()
+        silent.close()
+        for sock in held:
+            sock.close()

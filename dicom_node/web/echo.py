@@ -56,7 +56,7 @@ class DestinationMonitor:
 
     def check_all(self) -> None:
         for name, dest in self._destinations.items():
-            peer = Peer(dest.ae_title, dest.host, dest.port)
+            peer = Peer(dest.ae_title, dest.host, dest.port, dest.tls)
             try:
                 echo(self._calling_aet, peer, timeout=ECHO_TIMEOUT_SECONDS)
                 result = EchoStatus(True, self._clock())
