@@ -28,9 +28,16 @@ from pynetdicom import evt
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import Destination, SendingSection
-from dicom_node.domain import DeliveryState, backoff_seconds
+from dicom_node.domain import DeliveryState
 from dicom_node.journal import Journal, Row
-from dicom_node.send import Peer, SendError, _associate, _status_text
+from dicom_node.send import (
+    Peer,
+    SendError,
+    _associate,
+    _status_text,
+    next_attempt_at,
+    report_failure,
+)
 from dicom_node.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -261,38 +268,12 @@ class Commitments:
         """Retry with backoff, or dead-letter at the attempt limit (as for C-STORE failures)."""
         attempt = delivery.attempts + 1
         now = self._clock()
-        if attempt >= self._settings.max_attempts:
-            new, retry_at = DeliveryState.DEAD, None
-        else:
-            retry_at = now + backoff_seconds(
-                attempt,
-                self._settings.backoff_initial_seconds,
-                self._settings.backoff_max_seconds,
-                self._rng.random(),
-            )
-            new = DeliveryState.PENDING
+        retry_at = next_attempt_at(self._settings, attempt, now, self._rng.random())
+        new = DeliveryState.PENDING if retry_at is not None else DeliveryState.DEAD
         settled = self._journal.commitment_settled(transaction_uid, new, now, error, retry_at)
         if settled is None:  # settled meanwhile by a report or the timeout
             return None
-        self._metrics.sends.labels(
-            destination=delivery.destination, outcome="dead" if retry_at is None else "retry"
-        ).inc()
-        if retry_at is None:
-            log.error(
-                "job %d: DEAD LETTER for %s after %d attempts: %s",
-                delivery.job_id,
-                delivery.destination,
-                attempt,
-                error,
-            )
-        else:
-            log.warning(
-                "job %d: %s (attempt %d of %d), retrying in %.1f s",
-                delivery.job_id,
-                error,
-                attempt,
-                self._settings.max_attempts,
-                retry_at - now,
-            )
+        report_failure(self._metrics, delivery, attempt, self._settings, error, retry_at, now)
+        if retry_at is not None:
             self._on_retry()
         return new

@@ -185,6 +185,53 @@ def _status_text(status: pydicom.Dataset | None) -> str:
     return f"status 0x{int(status.Status):04X}"
 
 
+def next_attempt_at(
+    settings: SendingSection, attempt: int, now: float, jitter: float
+) -> float | None:
+    """When to try a delivery again after failed attempt number ``attempt``.
+
+    None means the attempt limit is reached: the delivery goes to the dead letter.
+    """
+    if attempt >= settings.max_attempts:
+        return None
+    delay = backoff_seconds(
+        attempt, settings.backoff_initial_seconds, settings.backoff_max_seconds, jitter
+    )
+    return now + delay
+
+
+def report_failure(
+    metrics: Metrics,
+    delivery: Row,
+    attempt: int,
+    settings: SendingSection,
+    error: str,
+    retry_at: float | None,
+    now: float,
+) -> None:
+    """The metric and log line of a failed delivery attempt (C-STORE or commitment)."""
+    outcome = "dead" if retry_at is None else "retry"
+    metrics.sends.labels(destination=delivery.destination, outcome=outcome).inc()
+    if retry_at is None:
+        log.error(
+            "job %d: DEAD LETTER for %s after %d attempts: %s",
+            delivery.job_id,
+            delivery.destination,
+            attempt,
+            error,
+        )
+        return
+    log.warning(
+        "job %d: delivery to %s failed (attempt %d of %d), retrying in %.1f s: %s",
+        delivery.job_id,
+        delivery.destination,
+        attempt,
+        settings.max_attempts,
+        retry_at - now,
+        error,
+    )
+
+
 class Sender:
     """Sends due deliveries; sleeps until the next one is due or it is woken."""
 
@@ -299,34 +346,8 @@ class Sender:
         attempt = delivery.attempts + 1
         error = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
         now = self._clock()
-        if attempt >= self._settings.max_attempts:
-            self._journal.delivery_attempted(delivery.id, DeliveryState.DEAD, now, error=error)
-            self._metrics.sends.labels(destination=delivery.destination, outcome="dead").inc()
-            log.error(
-                "job %d: DEAD LETTER for %s after %d attempts: %s",
-                delivery.job_id,
-                delivery.destination,
-                attempt,
-                error,
-            )
-            return DeliveryState.DEAD
-        delay = backoff_seconds(
-            attempt,
-            self._settings.backoff_initial_seconds,
-            self._settings.backoff_max_seconds,
-            self._rng.random(),
-        )
-        self._journal.delivery_attempted(
-            delivery.id, DeliveryState.PENDING, now, error=error, retry_at=now + delay
-        )
-        self._metrics.sends.labels(destination=delivery.destination, outcome="retry").inc()
-        log.warning(
-            "job %d: send to %s failed (attempt %d of %d), retrying in %.1f s: %s",
-            delivery.job_id,
-            delivery.destination,
-            attempt,
-            self._settings.max_attempts,
-            delay,
-            error,
-        )
-        return DeliveryState.PENDING
+        retry_at = next_attempt_at(self._settings, attempt, now, self._rng.random())
+        new = DeliveryState.PENDING if retry_at is not None else DeliveryState.DEAD
+        self._journal.delivery_attempted(delivery.id, new, now, error=error, retry_at=retry_at)
+        report_failure(self._metrics, delivery, attempt, self._settings, error, retry_at, now)
+        return new
