@@ -36,6 +36,7 @@ from dicom_node.send import (
     _associate,
     _status_text,
     next_attempt_at,
+    observe_send_stage,
     report_failure,
 )
 from dicom_node.web.metrics import Metrics
@@ -235,6 +236,7 @@ class Commitments:
             self._metrics.sends.labels(destination=delivery.destination, outcome="committed").inc()
             uids = [job.seg_sop_uid, job.sr_sop_uid]
             self._audit.results_sent(delivery.destination, delivery.ae_title, uids, commitment=True)
+            observe_send_stage(self._metrics, self._journal, job.id)
             log.info(
                 "job %d: %s confirmed storage commitment of every object (transaction %s)",
                 delivery.job_id,

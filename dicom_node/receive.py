@@ -319,10 +319,13 @@ def _make_ae(config: NodeSection) -> AE:
     ae.require_calling_aet = list(config.allowed_calling_aets)
     ae.require_called_aet = config.check_called_aet
     ae.network_timeout = config.idle_timeout_seconds
-    ae.add_supported_context(Verification)
+    uncompressed = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]
+    ae.add_supported_context(Verification, uncompressed)
     # Storage commitment results come back on associations the peer opens, proposing
     # itself as SCP (SCP/SCU role selection); we are the SCU of the Push Model.
-    ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    ae.add_supported_context(
+        StorageCommitmentPushModel, uncompressed, scu_role=False, scp_role=True
+    )
     syntaxes = [
         syntax
         for syntax in ACCEPTED_TRANSFER_SYNTAXES

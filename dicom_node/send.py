@@ -200,6 +200,13 @@ def next_attempt_at(
     return now + delay
 
 
+def observe_send_stage(metrics: Metrics, journal: Journal, job_id: int) -> None:
+    """Record the send stage once the job's last delivery has settled."""
+    job = journal.job(job_id)
+    if job.finished_at is not None and job.analysed_at is not None:
+        metrics.stage_seconds.labels(stage="send").observe(job.finished_at - job.analysed_at)
+
+
 def report_failure(
     metrics: Metrics,
     delivery: Row,
@@ -336,11 +343,7 @@ class Sender:
             raise SendError(f"destination {destination!r} is no longer configured")
 
     def _observe_send_stage(self, job_id: int) -> None:
-        job = self._journal.job(job_id)
-        if job.finished_at is not None and job.analysed_at is not None:
-            self._metrics.stage_seconds.labels(stage="send").observe(
-                job.finished_at - job.analysed_at
-            )
+        observe_send_stage(self._metrics, self._journal, job_id)
 
     def _failed(self, delivery: Row, exc: Exception) -> DeliveryState:
         attempt = delivery.attempts + 1
