@@ -54,5 +54,9 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(VENV)/bin/mypy dicom_node
 
+# Throughput against dcmtk storescp / storescu and Orthanc (bench/README.md); a few minutes.
+bench: $(VENV)/.installed-test
+	$(PY) bench/receive.py && $(PY) bench/send.py
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,5 +1,7 @@
 """Command line: ``dicom-node serve | check-config | echo | send | rules | status | retry``.
 
+``dicom-node evaluate`` (site acceptance testing) needs no config.
+
 Parses arguments, loads the config, configures logging, calls into the app.
 Exit codes: 0 success, 1 operation failed, 2 bad usage or bad config.
 """
@@ -22,6 +24,7 @@ log = logging.getLogger("dicom_node")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+CONFIGLESS_COMMANDS = frozenset({"evaluate"})  # local tools: no node config needed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("destination")
     send.add_argument("paths", nargs="+", type=Path)
     _ops_commands(sub)
+    _evaluate_command(sub)
     return parser
 
 
@@ -76,6 +80,21 @@ def _ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     retry.add_argument("--failed", action="store_true", help="every failed job")
 
 
+def _evaluate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from dicom_node.analysis.pipelines import PIPELINE_NAMES  # no torch import
+
+    help_text = "compare a pipeline's segments with reference segmentations (no config)"
+    evaluate = sub.add_parser("evaluate", help=help_text, description=help_text)
+    evaluate.add_argument("--pipeline", required=True, choices=PIPELINE_NAMES)
+    evaluate.add_argument("dicom_dir", type=Path, metavar="DICOM_DIR")
+    evaluate.add_argument("reference", type=Path, metavar="REFERENCE_DIR", help="or one file")
+    evaluate.add_argument("--csv", type=Path, metavar="OUT.csv", help="write the rows as CSV")
+    evaluate.add_argument(
+        "--labels", metavar="MAP", help="YAML/JSON file or key=value,... (lung_left=10,11)"
+    )
+    evaluate.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -85,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args.log_level, args.log_format)
     except ValueError as exc:  # from $DICOM_NODE_LOG_LEVEL / $DICOM_NODE_LOG_FORMAT
         parser.error(str(exc))
+    if args.command in CONFIGLESS_COMMANDS:
+        return _dispatch_configless(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -93,6 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_USAGE
     return _dispatch(args, config)
+
+
+def _dispatch_configless(args: argparse.Namespace) -> int:
+    from dicom_node import evaluate
+
+    return evaluate.run(
+        args.pipeline, args.dicom_dir, args.reference, args.csv, args.labels, args.device
+    )
 
 
 def _dispatch(args: argparse.Namespace, config: NodeConfig) -> int:

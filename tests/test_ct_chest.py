@@ -15,7 +15,12 @@ import pytest
 import torch
 from peers import SHARED_REAL
 
-from dicom_node.analysis.ct_chest import CtChestPipeline
+from dicom_node.analysis.ct_chest import (
+    AIRWAY_MAX_OFFSET_MM,
+    LAA_950,
+    PERCENTILE_15,
+    CtChestPipeline,
+)
 from dicom_node.analysis.device import select_device
 from dicom_node.analysis.pipelines import PIPELINE_NAMES, build_pipeline
 from dicom_node.analysis.types import AnalysisError, Volume
@@ -41,16 +46,17 @@ def _centroid(volume: Volume, mask: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def philips_result():
-    return CtChestPipeline(CPU).run(load_series(_files(PHILIPS_HFS)))
+    return CtChestPipeline(CPU, airways_segment=True).run(load_series(_files(PHILIPS_HFS)))
 
 
 def test_segments_and_codes(philips_result):
     segments = _by_key(philips_result)
-    assert list(segments) == ["body", "lung_left", "lung_right"]
+    assert list(segments) == ["body", "lung_left", "lung_right", "airways"]
     assert segments["lung_left"].laterality.meaning == "Left"
     assert segments["lung_right"].laterality.meaning == "Right"
-    assert segments["body"].laterality is None
-    assert {s.type.value for s in segments.values()} == {"38266002", "39607008"}
+    assert segments["body"].laterality is None and segments["airways"].laterality is None
+    assert {s.type.value for s in segments.values()} == {"38266002", "39607008", "110726009"}
+    assert segments["airways"].type.meaning == "Trachea and bronchus"
     assert philips_result.pipeline == "ct-chest"
     for segment in segments.values():
         assert segment.mask.shape == philips_result.volume.hu.shape
@@ -72,8 +78,74 @@ def test_lung_volumes_and_density_are_plausible(philips_result):
 def test_masks_are_disjoint_and_lungs_inside_body(philips_result):
     segments = _by_key(philips_result)
     left, right, body = (segments[k].mask for k in ("lung_left", "lung_right", "body"))
+    airways = segments["airways"].mask
     assert not (left & right).any()
     assert not (left & ~body).any() and not (right & ~body).any()
+    assert not (airways & (left | right)).any() and not (airways & ~body).any()
+
+
+def test_airways_run_from_the_top_between_the_lungs(philips_result):
+    """Trachea and bronchi: 48 ml here (42 ml on the kernel B series of the same scan).
+
+    An adult trachea (about 2 cm wide, 10 to 12 cm long) holds some 30 to 40 ml,
+    the main bronchi a few ml more; a partial trachea gives less, a leak into
+    the lungs hundreds of ml: hence 20 to 150 ml.
+    """
+    segments = _by_key(philips_result)
+    volume = philips_result.volume
+    airways = segments["airways"]
+    assert 20 < airways.volume_ml < 150
+    assert airways.mean_hu < -850  # air with its partial-volume rim
+    assert volume.direction[2, 2] > 0  # slices run feet to head: the last is the top
+    assert airways.mask[-1].any()  # the trachea is cut by the top of the volume
+    centre = _centroid(volume, airways.mask)
+    body = _centroid(volume, segments["body"].mask)
+    lungs = _centroid(volume, segments["lung_left"].mask | segments["lung_right"].mask)
+    assert abs(centre[0] - body[0]) < AIRWAY_MAX_OFFSET_MM  # on the centre line
+    assert centre[2] > lungs[2] + 30  # above the lungs' centre
+
+
+def test_lung_densitometry(philips_result):
+    """Kernel L (sharp), 5 mm slices: %LAA-950 about 14 %, Perc15 about -946 HU.
+
+    The sharp kernel's noise spreads the histogram: the kernel B series of the
+    same scan gives %LAA-950 0.2 % and Perc15 -888 HU.
+    """
+    segments = _by_key(philips_result)
+    for key in ("lung_left", "lung_right"):
+        segment = segments[key]
+        values = philips_result.volume.hu[segment.mask]
+        (laa, perc15) = segment.measurements
+        assert (laa.name, laa.unit.value, laa.derivation) == (LAA_950, "%", None)
+        assert (perc15.name.value, perc15.unit.value, perc15.derivation) == (
+            "112031",
+            "[hnsf'U]",
+            PERCENTILE_15,
+        )
+        assert laa.value == pytest.approx(100 * np.mean(values < -950))
+        assert 5 < laa.value < 25, key
+        assert perc15.value == pytest.approx(np.percentile(values, 15))
+        assert -1000 < perc15.value < -800, key
+    assert segments["airways"].measurements == () and segments["body"].measurements == ()
+
+
+def test_lungs_group_totals(philips_result):
+    segments = _by_key(philips_result)
+    (group,) = philips_result.groups
+    assert (group.key, group.type.meaning, group.segment_keys) == (
+        "lungs",
+        "Lung",
+        ("lung_left", "lung_right"),
+    )
+    volume, mean, laa, perc15 = (m.value for m in group.measurements)
+    left, right = segments["lung_left"], segments["lung_right"]
+    assert volume == pytest.approx(left.volume_ml + right.volume_ml)
+    weights = (left.volume_ml / volume, right.volume_ml / volume)
+    assert mean == pytest.approx(weights[0] * left.mean_hu + weights[1] * right.mean_hu)
+    laa_each = [s.measurements[0].value for s in (left, right)]
+    assert laa == pytest.approx(weights[0] * laa_each[0] + weights[1] * laa_each[1])
+    perc15_each = sorted(s.measurements[1].value for s in (left, right))
+    assert perc15_each[0] <= perc15 <= perc15_each[1]
 
 
 def test_left_lung_is_the_patients_left(philips_result):
@@ -126,9 +198,9 @@ def test_reoriented_series_keep_patient_laterality(
 ):
     volume = load_series(_reoriented_copy(tmp_path, flip_rows, flip_columns, position))
     assert volume.direction[2, 2] == pytest.approx(-1.0)  # slices now run head to feet
-    result = CtChestPipeline(CPU).run(volume)
+    result = CtChestPipeline(CPU, airways_segment=True).run(volume)
     original, flipped = _by_key(philips_result), _by_key(result)
-    for key in ("body", "lung_left", "lung_right"):
+    for key in ("body", "lung_left", "lung_right", "airways"):
         assert flipped[key].volume_ml == pytest.approx(original[key].volume_ml, rel=0.01), key
         assert flipped[key].mean_hu == pytest.approx(original[key].mean_hu, abs=5), key
         before = _centroid(philips_result.volume, original[key].mask)
@@ -138,7 +210,10 @@ def test_reoriented_series_keep_patient_laterality(
 
 def test_feet_first_ge_lung_bases():
     volume = load_series(_files(GE_FFS))
-    segments = _by_key(CtChestPipeline(CPU).run(volume))
+    result = CtChestPipeline(CPU, airways_segment=True).run(volume)
+    segments = _by_key(result)
+    assert list(segments) == ["body", "lung_left", "lung_right"]  # no trachea in view
+    assert [g.key for g in result.groups] == ["lungs"]
     left_x = _centroid(volume, segments["lung_left"].mask)[0]
     right_x = _centroid(volume, segments["lung_right"].mask)[0]
     assert left_x > right_x + 100
@@ -155,6 +230,64 @@ def _synthetic_volume(hu: np.ndarray, direction: np.ndarray | None = None) -> Vo
         direction=np.eye(3) if direction is None else direction,
         datasets=(),
     )
+
+
+def _synthetic_chest(right_lung_hu: float = -850.0) -> Volume:
+    """A box body, two block lungs and a 2 x 2 cm trachea over the top 70 mm.
+
+    A bronchus joins the trachea's lower end to the right lung; the upper fifth
+    of the left lung is emphysema-like (-980 HU).
+    """
+    hu = np.full((24, 96, 128), -1000.0)
+    hu[:, 8:88, 8:120] = 40.0
+    hu[2:18, 20:76, 16:56] = right_lung_hu  # columns run to the patient's left
+    hu[2:18, 20:76, 72:112] = -850.0
+    hu[2:18, 20:31, 72:112] = -980.0
+    hu[10:24, 40:50, 59:69] = -1000.0  # trachea
+    hu[10, 40:50, 40:64] = -1000.0  # right main bronchus
+    return _synthetic_volume(hu)
+
+
+def _synthetic_airways(volume: Volume) -> np.ndarray:
+    """The trachea and bronchus of :func:`_synthetic_chest`, with the bronchus's
+    2 mm rim where it runs inside the lung (elsewhere the rim is tissue)."""
+    airways = np.zeros(volume.hu.shape, dtype=bool)
+    airways[10:24, 40:50, 59:69] = True
+    airways[10, 38:52, 38:66] = True
+    return airways & (volume.hu < -400)
+
+
+def test_airways_are_opt_in_and_grown_from_the_top():
+    volume = _synthetic_chest()
+    default = _by_key(CtChestPipeline(CPU).run(volume))
+    segments = _by_key(CtChestPipeline(CPU, airways_segment=True).run(volume))
+    assert list(default) == ["body", "lung_left", "lung_right"]
+    np.testing.assert_array_equal(segments["airways"].mask, _synthetic_airways(volume))
+    for key in ("lung_left", "lung_right"):
+        np.testing.assert_array_equal(segments[key].mask, default[key].mask)
+        assert not (segments[key].mask & segments["airways"].mask).any()
+
+
+def test_airway_growth_stops_before_leaking_into_dark_lung():
+    """A right lung at -930 HU joins the airways at the -920 HU step: that step is refused."""
+    volume = _synthetic_chest(right_lung_hu=-930.0)
+    segments = _by_key(CtChestPipeline(CPU, airways_segment=True).run(volume))
+    np.testing.assert_array_equal(segments["airways"].mask, _synthetic_airways(volume))
+    assert segments["lung_right"].volume_ml == pytest.approx((16 * 56 * 40 - 14 * 18) * 0.005)
+
+
+def test_densitometry_of_synthetic_lungs():
+    result = CtChestPipeline(CPU).run(_synthetic_chest())
+    left = _by_key(result)["lung_left"]
+    laa, perc15 = (m.value for m in left.measurements)
+    assert laa == pytest.approx(100 * 11 / 56)
+    assert perc15 == -980.0  # 19.6 % of the voxels at -980 HU
+    assert left.mean_hu == pytest.approx((11 * -980 + 45 * -850) / 56)
+    volume, mean, laa_total, perc15_total = (m.value for m in result.groups[0].measurements)
+    left_and_right = 2 * 16 * 56 * 40 - 14 * 18  # less bronchus and rim in the right lung
+    assert volume == pytest.approx(left_and_right * 0.005)
+    assert laa_total == pytest.approx(100 * 16 * 11 * 40 / left_and_right)
+    assert perc15_total == -850.0
 
 
 def test_air_only_volume_has_no_body():

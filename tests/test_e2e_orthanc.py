@@ -113,7 +113,7 @@ def test_orthanc_study_comes_back_with_seg_and_sr(tmp_path: Path) -> None:
     }
     assert referenced == source_uids
     labels = {str(s.SegmentLabel) for s in seg.SegmentSequence}
-    assert len(labels) == 3, labels
+    assert len(labels) == 4, labels  # body, left lung, right lung, airways
     assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
     assert seg.Manufacturer and seg.ManufacturerModelName and seg.SoftwareVersions
     # the SR references the SEG, in its content and in its evidence

@@ -34,7 +34,8 @@ def equipment() -> Equipment:
 
 @pytest.fixture(scope="module")
 def result():
-    return CtChestPipeline(torch.device("cpu")).run(load_series(sorted(PHILIPS_HFS.glob("*.dcm"))))
+    pipeline = CtChestPipeline(torch.device("cpu"), airways_segment=True)
+    return pipeline.run(load_series(sorted(PHILIPS_HFS.glob("*.dcm"))))
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +102,10 @@ def test_seg_segments_describe_structures_with_laterality(seg):
         1: ("Body", "38266002", [], "AUTOMATIC"),
         2: ("Left lung", "39607008", ["Left"], "AUTOMATIC"),
         3: ("Right lung", "39607008", ["Right"], "AUTOMATIC"),
+        4: ("Airways", "110726009", [], "AUTOMATIC"),
     }
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
-    assert algorithm.AlgorithmVersion == "0.1.0"
+    assert algorithm.AlgorithmVersion == "0.2.0"
 
 
 def test_seg_frames_round_trip_the_masks(seg, result):
@@ -161,15 +163,16 @@ def test_sr_device_observer(sr, equipment):
 
 def test_sr_measurement_groups_match_the_result(sr, seg, result):
     groups = _groups(sr)
-    assert len(groups) == len(result.segments)
-    for number, (group, segment) in enumerate(zip(groups, result.segments, strict=True), 1):
+    assert len(groups) == len(result.segments) + len(result.groups)
+    segment_groups = groups[: len(result.segments)]
+    for number, (group, segment) in enumerate(zip(segment_groups, result.segments, strict=True), 1):
         items = group.ContentSequence
         (referenced,) = _find(items, "121191")  # Referenced Segment
         ref = referenced.ReferencedSOPSequence[0]
         assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
         assert ref.ReferencedSegmentNumber == number
         (volume,) = _find(items, "118565006")
-        (mean,) = _find(items, "112031")
+        (mean,) = [i for i in _find(items, "112031") if _derivation(i) == "373098007"]
         assert float(volume.MeasuredValueSequence[0].NumericValue) == pytest.approx(
             segment.volume_ml, abs=1e-3
         )
@@ -185,10 +188,80 @@ def test_sr_measurement_groups_match_the_result(sr, seg, result):
         assert laterality == expected
 
 
+def _derivation(item) -> str | None:
+    """CodeValue of a NUM item's Derivation (121401), if it has one."""
+    found = _find(item.get("ContentSequence", []), "121401")
+    return found[0].ConceptCodeSequence[0].CodeValue if found else None
+
+
+def _numbers(items) -> dict[tuple[str, str | None], tuple[float, str]]:
+    """(concept name, derivation) -> (value, unit) of the NUM items of a group."""
+    found = {}
+    for item in items:
+        if item.ValueType != "NUM":
+            continue
+        derivation = _find(item.get("ContentSequence", []), "121401")  # Derivation
+        key = (
+            item.ConceptNameCodeSequence[0].CodeMeaning,
+            derivation[0].ConceptCodeSequence[0].CodeMeaning if derivation else None,
+        )
+        value = item.MeasuredValueSequence[0]
+        found[key] = (
+            float(value.NumericValue),
+            value.MeasurementUnitsCodeSequence[0].CodeValue,
+        )
+    return found
+
+
+LUNG_MEASURES = {
+    ("Volume", None): "ml",
+    ("Attenuation Coefficient", "Mean"): "[hnsf'U]",
+    ("Lung volume percentage below -950 HU", None): "%",
+    ("Attenuation Coefficient", "15th percentile"): "[hnsf'U]",
+}
+
+
+def test_sr_lung_densitometry_per_lung(sr, result):
+    """Each lung's group, which references that lung's segment, holds all four measures."""
+    groups = _groups(sr)[: len(result.segments)]
+    for number, (group, segment) in enumerate(zip(groups, result.segments, strict=True), 1):
+        found = _numbers(group.ContentSequence)
+        (referenced,) = _find(group.ContentSequence, "121191")
+        assert referenced.ReferencedSOPSequence[0].ReferencedSegmentNumber == number
+        if segment.type.meaning != "Lung":
+            assert set(found) == set(list(LUNG_MEASURES)[:2]), segment.key
+            continue
+        assert {k: unit for k, (_, unit) in found.items()} == LUNG_MEASURES, segment.key
+        laa, perc15 = segment.measurements
+        assert found[list(LUNG_MEASURES)[2]][0] == pytest.approx(laa.value, abs=1e-3)
+        assert found[list(LUNG_MEASURES)[3]][0] == pytest.approx(perc15.value, abs=1e-3)
+
+
+def test_sr_lungs_total_group(sr, result):
+    """TID 1501 group: no segment reference, finding site Lung without laterality."""
+    total = _groups(sr)[len(result.segments)]
+    assert total.ContentTemplateSequence[0].TemplateIdentifier == "1501"
+    items = total.ContentSequence
+    assert _find(items, "121191") == []
+    (site,) = _find(items, "363698007")
+    assert site.ConceptCodeSequence[0].CodeValue == "39607008"
+    assert "ContentSequence" not in site
+    found = _numbers(items)
+    assert {k: unit for k, (_, unit) in found.items()} == LUNG_MEASURES
+    left, right = (s for s in result.segments if s.key in ("lung_left", "lung_right"))
+    total_ml = found[("Volume", None)][0]
+    assert total_ml == pytest.approx(round(left.volume_ml, 3) + round(right.volume_ml, 3), abs=2e-3)
+
+
+def test_sr_declares_the_private_coding_scheme(sr):
+    (scheme,) = sr.CodingSchemeIdentificationSequence
+    assert scheme.CodingSchemeDesignator == "99DICOMNODE"
+
+
 def test_tracking_uids_are_shared_by_seg_and_sr(sr, seg):
     in_seg = [item.TrackingUID for item in seg.SegmentSequence]
     in_sr = [_find(group.ContentSequence, "112040")[0].UID for group in _groups(sr)]
-    assert in_seg == in_sr and len(set(in_seg)) == 3
+    assert in_seg == in_sr[: len(in_seg)] and len(set(in_sr)) == len(in_sr) == 5
 
 
 def test_predecessor_is_referenced(written, sr):
@@ -208,7 +281,7 @@ def test_tracking_uid_is_deterministic_per_segment(result, written):
     again = [tracking_uid(uids, segment) for segment in result.segments]
     other = [tracking_uid(_uids(), segment) for segment in result.segments]
     assert first == again
-    assert len(set(first)) == 3 and not set(first) & set(other)
+    assert len(set(first)) == 4 and not set(first) & set(other)
     assert all(uid.startswith("2.25.") and len(uid) <= 64 for uid in first)
 
 

@@ -1,4 +1,12 @@
-"""The built-in ``ct-chest`` pipeline: body, left lung and right lung from HU.
+"""The built-in ``ct-chest`` pipeline: body, lungs and airways from HU, with lung densitometry.
+
+The airways (trachea and main bronchi) are grown from the trachea, found near
+the body's centre line in the top slices, with a threshold that is raised in
+steps until the grown volume "explodes" into the lungs (the last step before
+the leak is kept). Each lung gets the densitometry measures of emphysema
+quantification: mean lung density, %LAA-950 (percentage of lung voxels below
+-950 HU) and Perc15 (15th percentile of the lung histogram); both lungs
+together are reported as a group.
 
 Thresholding and morphology run in torch on the pipeline's device (the same
 code on CPU and CUDA); connected components and hole filling use SimpleITK.
@@ -16,7 +24,15 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from dicom_node.analysis.types import AnalysisError, AnalysisResult, Code, Segment, Volume
+from dicom_node.analysis.types import (
+    AnalysisError,
+    AnalysisResult,
+    Code,
+    Measurement,
+    Segment,
+    SegmentGroup,
+    Volume,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,34 +45,72 @@ MIDLINE_WINDOW_MM = 50.0  # where the left/right split is searched, around the c
 MIDLINE_BIN_MM = 2.0
 MIN_AXIAL_COSINE = 0.8  # slice normal must be close to the patient's z axis
 MIN_SEGMENT_ML = 1.0  # a smaller segment is noise, reported as not found
+# Airway lumen is air (-1000 HU; -980..-950 after a smooth kernel); partial volume
+# with the wall raises its edge. The threshold rises from -990 in 10 HU steps, at
+# most to -900 (parenchyma, about -850 HU, lies above); a step that grows the
+# airways by more than AIRWAY_LEAK_RATIO and AIRWAY_LEAK_MIN_ML leaks into the lungs.
+AIRWAY_THRESHOLDS_HU = tuple(float(t) for t in range(-990, -890, 10))
+AIRWAY_LEAK_RATIO = 1.5
+AIRWAY_LEAK_MIN_ML = 10.0  # ... and by more than this (small volumes grow fast legitimately)
+AIRWAY_SEED_MAX_HU = -900.0  # the trachea's section must hold air this dark
+AIRWAY_MAX_ML = 250.0  # trachea + main bronchi of a large adult stay well below
+AIRWAY_MIN_AREA_MM2 = 50.0  # trachea cross-section: 8 mm diameter at least
+AIRWAY_SEARCH_MM = 50.0  # the trachea is sought in the top slices of the volume
+AIRWAY_MIN_LENGTH_MM = 30.0  # shorter: no trachea in the field of view
+AIRWAY_RIM_MM = 2.0  # partial-volume rim of the lumen, given to the airways
+LAA_HU = -950.0  # %LAA-950: emphysema index threshold
+PERCENTILE = 15.0  # Perc15
 
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
 ENTIRE_BODY = Code("38266002", "SCT", "Entire body")
 LUNG = Code("39607008", "SCT", "Lung")
 LEFT = Code("7771000", "SCT", "Left")
 RIGHT = Code("24028007", "SCT", "Right")
+TRACHEA_AND_BRONCHUS = Code("110726009", "SCT", "Trachea and bronchus")  # CID 7151
+
+VOLUME = Code("118565006", "SCT", "Volume")
+ATTENUATION = Code("112031", "DCM", "Attenuation Coefficient")
+MEAN = Code("373098007", "SCT", "Mean")
+MILLILITER = Code("ml", "UCUM", "milliliter")
+HOUNSFIELD_UNIT = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+PERCENT = Code("%", "UCUM", "Percent")
+#: No standard code exists for these (DICOM PS3.16, SNOMED CT): private scheme,
+#: declared in the SR's CodingSchemeIdentificationSequence.
+PRIVATE_SCHEME = "99DICOMNODE"
+LAA_950 = Code("LAA950", PRIVATE_SCHEME, "Lung volume percentage below -950 HU")
+PERCENTILE_15 = Code("PERC15", PRIVATE_SCHEME, "15th percentile")
 
 
 class CtChestPipeline:
     """Threshold-and-morphology segmentation of the body and both lungs (TID 1500 ready)."""
 
     name = "ct-chest"
-    version = "0.1.0"
+    version = "0.2.0"
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, airways_segment: bool = False) -> None:
+        """``airways_segment``: report the airways as a segment of their own.
+
+        The airways are always taken out of the lungs; the segment is opt-in
+        until the consumers of the SEG expect a fourth segment.
+        """
         self.device = device
+        self.airways_segment = airways_segment
 
     def run(self, volume: Volume) -> AnalysisResult:
         _check_axial(volume)
         hu = torch.from_numpy(np.ascontiguousarray(volume.hu, dtype=np.float32)).to(self.device)
         body = self._body(hu, volume.spacing)
-        lungs = self._lungs(hu, body, volume)
+        internal = self._internal_air(hu, body)
+        airways = self._airways(internal, body, volume)
+        lungs = _remove_airways(internal & ~airways, body, volume)
         left, right = _split_left_right(lungs, body, volume)
         masks = {"body": body, "lung_left": left, "lung_right": right}
+        if self.airways_segment and airways.any():
+            masks["airways"] = airways
         segments = tuple(_segment(key, masks[key], volume) for key in masks)
         log.info(
-            "ct-chest: body %.0f ml, left lung %.0f ml, right lung %.0f ml",
-            *(s.volume_ml for s in segments),
+            "ct-chest: %s",
+            ", ".join(f"{s.key} {s.volume_ml:.0f} ml" for s in segments),
         )
         return AnalysisResult(
             pipeline=self.name,
@@ -64,6 +118,7 @@ class CtChestPipeline:
             algorithm_version=self.version,
             volume=volume,
             segments=segments,
+            groups=(_lungs_group(left | right, volume),),
         )
 
     def _body(self, hu: torch.Tensor, spacing: tuple[float, float, float]) -> np.ndarray:
@@ -77,13 +132,31 @@ class CtChestPipeline:
         body = (_dilate(core_t, radius) & tissue).cpu().numpy()
         return _fill_holes_per_slice(body)
 
-    def _lungs(self, hu: torch.Tensor, body: np.ndarray, volume: Volume) -> np.ndarray:
+    def _internal_air(self, hu: torch.Tensor, body: np.ndarray) -> np.ndarray:
         """Low-HU voxels in the body not connected to the air around the patient."""
         air = (hu < LUNG_MAX_HU).cpu().numpy()
         labels, _ = _components(air)
         touches_outside = np.bincount(labels[~body].ravel(), minlength=labels.max() + 1) > 0
-        internal = air & ~touches_outside[labels]
-        return _remove_airways(internal, body, volume)
+        return air & ~touches_outside[labels]
+
+    def _airways(self, internal: np.ndarray, body: np.ndarray, volume: Volume) -> np.ndarray:
+        """Trachea and main bronchi with their partial-volume rim; empty if not in view."""
+        empty = np.zeros_like(internal)
+        seed = _trachea_seed(internal, body, volume)
+        if seed is None:
+            log.info("ct-chest: no trachea in the top %.0f mm", AIRWAY_SEARCH_MM)
+            return empty
+        lumen = _grow_airways(volume.hu, internal, seed, volume)
+        if lumen is None:
+            return empty
+        slices = np.flatnonzero(lumen.any(axis=(1, 2)))
+        length = (slices[-1] - slices[0] + 1) * volume.spacing[0]
+        if length < AIRWAY_MIN_LENGTH_MM:
+            log.info("ct-chest: airway candidate only %.0f mm long, ignored", length)
+            return empty
+        radius = _inplane_radius(AIRWAY_RIM_MM, volume.spacing)
+        rim = _dilate(torch.from_numpy(lumen).to(self.device), radius).cpu().numpy()
+        return rim & internal
 
 
 def _check_axial(volume: Volume) -> None:
@@ -97,8 +170,99 @@ def _check_axial(volume: Volume) -> None:
         raise AnalysisError(f"ct-chest needs at least 2 slices, got {volume.hu.shape[0]}")
 
 
+def _trachea_seed(internal: np.ndarray, body: np.ndarray, volume: Volume) -> np.ndarray | None:
+    """The trachea's cross-section in the highest slice that shows one, as a 3-D mask.
+
+    A trachea is an air section of 50 to 800 mm2 close to the body's centre line
+    with air (< -900 HU) in it; the largest such section of the slice is taken.
+    """
+    pixel_area = volume.spacing[1] * volume.spacing[2]
+    count = min(volume.hu.shape[0], int(AIRWAY_SEARCH_MM / volume.spacing[0]) + 1)
+    top_first = (
+        range(volume.hu.shape[0] - 1, -1, -1)
+        if volume.direction[2, 2] > 0
+        else range(volume.hu.shape[0])
+    )
+    for k in list(top_first)[:count]:
+        if not internal[k].any():
+            continue
+        x = _patient_x(volume, k)
+        centre = float(x[body[k]].mean())
+        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(_image(internal[k])))
+        pixels = np.bincount(labels.ravel())
+        area = pixels * pixel_area
+        mean_x = np.bincount(labels.ravel(), weights=x.ravel()) / np.maximum(pixels, 1)
+        has_air = np.bincount(labels.ravel(), weights=volume.hu[k].ravel() < AIRWAY_SEED_MAX_HU)
+        fits = (
+            (area >= AIRWAY_MIN_AREA_MM2)
+            & (area <= AIRWAY_MAX_AREA_MM2)
+            & (np.abs(mean_x - centre) <= AIRWAY_MAX_OFFSET_MM)
+            & (has_air > 0)
+        )
+        fits[0] = False
+        if fits.any():
+            seed = np.zeros_like(internal)
+            seed[k] = labels == int(np.argmax(np.where(fits, area, -1.0)))
+            return seed
+    return None
+
+
+def _grow_airways(
+    hu: np.ndarray, internal: np.ndarray, seed: np.ndarray, volume: Volume
+) -> np.ndarray | None:
+    """Air connected to ``seed`` at the highest threshold before the growth explodes."""
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    best: np.ndarray | None = None
+    best_ml = 0.0
+    for threshold in AIRWAY_THRESHOLDS_HU:
+        candidate = internal & (hu < threshold)
+        labels, _ = _components(candidate)
+        ids = np.unique(labels[seed & candidate])
+        grown = np.isin(labels, ids[ids > 0])
+        grown_ml = float(grown.sum()) * voxel_ml
+        growth = grown_ml - best_ml
+        leaks = best is not None and growth > max(
+            AIRWAY_LEAK_MIN_ML, (AIRWAY_LEAK_RATIO - 1.0) * best_ml
+        )
+        if grown_ml > AIRWAY_MAX_ML or leaks:
+            log.info("ct-chest: airways leak at %.0f HU (%.0f ml)", threshold, grown_ml)
+            break
+        if grown_ml > 0:
+            best, best_ml = grown, grown_ml
+    return best
+
+
+def _lung_measurements(values: np.ndarray) -> tuple[Measurement, ...]:
+    """%LAA-950 and Perc15 of the HU ``values`` of a lung (or of both)."""
+    laa = 100.0 * float(np.count_nonzero(values < LAA_HU)) / values.size
+    perc15 = float(np.percentile(values, PERCENTILE))
+    return (
+        Measurement(name=LAA_950, value=laa, unit=PERCENT),
+        Measurement(name=ATTENUATION, value=perc15, unit=HOUNSFIELD_UNIT, derivation=PERCENTILE_15),
+    )
+
+
+def _lungs_group(lungs: np.ndarray, volume: Volume) -> SegmentGroup:
+    """Both lungs together: volume, mean lung density, %LAA-950 and Perc15."""
+    values = volume.hu[lungs].astype(np.float64)
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    return SegmentGroup(
+        key="lungs",
+        label="Lungs",
+        type=LUNG,
+        segment_keys=("lung_left", "lung_right"),
+        measurements=(
+            Measurement(name=VOLUME, value=values.size * voxel_ml, unit=MILLILITER),
+            Measurement(
+                name=ATTENUATION, value=float(values.mean()), unit=HOUNSFIELD_UNIT, derivation=MEAN
+            ),
+            *_lung_measurements(values),
+        ),
+    )
+
+
 def _remove_airways(lungs: np.ndarray, body: np.ndarray, volume: Volume) -> np.ndarray:
-    """Drop small air sections near the centre line: trachea and main bronchi."""
+    """Drop small air sections near the centre line left over from the airways."""
     pixel_area = volume.spacing[1] * volume.spacing[2]
     cleaned = lungs.copy()
     for k in range(lungs.shape[0]):
@@ -163,7 +327,9 @@ def _segment(key: str, mask: np.ndarray, volume: Volume) -> Segment:
         "body": ("Body", ENTIRE_BODY, None),
         "lung_left": ("Left lung", LUNG, LEFT),
         "lung_right": ("Right lung", LUNG, RIGHT),
+        "airways": ("Airways", TRACHEA_AND_BRONCHUS, None),
     }[key]
+    values = volume.hu[mask]
     return Segment(
         key=key,
         label=label,
@@ -172,7 +338,8 @@ def _segment(key: str, mask: np.ndarray, volume: Volume) -> Segment:
         laterality=laterality,
         mask=mask,
         volume_ml=count * voxel_ml,
-        mean_hu=float(volume.hu[mask].mean(dtype=np.float64)),
+        mean_hu=float(values.mean(dtype=np.float64)),
+        measurements=_lung_measurements(values) if segment_type == LUNG else (),
     )
 
 

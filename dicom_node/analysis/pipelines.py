@@ -17,7 +17,10 @@ PIPELINE_NAMES: tuple[str, ...] = ("ct-chest",)
 def _factories() -> dict[str, Callable[[torch.device], Pipeline]]:
     from dicom_node.analysis.ct_chest import CtChestPipeline
 
-    return {CtChestPipeline.name: CtChestPipeline}
+    def ct_chest(device: torch.device) -> Pipeline:
+        return CtChestPipeline(device, airways_segment=True)
+
+    return {CtChestPipeline.name: ct_chest}
 
 
 def build_pipeline(name: str, device: torch.device) -> Pipeline:

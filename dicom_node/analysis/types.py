@@ -46,6 +46,20 @@ class Volume:
 
 
 @dataclass(frozen=True)
+class Measurement:
+    """One numeric measurement (TID 300): a coded name, a value and its UCUM unit.
+
+    ``derivation`` (CID 7464 style) says how the value was derived from the
+    voxels, e.g. Mean or a percentile.
+    """
+
+    name: Code
+    value: float
+    unit: Code  # UCUM, e.g. Code("%", "UCUM", "Percent")
+    derivation: Code | None = None
+
+
+@dataclass(frozen=True)
 class Segment:
     """One segmented structure with its measurements."""
 
@@ -57,6 +71,22 @@ class Segment:
     mask: np.ndarray  # bool, same shape as Volume.hu
     volume_ml: float
     mean_hu: float
+    measurements: tuple[Measurement, ...] = ()  # beyond volume and mean HU
+
+
+@dataclass(frozen=True)
+class SegmentGroup:
+    """Measurements of several segments taken together, e.g. both lungs.
+
+    The SR reports it as a TID 1501 group with ``type`` as finding type and
+    site: a TID 1411 group can reference only one segment.
+    """
+
+    key: str  # stable identifier within a pipeline, e.g. "lungs"
+    label: str  # TrackingIdentifier, e.g. "Lungs"
+    type: Code  # e.g. Lung
+    segment_keys: tuple[str, ...]  # the segments measured together
+    measurements: tuple[Measurement, ...]
 
 
 @dataclass(frozen=True)
@@ -68,6 +98,7 @@ class AnalysisResult:
     algorithm_version: str
     volume: Volume
     segments: tuple[Segment, ...]
+    groups: tuple[SegmentGroup, ...] = ()
 
 
 class Pipeline(Protocol):

@@ -100,7 +100,12 @@ def algorithm_identification(result: AnalysisResult) -> hd.AlgorithmIdentificati
 
 def tracking_uid(uids: ResultUIDs, segment: Segment) -> str:
     """Deterministic Tracking UID of a segment: the same in the SEG and the SR, and on resend."""
-    name = f"{uids.seg_sop_uid}/{segment.key}"
+    return tracking_uid_for_key(uids, segment.key)
+
+
+def tracking_uid_for_key(uids: ResultUIDs, key: str) -> str:
+    """Deterministic Tracking UID of whatever ``key`` names in the result (segment or group)."""
+    name = f"{uids.seg_sop_uid}/{key}"
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 

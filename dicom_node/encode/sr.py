@@ -2,22 +2,29 @@
 
 TID 1500 Measurement Report with a device observer (TID 1004), one TID 1411
 Volumetric ROI group per segment that references the SEG segment (and the
-source series), with volume and mean attenuation (TID 1419 style) measured by
-the pipeline's algorithm. The evidence lists the SEG and every source image.
+source series), with volume, mean attenuation (TID 1419 style) and the
+segment's further measurements (e.g. %LAA-950, Perc15) measured by the
+pipeline's algorithm. Measurements of several segments together (e.g. both
+lungs) form a TID 1501 group: TID 1411 references exactly one segment, so that
+group names the structure as finding type and site instead. Codes of a private
+scheme (designator "99...") are declared in the CodingSchemeIdentificationSequence.
+The evidence lists the SEG and every source image.
 """
 
 from __future__ import annotations
 
 import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicom_node.analysis.types import AnalysisResult, Code, Segment
+from dicom_node.analysis.types import AnalysisResult, Code, Measurement, Segment, SegmentGroup
 from dicom_node.encode.seg import (
     ALGORITHM_FAMILY,
     drop_incomplete_study_references,
     referenced_source_series,
     tracking_uid,
+    tracking_uid_for_key,
 )
 from dicom_node.encode.types import Equipment, ResultUIDs
 
@@ -44,10 +51,17 @@ def build_sr(
         raise ValueError(
             f"SEG has {len(numbers)} segments but the result has {len(result.segments)}"
         )
-    groups = [
-        _measurement_group(result, segment, number, seg, uids)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=result.algorithm_name, version=result.algorithm_version, family=ALGORITHM_FAMILY
+    )
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = [
+        _measurement_group(algorithm, segment, number, seg, uids)
         for number, segment in enumerate(result.segments, start=1)
     ]
+    groups += [_aggregate_group(algorithm, group, uids) for group in result.groups]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(equipment),
         procedure_reported=CT_OF_CHEST,
@@ -64,6 +78,7 @@ def build_sr(
         is_complete=True,
         institution_name=equipment.institution_name,
         previous_versions=[predecessor] if predecessor is not None else None,
+        coding_schemes=_private_schemes(result) or None,
     )
     sr.ManufacturerModelName = equipment.model_name
     sr.SoftwareVersions = equipment.software_version
@@ -90,12 +105,13 @@ def _observation_context(equipment: Equipment) -> hd.sr.ObservationContext:
 
 
 def _measurement_group(
-    result: AnalysisResult, segment: Segment, number: int, seg: Dataset, uids: ResultUIDs
+    algorithm: hd.sr.AlgorithmIdentification,
+    segment: Segment,
+    number: int,
+    seg: Dataset,
+    uids: ResultUIDs,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411 group for one segment, referencing SEG segment ``number``."""
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=result.algorithm_name, version=result.algorithm_version, family=ALGORITHM_FAMILY
-    )
     site = hd.sr.FindingSite(
         anatomic_location=_code(segment.type),
         laterality=_code(segment.laterality) if segment.laterality is not None else None,
@@ -120,6 +136,7 @@ def _measurement_group(
             derivation=codes.SCT.Mean,
             algorithm_id=algorithm,
         ),
+        *(_measurement(m, algorithm) for m in segment.measurements),
     ]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -132,6 +149,56 @@ def _measurement_group(
         finding_sites=[site],
         measurements=measurements,
     )
+
+
+def _aggregate_group(
+    algorithm: hd.sr.AlgorithmIdentification, group: SegmentGroup, uids: ResultUIDs
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for measurements of several segments together, e.g. both lungs."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid_for_key(uids, group.key), identifier=group.label
+        ),
+        finding_type=_code(group.type),
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=_code(group.type))],
+        measurements=[_measurement(m, algorithm) for m in group.measurements],
+    )
+
+
+def _measurement(
+    measurement: Measurement, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=_code(measurement.name),
+        value=round(measurement.value, 3),
+        unit=_code(measurement.unit),
+        derivation=_code(measurement.derivation) if measurement.derivation is not None else None,
+        algorithm_id=algorithm,
+    )
+
+
+def _private_schemes(result: AnalysisResult) -> list[CodingSchemeIdentificationItem]:
+    """One CodingSchemeIdentificationSequence item per private ("99...") scheme used."""
+    codes_used = [
+        code
+        for measurements in (
+            *(s.measurements for s in result.segments),
+            *(g.measurements for g in result.groups),
+        )
+        for m in measurements
+        for code in (m.name, m.unit, m.derivation)
+        if code is not None
+    ]
+    schemes = sorted({c.scheme for c in codes_used if c.scheme.startswith("99")})
+    return [
+        CodingSchemeIdentificationItem(
+            designator=scheme,
+            name=f"{scheme} local codes of {result.algorithm_name}",
+            responsible_organization="dicom_node",
+        )
+        for scheme in schemes
+    ]
 
 
 def _code(code: Code) -> hd.sr.CodedConcept:

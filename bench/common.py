@@ -1,0 +1,378 @@
+"""Shared parts of the benchmarks: a synthetic CT series, the peers, timing and the report.
+
+Nothing runs at import. The peers come from ``tests/peers.py`` and ``tests/nodes.py`` (the
+same starters the tests use), so a benchmark measures what the tests exercise.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from rich.console import Console
+from rich.table import Table
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+from nodes import NodeProcess, node_settings  # noqa: E402
+from peers import (  # noqa: E402
+    LOCALHOST,
+    Orthanc,
+    PeerError,
+    Storescp,
+    dicom_files,
+    peer_env,
+    tool_path,
+    wait_until,
+)
+
+from dicom_node.journal import Journal  # noqa: E402
+
+CACHE_ROOT = Path("/tmp/dicom_node_bench")
+SERIES_VERSION = 1  # bump when the generated files change
+ROWS = COLUMNS = 512
+PIXEL_SPACING_MM = 0.78125
+SLICE_THICKNESS_MM = 1.25
+SENDER_AET = "BENCHSCU"
+SEND_TIMEOUT_S = 900.0
+CONSOLE_WIDTH = 120
+
+
+# --------------------------------------------------------------------------- data
+
+
+def ct_series(slices: int, cache_root: Path = CACHE_ROOT) -> list[Path]:
+    """``slices`` 512x512 int16 CT slices of one series; generated once, then reused."""
+    if slices < 1:
+        raise ValueError(f'slices must be at least 1, got "{slices}"')
+    folder = cache_root / f"ct-{slices}-v{SERIES_VERSION}"
+    if not (folder / ".complete").exists():
+        partial = cache_root / f".partial-{slices}-{time.time_ns()}"
+        partial.mkdir(parents=True)
+        _write_series(partial, slices)
+        (partial / ".complete").touch()
+        if folder.exists():  # an older, interrupted attempt
+            subprocess.run(["rm", "-rf", str(folder)], check=True)
+        partial.rename(folder)
+    files = dicom_files(folder)
+    if len(files) != slices:
+        raise RuntimeError(f"cache {folder} holds {len(files)} files, expected {slices}")
+    return files
+
+
+def _write_series(folder: Path, slices: int) -> None:
+    seed = ["dicom_node bench", str(slices), str(SERIES_VERSION)]
+    study_uid = generate_uid(entropy_srcs=[*seed, "study"])
+    series_uid = generate_uid(entropy_srcs=[*seed, "series"])
+    frame_uid = generate_uid(entropy_srcs=[*seed, "frame"])
+    phantom = _phantom()
+    rng = np.random.default_rng(slices)
+    for index in range(slices):
+        sop_uid = generate_uid(entropy_srcs=[*seed, "instance", str(index)])
+        ds = _ct_slice(study_uid, series_uid, frame_uid, sop_uid, index)
+        noise = rng.normal(0, 12, size=(ROWS, COLUMNS))
+        ds.PixelData = (phantom + noise).astype(np.int16).tobytes()
+        ds.save_as(folder / f"CT{index + 1:05d}.dcm", enforce_file_format=True)
+
+
+def _phantom() -> np.ndarray:
+    """Stored values (HU + 1024): air, a water-like body ellipse and two lungs."""
+    y, x = np.mgrid[-1 : 1 : ROWS * 1j, -1 : 1 : COLUMNS * 1j]
+    image = np.zeros((ROWS, COLUMNS))
+    image[(x / 0.85) ** 2 + (y / 0.65) ** 2 <= 1] = 1064.0
+    for centre in (-0.4, 0.4):
+        image[((x - centre) / 0.3) ** 2 + (y / 0.45) ** 2 <= 1] = 224.0
+    return image
+
+
+def _ct_slice(study: str, series: str, frame: str, sop: str, index: int) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "BENCH^CT", "BENCH", "", "O"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = "BENCH1", "1", ""
+    ds.Modality, ds.Manufacturer, ds.BodyPartExamined = "CT", "dicom_node bench", "CHEST"
+    ds.SeriesNumber, ds.InstanceNumber = 1, index + 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImagePositionPatient = [-200.0, -200.0, -index * SLICE_THICKNESS_MM]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [PIXEL_SPACING_MM, PIXEL_SPACING_MM]
+    ds.SliceThickness = SLICE_THICKNESS_MM
+    ds.SliceLocation = -index * SLICE_THICKNESS_MM
+    ds.KVP, ds.PositionReferenceIndicator = 120, ""
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = ROWS, COLUMNS
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    return ds
+
+
+def warm_page_cache(files: Sequence[Path]) -> None:
+    """Read every file once so that the first measurement does not pay for the disk."""
+    for path in files:
+        path.read_bytes()
+
+
+def settle() -> None:
+    """Write back every dirty page (``sync``) so that the unsynced writes of one contender
+    (storescp does not fsync) are not flushed during the next one's measurement."""
+    os.sync()
+
+
+def split(files: Sequence[Path], groups: int) -> list[list[Path]]:
+    """``groups`` contiguous, near-equal slices of ``files`` (one per sender)."""
+    if not 1 <= groups <= len(files):
+        raise ValueError(f'cannot split {len(files)} files into "{groups}" groups')
+    size = len(files)
+    return [list(files[i * size // groups : (i + 1) * size // groups]) for i in range(groups)]
+
+
+# --------------------------------------------------------------------------- receivers
+
+
+class Receiver(Protocol):
+    """A DICOM Storage SCP under test: started fresh for every measurement."""
+
+    name: str
+    aet: str
+
+    @property
+    def port(self) -> int: ...
+    def start(self) -> None: ...
+    def stored(self) -> int: ...
+    def peak_rss_kib(self) -> int | None: ...
+    def stop(self) -> None: ...
+
+
+class StorescpReceiver:
+    """dcmtk storescp writing into a fresh ``-od`` folder; ``--fork`` for concurrent loads."""
+
+    name = "dcmtk storescp"
+    aet = "STORESCP"
+
+    def __init__(self, workdir: Path, fork: bool) -> None:
+        self._scp = Storescp(
+            workdir, aet=self.aet, extra_args=("+xa", "--fork") if fork else ("+xa",)
+        )
+
+    @property
+    def port(self) -> int:
+        return self._scp.port
+
+    def start(self) -> None:
+        self._scp.start()
+
+    def stored(self) -> int:
+        return len(self._scp.received_files())
+
+    def peak_rss_kib(self) -> int | None:
+        return None
+
+    def stop(self) -> None:
+        self._scp.stop()
+
+
+class OrthancReceiver:
+    """Orthanc 1.10 with fresh storage and index, logging at its default level."""
+
+    name = "Orthanc"
+    aet = "ORTHANC"
+
+    def __init__(self, workdir: Path) -> None:
+        self._orthanc = Orthanc(workdir, aet=self.aet, verbose=False)
+
+    @property
+    def port(self) -> int:
+        return self._orthanc.dicom_port
+
+    def start(self) -> None:
+        self._orthanc.start()
+
+    def stored(self) -> int:
+        return int(self._orthanc.get("/statistics")["CountInstances"])
+
+    def peak_rss_kib(self) -> int | None:
+        return None
+
+    def stop(self) -> None:
+        self._orthanc.stop()
+
+
+class NodeReceiver:
+    """``dicom-node serve`` as a child process: no routes, fresh storage, no free-space floor."""
+
+    name = "dicom_node"
+    aet = "AINODE"
+
+    def __init__(self, workdir: Path) -> None:
+        self._storage = workdir / "var"
+        settings = node_settings(self._storage, node={"ae_title": self.aet}, routes=[])
+        self._node = NodeProcess(settings, workdir)
+
+    @property
+    def port(self) -> int:
+        return self._node.port
+
+    def start(self) -> None:
+        self._node.start()
+
+    def stored(self) -> int:
+        """Instances in the journal; each must also be a file under ``instances/``."""
+        journal = Journal(self._storage / "journal.sqlite")
+        try:
+            total = journal.state_counts()["instances"]["total"]
+        finally:
+            journal.close()
+        files = len(dicom_files(self._storage / "instances"))
+        if files != total:
+            raise PeerError(f"node journal has {total} instances but {files} files")
+        return total
+
+    def peak_rss_kib(self) -> int | None:
+        assert self._node.proc is not None
+        return status_kib(self._node.proc.pid, "VmHWM")
+
+    def stop(self) -> None:
+        code = self._node.stop()
+        if code != 0:
+            raise PeerError(f"node exited with {code}:\n{self._node.log()[-4000:]}")
+
+
+def status_kib(pid: int, field_name: str) -> int:
+    """A ``kB`` field of ``/proc/PID/status`` (Linux), e.g. VmHWM, the peak resident set."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise KeyError(f'"{field_name}" not in /proc/{pid}/status')
+
+
+def wait_stored(receiver: Receiver, expected: int, timeout: float = 10.0) -> int:
+    """The receiver's stored count once it reaches ``expected`` (or what it has at the deadline)."""
+    try:
+        wait_until(lambda: receiver.stored() >= expected, timeout, 0.05, "stored instances")
+    except TimeoutError:
+        pass
+    return receiver.stored()
+
+
+# --------------------------------------------------------------------------- sending
+
+
+def run_storescu(aet: str, port: int, groups: Sequence[Sequence[Path]], logdir: Path) -> float:
+    """One dcmtk storescu per group, all at once; wall seconds from the first start to the last
+    exit. Raises :class:`PeerError` if any of them fails."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    started = time.perf_counter()
+    for index, group in enumerate(groups):
+        args = [tool_path("storescu"), "-aec", aet, "-aet", SENDER_AET, "-R"]
+        args += [LOCALHOST, str(port), *map(str, group)]
+        with (logdir / f"storescu-{index}.log").open("wb") as log:
+            procs.append(
+                subprocess.Popen(args, env=peer_env(), stdout=log, stderr=subprocess.STDOUT)
+            )
+    codes = [proc.wait(SEND_TIMEOUT_S) for proc in procs]
+    elapsed = time.perf_counter() - started
+    if any(codes):
+        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in logdir.glob("*.log"))
+        raise PeerError(f"storescu exit codes {codes}:\n{logs}")
+    return elapsed
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Series:
+    """The measurements of one contender at one load: images/s per round."""
+
+    name: str
+    rates: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+
+@dataclass(frozen=True)
+class Target:
+    """``subject`` must reach ``factor`` times ``baseline`` (ratio of medians)."""
+
+    label: str
+    subject: Series
+    baseline: Series
+    factor: float
+
+    @property
+    def ratio(self) -> float:
+        return self.subject.median / self.baseline.median
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio >= self.factor
+
+
+def machine() -> str:
+    """CPU count and model, memory and load average: a busy machine gives noisy rates."""
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if "model name" in line),
+        "unknown CPU",
+    )
+    mem_kib = next((int(line.split()[1]) for line in _lines("/proc/meminfo")), 0)
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    return f"{os.cpu_count()} CPUs, {cpu}, {mem_kib / 2**20:.1f} GiB RAM, load average {load}"
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def console() -> Console:
+    return Console(width=CONSOLE_WIDTH, highlight=False)
+
+
+def rates_table(title: str, series: Sequence[Series], baselines: Sequence[Series]) -> Table:
+    """Median images/s per contender, each round, and the ratio to each baseline."""
+    table = Table(title=title)
+    table.add_column("contender")
+    table.add_column("median img/s", justify="right")
+    table.add_column("rounds img/s", justify="right")
+    for base in baselines:
+        table.add_column(f"vs {base.name}", justify="right")
+    for row in series:
+        ratios = [f"{row.median / base.median:.2f}x" for base in baselines]
+        rounds = " ".join(f"{rate:.1f}" for rate in row.rates)
+        table.add_row(row.name, f"{row.median:.1f}", rounds, *ratios)
+    return table
+
+
+def targets_table(targets: Sequence[Target]) -> Table:
+    table = Table(title="targets (ratio of medians)")
+    for name in ("target", "measured", "required", "result"):
+        table.add_column(name, justify="left" if name == "target" else "right")
+    for target in targets:
+        verdict = "[green]PASS[/]" if target.passed else "[red]FAIL[/]"
+        table.add_row(target.label, f"{target.ratio:.2f}x", f">= {target.factor}x", verdict)
+    return table

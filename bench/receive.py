@@ -1,0 +1,160 @@
+"""Receive benchmark: dcmtk storescp, Orthanc and our node, fed by dcmtk storescu.
+
+    .venv/bin/python bench/receive.py --slices 300 --rounds 3 [--concurrency 1 4] [--quick]
+
+Every round runs each load against each receiver in turn (storescp, Orthanc, node, storescp,
+...); every measurement gets a freshly started receiver with empty storage, so no run sees
+duplicates. A load of concurrency N splits the series into N groups and runs N storescu
+processes at once; the time is from the first start to the last exit. Each receiver must
+then hold every instance, or the run stops with exit status 1. Prints the medians, the
+ratios, the node's peak RSS and the targets; ``--check-targets`` exits 3 when one is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from common import (
+    NodeReceiver,
+    OrthancReceiver,
+    PeerError,
+    Receiver,
+    Series,
+    StorescpReceiver,
+    Target,
+    console,
+    ct_series,
+    machine,
+    rates_table,
+    run_storescu,
+    settle,
+    split,
+    targets_table,
+    wait_stored,
+    warm_page_cache,
+)
+
+# name -> factory(workdir, concurrency); the order is the order of the alternation
+RECEIVERS: dict[str, Callable[[Path, int], Receiver]] = {
+    "dcmtk storescp": lambda workdir, level: StorescpReceiver(workdir, fork=level > 1),
+    "Orthanc": lambda workdir, level: OrthancReceiver(workdir),
+    "dicom_node": lambda workdir, level: NodeReceiver(workdir),
+}
+ONE_ASSOC_VS_STORESCP = 0.5
+ONE_ASSOC_VS_ORTHANC = 1.5
+CONCURRENT_VS_STORESCP = 0.8
+
+
+def measure(
+    receiver: Receiver, files: Sequence[Path], level: int, workdir: Path
+) -> tuple[float, int | None]:
+    """Images/s of one load against a fresh receiver, and its peak RSS in KiB if known.
+
+    Raises :class:`PeerError` when the receiver did not store every instance.
+    """
+    receiver.start()
+    try:
+        settle()
+        seconds = run_storescu(receiver.aet, receiver.port, split(files, level), workdir)
+        stored = wait_stored(receiver, len(files))
+        rss = receiver.peak_rss_kib()
+    finally:
+        receiver.stop()
+    if stored != len(files):
+        raise PeerError(f"{receiver.name} stored {stored} of {len(files)} instances")
+    rate = len(files) / seconds
+    peak = "" if rss is None else f", peak RSS {rss / 1024:.0f} MiB"
+    print(
+        f"  {receiver.name:<15} x{level}: stored all {stored}/{len(files)} "
+        f"in {seconds:6.2f} s = {rate:7.1f} img/s{peak}",
+        flush=True,
+    )
+    return rate, rss
+
+
+def run(
+    files: Sequence[Path], rounds: int, levels: Sequence[int], tmp: Path
+) -> tuple[dict[int, list[Series]], dict[int, int]]:
+    """Alternate the receivers for each load, ``rounds`` times.
+
+    Returns the rates per load (one :class:`Series` per receiver) and the node's peak RSS
+    (KiB, highest over the rounds) per load.
+    """
+    results = {level: [Series(name) for name in RECEIVERS] for level in levels}
+    peak_rss: dict[int, int] = {}
+    for round_no in range(1, rounds + 1):
+        print(f"round {round_no}/{rounds}", flush=True)
+        for level in levels:
+            for index, factory in enumerate(RECEIVERS.values()):
+                workdir = tmp / f"r{round_no}-c{level}-{index}"
+                rate, rss = measure(factory(workdir, level), files, level, workdir)
+                results[level][index].rates.append(rate)
+                if rss is not None:
+                    peak_rss[level] = max(rss, peak_rss.get(level, 0))
+    return results, peak_rss
+
+
+def targets(results: dict[int, list[Series]]) -> list[Target]:
+    """The issue's targets for the loads that were run."""
+    found: list[Target] = []
+    for level, (storescp, orthanc, node) in results.items():
+        if level == 1:
+            found.append(Target("1 assoc: node vs storescp", node, storescp, ONE_ASSOC_VS_STORESCP))
+            found.append(Target("1 assoc: node vs Orthanc", node, orthanc, ONE_ASSOC_VS_ORTHANC))
+        else:
+            label = f"{level} assoc: node vs storescp"
+            found.append(Target(label, node, storescp, CONCURRENT_VS_STORESCP))
+    return found
+
+
+def report(results: dict[int, list[Series]], peak_rss: dict[int, int], slices: int) -> bool:
+    """Print one table per load, the node's peak RSS and the targets; True if all pass."""
+    out = console()
+    for level, series in results.items():
+        title = f"receive {slices} CT slices, {level} association(s) at once"
+        out.print(rates_table(title, series, baselines=series[:2]))
+    for level, rss in peak_rss.items():
+        out.print(f"node peak RSS (VmHWM) x{level}: {rss / 1024:.0f} MiB")
+    found = targets(results)
+    out.print(targets_table(found))
+    out.print(f"machine after the run: {machine()}")
+    return all(target.passed for target in found)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, default=300, help="CT slices in the series")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per receiver")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 4], help="storescu processes at once"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 20 slices, 1 round, concurrency 1 2"
+    )
+    parser.add_argument("--check-targets", action="store_true", help="exit 3 if a target fails")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.quick:
+        args.slices, args.rounds, args.concurrency = 20, 1, [1, 2]
+    print(f"machine: {machine()}", flush=True)
+    files = ct_series(args.slices)
+    warm_page_cache(files)
+    try:
+        with tempfile.TemporaryDirectory(prefix="dicom-node-bench-") as tmp:
+            results, peak_rss = run(files, args.rounds, args.concurrency, Path(tmp))
+    except PeerError as exc:
+        print(f"receive benchmark FAILED: {exc}", file=sys.stderr)
+        return 1
+    passed = report(results, peak_rss, args.slices)
+    return 3 if args.check_targets and not passed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
