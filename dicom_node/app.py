@@ -57,6 +57,7 @@ class Node:
         self.audit.open()
         self.audit.application("start", self.config.node.ae_title)
         self.spool.clear_tmp()
+        self.spool.remove_orphans(self.journal.all_instance_relpaths())
         resumed = self.journal.resume(time.time())
         if resumed:
             log.info("resuming %d job(s) interrupted during analysis", resumed)

@@ -27,103 +27,17 @@ from dicom_node.domain import (
     check_study,
     job_state_after_deliveries,
 )
-
-# Bump when the tables change; a journal of another version is refused at start.
-SCHEMA_VERSION = 2  # 2: deliveries gained the storage commitment columns
-
-metadata = sa.MetaData()
-
-
-class JournalSchemaError(Exception):
-    """The journal on disk was written by an incompatible version."""
-
-
-meta_table = sa.Table(
-    "meta",
+from dicom_node.reports import JournalReports
+from dicom_node.schema import (
+    SCHEMA_VERSION,
+    JournalSchemaError,
+    deliveries,
+    instances,
+    jobs,
+    meta_table,
     metadata,
-    sa.Column("key", sa.String, primary_key=True),
-    sa.Column("value", sa.String, nullable=False),
-)
-studies = sa.Table(
-    "studies",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("study_uid", sa.String(64), nullable=False, unique=True),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("calling_aet", sa.String(16), nullable=False),
-    sa.Column("first_received_at", sa.Float, nullable=False),
-    sa.Column("last_received_at", sa.Float, nullable=False),
-    sa.Column("completed_at", sa.Float),
-    sa.Column("generation", sa.Integer, nullable=False, default=1),
-    sa.Column("details", sa.JSON, nullable=False, default=dict),  # display text, untrusted
-)
-series = sa.Table(
-    "series",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("study_id", sa.ForeignKey("studies.id"), nullable=False, index=True),
-    sa.Column("series_uid", sa.String(64), nullable=False, unique=True),
-    sa.Column("modality", sa.String(16), nullable=False),
-    sa.Column("instance_count", sa.Integer, nullable=False, default=0),
-    sa.Column("details", sa.JSON, nullable=False, default=dict),  # display text, untrusted
-)
-instances = sa.Table(
-    "instances",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("sop_uid", sa.String(64), nullable=False, unique=True),
-    sa.Column("sop_class_uid", sa.String(64), nullable=False),
-    sa.Column("series_id", sa.ForeignKey("series.id"), nullable=False, index=True),
-    sa.Column("relpath", sa.String, nullable=False),
-    sa.Column("transfer_syntax", sa.String(64), nullable=False),
-    sa.Column("size", sa.Integer, nullable=False),
-    sa.Column("calling_aet", sa.String(16), nullable=False),
-    sa.Column("received_at", sa.Float, nullable=False),
-)
-jobs = sa.Table(
-    "jobs",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("study_id", sa.ForeignKey("studies.id"), nullable=False, index=True),
-    sa.Column("series_id", sa.ForeignKey("series.id"), nullable=False),
-    sa.Column("route", sa.String, nullable=False),
-    sa.Column("pipeline", sa.String, nullable=False),
-    sa.Column("send_to", sa.JSON, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, index=True),
-    sa.Column("instance_count", sa.Integer, nullable=False),
-    sa.Column("seg_series_uid", sa.String(64), nullable=False),
-    sa.Column("seg_sop_uid", sa.String(64), nullable=False),
-    sa.Column("sr_series_uid", sa.String(64), nullable=False),
-    sa.Column("sr_sop_uid", sa.String(64), nullable=False),
-    sa.Column("predecessor_id", sa.ForeignKey("jobs.id")),
-    sa.Column("error", sa.String),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),
-    # stage timings: analysis started, results written, all deliveries settled
-    sa.Column("started_at", sa.Float),
-    sa.Column("analysed_at", sa.Float),
-    sa.Column("finished_at", sa.Float),
-    sa.Column("analysis_seconds", sa.Float),
-    sa.Column("encode_seconds", sa.Float),
-)
-deliveries = sa.Table(
-    "deliveries",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("job_id", sa.ForeignKey("jobs.id"), nullable=False, index=True),
-    sa.Column("destination", sa.String, nullable=False),
-    sa.Column("ae_title", sa.String(16), nullable=False),
-    sa.Column("host", sa.String, nullable=False),
-    sa.Column("port", sa.Integer, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, index=True),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("next_attempt_at", sa.Float, nullable=False),
-    sa.Column("last_error", sa.String),
-    sa.Column("updated_at", sa.Float, nullable=False),
-    # storage commitment (PS3.4 J): the attempt's Transaction UID, report deadline, confirmation
-    sa.Column("commit_transaction_uid", sa.String(64), unique=True),
-    sa.Column("commit_deadline", sa.Float),
-    sa.Column("committed_at", sa.Float),
+    series,
+    studies,
 )
 
 
@@ -186,7 +100,7 @@ class StudySnapshot:
     jobs: tuple[Row, ...]
 
 
-class Journal:
+class Journal(JournalReports):
     """SQLite journal. ``now`` values are passed in so tests control time."""
 
     def __init__(self, path: Path) -> None:
@@ -440,13 +354,6 @@ class Journal:
             )
             return f"{len(dead)} delivery(ies) pending again"
 
-    def jobs_in_state(self, state: JobState, limit: int = 100) -> list[Row]:
-        with self._read() as conn:
-            query = sa.select(jobs).where(jobs.c.state == state).order_by(jobs.c.id.desc())
-            return list(conn.execute(query.limit(limit)))
-
-    # -- deliveries ---------------------------------------------------------
-
     def due_deliveries(self, now: float, limit: int = 32) -> list[Row]:
         with self._read() as conn:
             query = (
@@ -572,85 +479,6 @@ class Journal:
             )
             _settle_job(conn, row.job_id, now)
             return conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
-
-    def job_deliveries(self, job_id: int) -> list[Row]:
-        with self._read() as conn:
-            return list(conn.execute(sa.select(deliveries).where(deliveries.c.job_id == job_id)))
-
-    # -- reporting ----------------------------------------------------------
-
-    def state_counts(self) -> dict[str, dict[str, int]]:
-        """Counts by state for studies, jobs and deliveries, plus the instance total."""
-        with self._read() as conn:
-            out: dict[str, dict[str, int]] = {}
-            for name, table in (("studies", studies), ("jobs", jobs), ("deliveries", deliveries)):
-                query = sa.select(table.c.state, sa.func.count()).group_by(table.c.state)
-                out[name] = {state: count for state, count in conn.execute(query)}
-            out["instances"] = {
-                "total": int(conn.scalar(sa.select(sa.func.count(instances.c.id))) or 0)
-            }
-            return out
-
-    def recent_studies(self, limit: int = 50) -> list[Row]:
-        with self._read() as conn:
-            query = sa.select(studies).order_by(studies.c.last_received_at.desc()).limit(limit)
-            return list(conn.execute(query))
-
-    def recent_jobs(self, limit: int = 50) -> list[Row]:
-        with self._read() as conn:
-            return list(conn.execute(sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)))
-
-    def studies_overview(self, limit: int = 50) -> list[dict[str, Any]]:
-        """Recent studies, each with its series and jobs (for the dashboard and REST API)."""
-        with self._read() as conn:
-            query = sa.select(studies).order_by(studies.c.last_received_at.desc()).limit(limit)
-            study_rows = list(conn.execute(query))
-            ids = [row.id for row in study_rows]
-            series_rows = list(
-                conn.execute(
-                    sa.select(series).where(series.c.study_id.in_(ids)).order_by(series.c.id)
-                )
-            )
-            job_rows = list(
-                conn.execute(sa.select(jobs).where(jobs.c.study_id.in_(ids)).order_by(jobs.c.id))
-            )
-        out = []
-        for row in study_rows:
-            item = row._asdict()
-            item["series"] = [s._asdict() for s in series_rows if s.study_id == row.id]
-            item["jobs"] = [j._asdict() for j in job_rows if j.study_id == row.id]
-            out.append(item)
-        return out
-
-    def job_detail(self, job_id: int) -> dict[str, Any] | None:
-        """One job with its deliveries, or None."""
-        with self._read() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one_or_none()
-            if row is None:
-                return None
-            found = conn.execute(sa.select(deliveries).where(deliveries.c.job_id == job_id))
-            item = row._asdict()
-            item["deliveries"] = [d._asdict() for d in found]
-            return item
-
-    def study_instance_count(self, study_uid: str) -> int:
-        with self._read() as conn:
-            query = (
-                sa.select(sa.func.count(instances.c.id))
-                .select_from(instances.join(series).join(studies))
-                .where(studies.c.study_uid == study_uid)
-            )
-            return int(conn.scalar(query) or 0)
-
-    def jobs_for_study(self, study_uid: str) -> list[Row]:
-        with self._read() as conn:
-            query = (
-                sa.select(jobs)
-                .select_from(jobs.join(studies))
-                .where(studies.c.study_uid == study_uid)
-                .order_by(jobs.c.id)
-            )
-            return list(conn.execute(query))
 
 
 def _configure_connection(dbapi_connection: Any, _record: Any) -> None:

@@ -102,8 +102,20 @@ class Spool:
     def result_relpath(self, job_id: int, kind: str) -> str:
         return f"results/{job_id}/{kind}.dcm"
 
-    def iter_instance_relpaths(self) -> list[str]:
-        return [str(path.relative_to(self.root)) for path in self.instances.glob("*/*.dcm")]
+    def remove_orphans(self, known: set[str]) -> int:
+        """Delete instance files the journal does not know.
+
+        A crash between the rename into place and the journal commit leaves such a
+        file; it was never acknowledged, so the sender sends it again.
+        """
+        removed = 0
+        for path in self.instances.glob("*/*.dcm"):
+            if str(path.relative_to(self.root)) not in known:
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.warning("removed %d unacknowledged instance file(s) not in the journal", removed)
+        return removed
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -88,3 +88,22 @@ def test_sigkill_during_receive_loses_no_acknowledged_instance(tmp_path: Path) -
         )
         journal.close()
     assert restarted.proc is not None and restarted.proc.returncode == 0
+
+
+def test_an_unrecorded_instance_file_is_removed_at_start(tmp_path: Path) -> None:
+    """What a crash between the rename into place and the journal commit leaves behind."""
+    from nodes import running_node
+    from peers import GE_3SLICE
+    from test_worker import send
+
+    settings = node_settings(tmp_path / "var")
+    with running_node(settings) as node:
+        assert send(node, [pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])]) == [0]
+        (stored,) = node.journal.all_instance_relpaths()
+    stray = tmp_path / "var" / "instances" / "ab" / "stray.dcm"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"never acknowledged")
+    with running_node(settings) as node:
+        assert not stray.exists()
+        assert (tmp_path / "var" / stored).exists()  # journaled instances stay
+        assert node.journal.all_instance_relpaths() == {stored}

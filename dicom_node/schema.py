@@ -1,0 +1,103 @@
+"""The journal's tables (SQLAlchemy Core) and their schema version."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+# Bump when the tables change; a journal of another version is refused at start.
+SCHEMA_VERSION = 2  # 2: deliveries gained the storage commitment columns
+
+metadata = sa.MetaData()
+
+
+class JournalSchemaError(Exception):
+    """The journal on disk was written by an incompatible version."""
+
+
+meta_table = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String, primary_key=True),
+    sa.Column("value", sa.String, nullable=False),
+)
+studies = sa.Table(
+    "studies",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("study_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("calling_aet", sa.String(16), nullable=False),
+    sa.Column("first_received_at", sa.Float, nullable=False),
+    sa.Column("last_received_at", sa.Float, nullable=False),
+    sa.Column("completed_at", sa.Float),
+    sa.Column("generation", sa.Integer, nullable=False, default=1),
+    sa.Column("details", sa.JSON, nullable=False, default=dict),  # display text, untrusted
+)
+series = sa.Table(
+    "series",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("study_id", sa.ForeignKey("studies.id"), nullable=False, index=True),
+    sa.Column("series_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("modality", sa.String(16), nullable=False),
+    sa.Column("instance_count", sa.Integer, nullable=False, default=0),
+    sa.Column("details", sa.JSON, nullable=False, default=dict),  # display text, untrusted
+)
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("sop_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("sop_class_uid", sa.String(64), nullable=False),
+    sa.Column("series_id", sa.ForeignKey("series.id"), nullable=False, index=True),
+    sa.Column("relpath", sa.String, nullable=False),
+    sa.Column("transfer_syntax", sa.String(64), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("calling_aet", sa.String(16), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("study_id", sa.ForeignKey("studies.id"), nullable=False, index=True),
+    sa.Column("series_id", sa.ForeignKey("series.id"), nullable=False),
+    sa.Column("route", sa.String, nullable=False),
+    sa.Column("pipeline", sa.String, nullable=False),
+    sa.Column("send_to", sa.JSON, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("instance_count", sa.Integer, nullable=False),
+    sa.Column("seg_series_uid", sa.String(64), nullable=False),
+    sa.Column("seg_sop_uid", sa.String(64), nullable=False),
+    sa.Column("sr_series_uid", sa.String(64), nullable=False),
+    sa.Column("sr_sop_uid", sa.String(64), nullable=False),
+    sa.Column("predecessor_id", sa.ForeignKey("jobs.id")),
+    sa.Column("error", sa.String),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    # stage timings: analysis started, results written, all deliveries settled
+    sa.Column("started_at", sa.Float),
+    sa.Column("analysed_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("analysis_seconds", sa.Float),
+    sa.Column("encode_seconds", sa.Float),
+)
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("job_id", sa.ForeignKey("jobs.id"), nullable=False, index=True),
+    sa.Column("destination", sa.String, nullable=False),
+    sa.Column("ae_title", sa.String(16), nullable=False),
+    sa.Column("host", sa.String, nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),
+    sa.Column("last_error", sa.String),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    # storage commitment (PS3.4 J): the attempt's Transaction UID, report deadline, confirmation
+    sa.Column("commit_transaction_uid", sa.String(64), unique=True),
+    sa.Column("commit_deadline", sa.Float),
+    sa.Column("committed_at", sa.Float),
+)
