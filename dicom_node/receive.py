@@ -248,6 +248,8 @@ class Receiver:
         header = parse_header(
             data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
         )
+        if self._journal.has_instance(header.sop_uid):  # a resend: nothing to write
+            return self._duplicate(calling)
         try:
             self._spool.ensure_space(len(data))
         except LowSpace as exc:
@@ -275,16 +277,23 @@ class Receiver:
             recorded = self._journal.record_instance(received)
         except Exception as exc:
             self._spool.remove(relpath)
-            raise Rejected(OUT_OF_RESOURCES, f"cannot record the instance: {exc}") from exc
-        if recorded.duplicate:
+            # the exception text may quote the row (display details): keep it out of the log
+            log.debug("journal error", exc_info=True)
+            raise Rejected(
+                OUT_OF_RESOURCES, f"cannot record the instance ({type(exc).__name__})"
+            ) from exc
+        if recorded.duplicate:  # a concurrent association stored it first
             self._spool.remove(relpath)
-            self._metrics.instances_duplicate.labels(calling_aet=calling).inc()
-            log.info("instance already stored; acknowledged again (from %s)", calling)
-            return SUCCESS
+            return self._duplicate(calling)
         self._metrics.instances_received.labels(calling_aet=calling).inc()
         self._metrics.bytes_received.labels(calling_aet=calling).inc(len(data))
         self._audit.instance_received(calling, header.study_uid, header.sop_uid, SUCCESS)
         self._on_recorded(recorded)
+        return SUCCESS
+
+    def _duplicate(self, calling: str) -> int:
+        self._metrics.instances_duplicate.labels(calling_aet=calling).inc()
+        log.info("instance already stored; acknowledged again (from %s)", calling)
         return SUCCESS
 
     def _handle_event_report(self, event: evt.Event) -> tuple[int, pydicom.Dataset | None]:
