@@ -74,10 +74,10 @@ class Node:
     def stop(self, timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:
         """Stop accepting, drain bounded by ``timeout``, close the journal."""
         log.info("stopping: no new associations; draining (at most %.0f s)", timeout)
-        self.receiver.stop()
-        self.timers.stop()
         deadline = time.monotonic() + timeout
-        self.worker.stop(timeout)
+        self.receiver.stop(timeout)  # associations in progress may finish
+        self.timers.stop()
+        self.worker.stop(max(0.0, deadline - time.monotonic()))
         self.sender.stop(max(0.0, deadline - time.monotonic()))
         if self.web is not None:
             self.web.stop()

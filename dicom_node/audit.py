@@ -10,6 +10,7 @@ is flushed as one ``write``; it is never rewritten by the node.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,14 +56,18 @@ class AuditTrail:
         self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
     def close(self) -> None:
-        fd, self._fd = self._fd, None
+        with self._lock:
+            fd, self._fd = self._fd, None
         if fd is not None:
             os.fsync(fd)
             os.close(fd)
 
     def record(self, event: EventType, outcome: int = SUCCESS, **fields: Any) -> None:
-        """Append one record; ``fields`` carry participants and object UIDs."""
-        if self._fd is None:
+        """Append one record; ``fields`` carry participants and object UIDs.
+
+        Never raises: a failing audit file is logged, and the work it records goes on.
+        """
+        if self._path is None:
             return
         entry = {
             "ts": datetime.fromtimestamp(self._clock(), UTC).isoformat(timespec="milliseconds"),
@@ -69,9 +76,15 @@ class AuditTrail:
             "outcome": outcome,
             **{key: value for key, value in fields.items() if value is not None},
         }
-        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+        line = (json.dumps(entry, sort_keys=True, default=str) + "\n").encode()
         with self._lock:
-            os.write(self._fd, line)
+            fd = self._fd
+            if fd is None:
+                return
+            try:
+                os.write(fd, line)
+            except OSError as exc:
+                log.error("cannot append to the audit trail %s: %s", self._path, exc.strerror)
 
     # -- the node's events ------------------------------------------------------
 

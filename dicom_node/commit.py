@@ -33,11 +33,11 @@ from dicom_node.journal import Journal, Row
 from dicom_node.send import (
     Peer,
     SendError,
-    _associate,
-    _status_text,
+    associate,
     next_attempt_at,
     observe_send_stage,
     report_failure,
+    status_text,
 )
 from dicom_node.web.metrics import Metrics
 
@@ -115,7 +115,7 @@ def request_commitment(
     on_report: Callable[[evt.Event], tuple[int, Dataset | None]],
 ) -> None:
     """Send the N-ACTION; ``on_report`` answers a report sent back on this association."""
-    assoc = _associate(
+    assoc = associate(
         calling_aet, peer, [(STORAGE_COMMITMENT_PUSH_MODEL, COMMITMENT_SYNTAXES)], timeout
     )
     try:
@@ -138,7 +138,7 @@ def request_commitment(
             assoc.release()
     if not status or int(status.Status) != SUCCESS:
         raise SendError(
-            f"storage commitment N-ACTION to {peer.ae_title} failed: {_status_text(status)}"
+            f"storage commitment N-ACTION to {peer.ae_title} failed: {status_text(status)}"
         )
 
 

@@ -222,28 +222,44 @@ class NodeConfig(_Section):
 
     @model_validator(mode="after")
     def _references(self) -> NodeConfig:
-        from dicom_node.analysis.pipelines import PIPELINE_NAMES
-
-        problems = []
-        if SOURCE_DESTINATION in self.destinations:
-            problems.append(f"destinations.{SOURCE_DESTINATION}: the name is reserved")
-        names = [route.name for route in self.routes]
-        for index, route in enumerate(self.routes):
-            if names.count(route.name) > 1:
-                problems.append(f"routes.{index}.name: {route.name!r} is used twice")
-            if route.pipeline not in PIPELINE_NAMES:
-                known = ", ".join(PIPELINE_NAMES)
-                problems.append(
-                    f"routes.{index}.pipeline: unknown pipeline {route.pipeline!r} (known: {known})"
-                )
-            for name in route.send_to:
-                if name != SOURCE_DESTINATION and name not in self.destinations:
-                    problems.append(f"routes.{index}.send_to: unknown destination {name!r}")
+        problems = reference_problems(self.model_dump(by_alias=True))
         if self.sending.backoff_max_seconds < self.sending.backoff_initial_seconds:
             problems.append("sending.backoff_max_seconds: smaller than backoff_initial_seconds")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def reference_problems(data: dict[str, Any]) -> list[str]:
+    """Names that point nowhere: pipelines, destinations, duplicate route names.
+
+    Works on the raw mapping too, so that these are reported together with any
+    field errors (pydantic skips model-level checks when a field is invalid).
+    """
+    from dicom_node.analysis.pipelines import PIPELINE_NAMES
+
+    destinations = data.get("destinations")
+    destinations = destinations if isinstance(destinations, dict) else {}
+    routes = data.get("routes")
+    routes = [r for r in routes if isinstance(r, dict)] if isinstance(routes, list) else []
+    problems = []
+    if SOURCE_DESTINATION in destinations:
+        problems.append(f"destinations.{SOURCE_DESTINATION}: the name is reserved")
+    names = [route.get("name") for route in routes]
+    for index, route in enumerate(routes):
+        if route.get("name") is not None and names.count(route.get("name")) > 1:
+            problems.append(f"routes.{index}.name: {route.get('name')!r} is used twice")
+        pipeline = route.get("pipeline")
+        if isinstance(pipeline, str) and pipeline not in PIPELINE_NAMES:
+            known = ", ".join(PIPELINE_NAMES)
+            problems.append(
+                f"routes.{index}.pipeline: unknown pipeline {pipeline!r} (known: {known})"
+            )
+        send_to = route.get("send_to")
+        for name in send_to if isinstance(send_to, list) else []:
+            if name != SOURCE_DESTINATION and name not in destinations:
+                problems.append(f"routes.{index}.send_to: unknown destination {name!r}")
+    return problems
 
 
 class ConfigError(Exception):
@@ -275,6 +291,7 @@ def parse_config(data: Any, source: str = "<config>") -> NodeConfig:
         return NodeConfig.model_validate(data)
     except ValidationError as exc:
         problems = [line for error in exc.errors() for line in _format_error(error)]
+        problems += [p for p in reference_problems(data) if p not in problems]
         raise ConfigError(source, problems) from None
 
 

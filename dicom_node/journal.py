@@ -41,6 +41,10 @@ from dicom_node.schema import (
 )
 
 
+class UIDConflict(Exception):
+    """A received UID contradicts what the journal already holds."""
+
+
 @dataclass(frozen=True)
 class ReceivedInstance:
     """An instance written to the spool, about to be recorded."""
@@ -108,6 +112,7 @@ class Journal(JournalReports):
         self._engine: Engine = sa.create_engine(
             f"sqlite:///{path}",
             connect_args={"check_same_thread": False, "timeout": 30},
+            hide_parameters=True,  # errors must not quote rows (display details)
             pool_size=8,
             max_overflow=8,
         )
@@ -157,15 +162,16 @@ class Journal(JournalReports):
     def record_instance(self, inst: ReceivedInstance) -> Recorded:
         """Record a stored instance; a known SOP Instance UID is a duplicate."""
         with self._write() as conn:
-            known = conn.scalar(
-                sa.select(instances.c.id).where(instances.c.sop_uid == inst.sop_uid)
+            known_study = conn.scalar(
+                sa.select(series.c.study_id)
+                .select_from(instances.join(series))
+                .where(instances.c.sop_uid == inst.sop_uid)
             )
+            if known_study is not None:
+                return Recorded(known_study, duplicate=True, reopened=False, opened=False)
             study = conn.execute(
                 sa.select(studies).where(studies.c.study_uid == inst.study_uid)
             ).one_or_none()
-            if known is not None:
-                assert study is not None  # an instance always has its study
-                return Recorded(study.id, duplicate=True, reopened=False, opened=False)
             study_id, reopened, opened = _touch_study(conn, study, inst)
             series_id = _touch_series(conn, study_id, inst)
             conn.execute(
@@ -520,6 +526,8 @@ def _touch_series(conn: Connection, study_id: int, inst: ReceivedInstance) -> in
     row = conn.execute(
         sa.select(series.c.id, series.c.study_id).where(series.c.series_uid == inst.series_uid)
     ).one_or_none()
+    if row is not None and row.study_id != study_id:
+        raise UIDConflict("SeriesInstanceUID already belongs to another study")
     if row is None:
         result = conn.execute(
             series.insert().values(

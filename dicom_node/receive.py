@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -30,7 +30,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import NodeSection
-from dicom_node.journal import Journal, ReceivedInstance, Recorded
+from dicom_node.journal import Journal, ReceivedInstance, Recorded, UIDConflict
 from dicom_node.logs import log_context
 from dicom_node.store import LowSpace, Spool
 from dicom_node.tls import describe, server_context
@@ -170,7 +170,6 @@ class Receiver:
         self._clock = clock
         self._on_recorded = on_recorded
         self._server: ThreadedAssociationServer | None = None
-        self._lock = threading.Lock()
         # Built here so that a certificate that cannot be used stops the node before it starts.
         self._ssl_context = None if config.tls is None else server_context(config.tls)
 
@@ -210,11 +209,23 @@ class Receiver:
             log.info("TLS on (%s)", describe(self._ssl_context))
         return self.address
 
-    def stop(self) -> None:
-        """Stop accepting; associations in progress are allowed to finish."""
+    def stop(self, timeout: float = 30.0) -> int:
+        """Stop accepting; let associations in progress finish for up to ``timeout`` s.
+
+        Returns how many were still open at the deadline (their unacknowledged
+        instances will be sent again by their senders).
+        """
         server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
+        if server is None:
+            return 0
+        server.shutdown()
+        deadline = time.monotonic() + timeout
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling a thread list: no event to wait on
+        left = len(server.active_associations)
+        if left:
+            log.warning("%d association(s) still open after %.0f s; closing", left, timeout)
+        return left
 
     def _handle_store(self, event: evt.Event) -> int:
         with log_context(calling_aet=event.assoc.requestor.ae_title):
@@ -275,6 +286,9 @@ class Receiver:
         )
         try:
             recorded = self._journal.record_instance(received)
+        except UIDConflict as exc:
+            self._spool.remove(relpath)
+            raise Rejected(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
         except Exception as exc:
             self._spool.remove(relpath)
             # the exception text may quote the row (display details): keep it out of the log
@@ -285,10 +299,10 @@ class Receiver:
         if recorded.duplicate:  # a concurrent association stored it first
             self._spool.remove(relpath)
             return self._duplicate(calling)
+        self._on_recorded(recorded)  # first: the study's completion timer depends on it
         self._metrics.instances_received.labels(calling_aet=calling).inc()
         self._metrics.bytes_received.labels(calling_aet=calling).inc(len(data))
         self._audit.instance_received(calling, header.study_uid, header.sop_uid, SUCCESS)
-        self._on_recorded(recorded)
         return SUCCESS
 
     def _duplicate(self, calling: str) -> int:

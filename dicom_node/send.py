@@ -63,7 +63,7 @@ def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
         raise SendError(f"TLS to {peer.ae_title}: {exc}") from exc
 
 
-def _associate(
+def associate(
     calling_aet: str, peer: Peer, contexts: Iterable[tuple[str, list[str]]], timeout: float
 ) -> Association:
     ae = AE(ae_title=calling_aet)
@@ -111,13 +111,13 @@ def keep_responses_for_the_requestor(assoc: Association) -> None:
 
 def echo(calling_aet: str, peer: Peer, timeout: float = 10.0) -> None:
     """C-ECHO the peer; raise :class:`SendError` unless it answers success."""
-    assoc = _associate(calling_aet, peer, [(Verification, ["1.2.840.10008.1.2"])], timeout)
+    assoc = associate(calling_aet, peer, [(Verification, ["1.2.840.10008.1.2"])], timeout)
     try:
         status = assoc.send_c_echo()
     finally:
         assoc.release()
     if not status or status.Status != 0x0000:
-        raise SendError(f"C-ECHO to {peer.ae_title} failed: {_status_text(status)}")
+        raise SendError(f"C-ECHO to {peer.ae_title} failed: {status_text(status)}")
 
 
 def dicom_files(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
@@ -164,13 +164,13 @@ def store_files(
     """C-STORE every file over one association; raise :class:`SendError` on the first failure."""
     if not paths:
         return
-    assoc = _associate(calling_aet, peer, _contexts(paths), timeout)
+    assoc = associate(calling_aet, peer, _contexts(paths), timeout)
     try:
         for path in paths:
             status = assoc.send_c_store(path)
             if not status or int(status.Status) not in STORED_STATUSES:
                 raise SendError(
-                    f"C-STORE of {path.name} to {peer.ae_title} failed: {_status_text(status)}"
+                    f"C-STORE of {path.name} to {peer.ae_title} failed: {status_text(status)}"
                 )
             if progress is not None:
                 progress(path, int(status.Status))
@@ -179,7 +179,7 @@ def store_files(
             assoc.release()
 
 
-def _status_text(status: pydicom.Dataset | None) -> str:
+def status_text(status: pydicom.Dataset | None) -> str:
     if not status:
         return "no response (connection lost, timeout or aborted)"
     return f"status 0x{int(status.Status):04X}"
@@ -300,16 +300,23 @@ class Sender:
     def send_due(self) -> int:
         """Attempt every due delivery once; return how many were attempted.
 
-        Storage commitments past their deadline become retries first.
+        Storage commitments past their deadline become retries first. After one
+        failure, a destination's other deliveries wait for the next pass, so a dead
+        peer costs one timeout per pass, not one per delivery, and others go first.
         """
         if self._commitments is not None:
             self._commitments.expire_overdue()
-        due = self._journal.due_deliveries(self._clock())
-        for delivery in due:
+        failing: set[str] = set()
+        attempted = 0
+        for delivery in self._journal.due_deliveries(self._clock()):
             if self._stopping.is_set():
                 break
-            self.attempt(delivery)
-        return len(due)
+            if delivery.destination in failing:
+                continue
+            attempted += 1
+            if self.attempt(delivery) not in (DeliveryState.SENT, DeliveryState.COMMITTING):
+                failing.add(delivery.destination)
+        return attempted
 
     def attempt(self, delivery: Row) -> DeliveryState:
         """One attempt for one delivery; records SENT, COMMITTING, a retry time or DEAD."""

@@ -88,12 +88,15 @@ class Spool:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+            created = not final.parent.exists()
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp, final)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
         _fsync_dir(final.parent)
+        if created:  # the new folder's own entry must be durable too
+            _fsync_dir(final.parent.parent)
         return final
 
     def remove(self, relpath: str) -> None:

@@ -7,8 +7,10 @@ the job's FAILED state with a reason; nothing inside it logs patient data.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from io import BytesIO
 
@@ -102,7 +104,7 @@ class Worker:
             try:
                 self._analyse(job)
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = describe_failure(exc)
                 log.error("job %d (%s): analysis failed: %s", job.id, job.pipeline, reason)
                 log.debug("job %d traceback", job.id, exc_info=True)
                 self._journal.job_failed(job.id, reason, self._clock())
@@ -155,8 +157,27 @@ class Worker:
                 log.error("cannot send to source: %s", error)
                 return DeliverySpec(name, calling_aet, "", 0, DeliveryState.DEAD, error)
             name = matches[0]
-        dest = self._destinations[name]
+        dest = self._destinations.get(name)
+        if dest is None:  # removed from the config since the job was created
+            error = f"destination {name!r} is no longer configured"
+            log.error("cannot send: %s", error)
+            return DeliverySpec(name, "", "", 0, DeliveryState.DEAD, error)
         return DeliverySpec(name, dest.ae_title, dest.host, dest.port)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A failure's reason for the log, the journal and the dashboard.
+
+    Messages raised by our own code are written without patient data; those of
+    third-party libraries may quote element values, so only their type is kept
+    (the full text is in the DEBUG log).
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = bool(frames) and f"{os.sep}dicom_node{os.sep}" in frames[-1].filename
+    if ours:
+        return f"{type(exc).__name__}: {exc}"
+    origin = frames[-1].filename.rsplit(os.sep, 2)[-2] if frames else "?"
+    return f"{type(exc).__name__} raised in {origin} (details in the DEBUG log)"
 
 
 def _encode(ds: Dataset) -> bytes:

@@ -153,3 +153,17 @@ def test_config_from_environment_variable(tmp_path: Path) -> None:
     missing = _cli("check-config", env=env)
     assert missing.returncode == 2
     assert "DICOM_NODE_CONFIG" in missing.stderr
+
+
+def test_field_errors_and_dangling_names_are_reported_together() -> None:
+    data = {
+        "node": {"ae_title": "N", "bogus": 1},
+        "routes": [{"name": "r", "pipeline": "nope", "send_to": ["nowhere"]}],
+    }
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    problems = err.value.problems
+    assert "node.bogus: unknown key" in problems
+    assert any(p.startswith("routes.0.pipeline: unknown pipeline 'nope'") for p in problems)
+    assert "routes.0.send_to: unknown destination 'nowhere'" in problems
+    assert len(problems) == 3, problems

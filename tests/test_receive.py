@@ -14,7 +14,15 @@ from pathlib import Path
 import pydicom
 import pytest
 from nodes import echo_ok, node_settings, running_node
-from peers import GE_3SLICE, LOCALHOST, PHILIPS_L, patch_siemens_copy, require_tools, storescu
+from peers import (
+    GE_3SLICE,
+    LOCALHOST,
+    PHILIPS_L,
+    patch_siemens_copy,
+    require_tools,
+    storescu,
+    wait_until,
+)
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -255,3 +263,34 @@ def test_free_space_watermark_refuses_before_the_disk_is_full_and_recovers(
             assert "accepting again" in caplog.text
     finally:
         subprocess.run(["umount", "-l", str(storage)], check=False)
+
+
+def test_a_series_uid_reused_by_another_study_is_refused(node: Node) -> None:
+    first = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])
+    other = copy.deepcopy(first)
+    other.StudyInstanceUID = generate_uid()  # same series UID, different study
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    with association(node) as assoc:
+        assert assoc.send_c_store(first).Status == 0
+        assert assoc.send_c_store(other).Status == 0xA900
+    assert node.journal.state_counts()["instances"]["total"] == 1
+    assert len(_stored_files(node)) == 1
+
+
+def test_stop_lets_an_association_in_progress_finish(tmp_path: Path) -> None:
+    import threading
+
+    files = [pydicom.dcmread(p) for p in sorted(GE_3SLICE.glob("*.dcm"))]
+    with running_node(node_settings(tmp_path / "var")) as node:
+        port = _port(node)
+        with association(node) as assoc:
+            assert assoc.send_c_store(files[0]).Status == 0
+            stopping = threading.Thread(target=node.receiver.stop, args=(20,))
+            stopping.start()
+            wait_until(lambda: not node.receiver.running, 5, 0.01, "the listener to close")
+            # the open association is still served while the node drains
+            assert [assoc.send_c_store(ds).Status for ds in files[1:]] == [0, 0]
+        stopping.join(20)
+        assert not stopping.is_alive()
+        assert node.journal.state_counts()["instances"]["total"] == 3
+        assert not echo_ok(port)  # no new associations

@@ -107,11 +107,11 @@ def test_a_response_taken_by_the_reactor_goes_back_to_the_sender(tmp_path: Path)
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-    from dicom_node.send import Peer, _associate
+    from dicom_node.send import Peer, associate
 
     with Storescp(tmp_path / "scp") as scp:
         peer = Peer(scp.aet, LOCALHOST, scp.port)
-        assoc = _associate("AINODE", peer, [(CTImageStorage, ["1.2.840.10008.1.2"])], 5)
+        assoc = associate("AINODE", peer, [(CTImageStorage, ["1.2.840.10008.1.2"])], 5)
         try:
             response = C_STORE()
             response.MessageIDBeingRespondedTo = 1
@@ -145,7 +145,8 @@ def test_refusing_and_silent_destinations_are_retried(tmp_path: Path) -> None:
     accepting = threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True)
     accepting.start()
     try:
-        for port, expected in ((refusing_port, "was rejected"), (silent.getsockname()[1], "")):
+        silent_port = silent.getsockname()[1]
+        for port, expected in ((refusing_port, "was rejected"), (silent_port, "not established")):
             harness = Harness(tmp_path / f"var{port}", Clock())
             job_id = job_with_results(harness, port)
             sender = make_sender(harness, max_attempts=5, timeout=1.0)

@@ -128,3 +128,22 @@ def test_source_without_a_destination_is_dead_lettered(tmp_path: Path) -> None:
         )
         (delivery,) = node.journal.job_deliveries(job.id)
     assert "no destination is configured with the sending AE title 'UNKNOWN'" in delivery.last_error
+
+
+def test_failure_reasons_keep_third_party_messages_out() -> None:
+    import json
+
+    from dicom_node.analysis.volume import load_series
+    from dicom_node.worker import describe_failure
+
+    try:
+        json.loads("{'PatientName': 'Doe^Jane'}")
+    except ValueError as exc:
+        foreign = describe_failure(exc)
+    assert foreign == "JSONDecodeError raised in json (details in the DEBUG log)"
+    assert "Doe" not in foreign
+    try:
+        load_series([])  # our own code: its message is written without patient data
+    except ValueError as exc:
+        ours = describe_failure(exc)
+    assert ours.startswith("ValueError: ") and "(details in the DEBUG log)" not in ours

@@ -102,6 +102,8 @@ class WebServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 30  # an idle HTTP connection does not hold its thread forever
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 server._dispatch(self, "GET")
 
