@@ -45,6 +45,16 @@ def node_settings(storage: Path, **sections: Any) -> dict[str, Any]:
     return settings
 
 
+def chest_route(send_to: list[str], name: str = "chest") -> dict[str, Any]:
+    """The usual route of these tests: every CT series to ct-chest."""
+    return {"name": name, "when": {"Modality": "CT"}, "pipeline": "ct-chest", "send_to": send_to}
+
+
+def pacs_destination(pacs: Any, **options: Any) -> dict[str, Any]:
+    """``destinations`` naming an Orthanc peer ``pacs``."""
+    return {"pacs": {"ae_title": pacs.aet, "host": LOCALHOST, "port": pacs.dicom_port, **options}}
+
+
 @contextmanager
 def running_node(settings: dict[str, Any]) -> Iterator[Node]:
     """Build and start a node in this process; stop it afterwards."""

@@ -11,7 +11,7 @@ import pytest
 from dicom_node.assemble import Assembler
 from dicom_node.config import parse_config
 from dicom_node.domain import DeliveryState, IllegalTransition, JobState
-from dicom_node.journal import DeliverySpec, Journal, ReceivedInstance
+from dicom_node.journal import DeliverySpec, Journal, ReceivedInstance, Row
 from dicom_node.store import Spool
 
 GE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "dcmqi-ct-3slice" / "dicom"
@@ -73,6 +73,16 @@ class Harness:
             self.timers,
             on_jobs=self.new_jobs.extend,
         )
+
+    def claimed_job(self) -> Row:
+        """Receive the GE study, let it complete, and claim its job for analysis."""
+        for path in ge_files():
+            self.receive(path)
+        self.clock.now += IDLE
+        self.timers.fire_due(self.clock.now)
+        job = self.journal.claim_job(self.clock.now)
+        assert job is not None
+        return job
 
     def receive(self, path: Path, sop_uid: str | None = None) -> None:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -178,23 +188,14 @@ def test_completion_survives_restart(tmp_path: Path) -> None:
 
 
 def test_restart_requeues_job_caught_mid_analysis(harness: Harness) -> None:
-    for path in ge_files():
-        harness.receive(path)
-    harness.clock.now += IDLE
-    harness.timers.fire_due(harness.clock.now)
-    job = harness.journal.claim_job(harness.clock.now)
-    assert job is not None and job.state == JobState.ANALYSING
+    job = harness.claimed_job()
+    assert job.state == JobState.ANALYSING
     assert harness.journal.resume(harness.clock.now) == 1
     assert harness.journal.job(job.id).state == JobState.QUEUED
 
 
 def test_delivery_outcomes_settle_the_job(harness: Harness) -> None:
-    for path in ge_files():
-        harness.receive(path)
-    harness.clock.now += IDLE
-    harness.timers.fire_due(harness.clock.now)
-    job = harness.journal.claim_job(harness.clock.now)
-    assert job is not None
+    job = harness.claimed_job()
     harness.journal.job_analysed(
         job.id,
         [DeliverySpec("a", "A", "h", 1), DeliverySpec("b", "B", "h", 2)],
@@ -217,12 +218,8 @@ def test_delivery_outcomes_settle_the_job(harness: Harness) -> None:
 
 
 def test_operator_retry_of_failed_and_dead_letter_jobs(harness: Harness) -> None:
-    for path in ge_files():
-        harness.receive(path)
-    harness.clock.now += IDLE
-    harness.timers.fire_due(harness.clock.now)
-    job = harness.journal.claim_job(harness.clock.now)
-    assert job is not None and job.started_at == harness.clock.now
+    job = harness.claimed_job()
+    assert job.started_at == harness.clock.now
     harness.journal.job_failed(job.id, "AnalysisError: no lungs", harness.clock.now)
     assert harness.journal.retry_job(job.id, harness.clock.now) == "queued for analysis again"
     job = harness.journal.claim_job(harness.clock.now)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from nodes import NodeProcess, node_settings
+from nodes import NodeProcess, chest_route, node_settings, pacs_destination
 from peers import GE_3SLICE, LOCALHOST, PHILIPS_L, Orthanc, require_tools, wait_until
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -124,17 +124,8 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(tmp_path
     with Orthanc(tmp_path / "orthanc") as pacs:
         settings = node_settings(
             tmp_path / "var",
-            destinations={
-                "pacs": {"ae_title": "ORTHANC", "host": LOCALHOST, "port": pacs.dicom_port}
-            },
-            routes=[
-                {
-                    "name": "chest",
-                    "when": {"Modality": "CT"},
-                    "pipeline": "ct-chest",
-                    "send_to": ["pacs"],
-                }
-            ],
+            destinations=pacs_destination(pacs),
+            routes=[chest_route(["pacs"])],
             sending={
                 "max_attempts": 50,
                 "backoff_initial_seconds": 0.2,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from nodes import node_settings, running_node
+from nodes import node_settings, pacs_destination, running_node
 from peers import GE_3SLICE, LOCALHOST, Orthanc, free_port, require_tools, wait_until
 from pydicom import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
@@ -259,14 +259,7 @@ def test_orthanc_confirms_the_commitment(tmp_path: Path, caplog: pytest.LogCaptu
         settings = node_settings(
             tmp_path / "var",
             node={"port": node_port},
-            destinations={
-                "pacs": {
-                    "ae_title": "ORTHANC",
-                    "host": LOCALHOST,
-                    "port": pacs.dicom_port,
-                    "storage_commitment": True,
-                }
-            },
+            destinations=pacs_destination(pacs, storage_commitment=True),
             routes=[ROUTE],
         )
         ge = ge_datasets()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from dciodvfy import dciodvfy_errors
-from nodes import NodeProcess, node_settings
+from nodes import NodeProcess, chest_route, node_settings, pacs_destination
 from peers import LOCALHOST, PHILIPS_L, Orthanc, free_port, require_tools, wait_until
 
 pytestmark = pytest.mark.slow
@@ -47,17 +47,8 @@ def test_orthanc_study_comes_back_with_seg_and_sr(tmp_path: Path) -> None:
         settings = node_settings(
             tmp_path / "var",
             node={"port": node_port},
-            destinations={
-                "pacs": {"ae_title": "ORTHANC", "host": LOCALHOST, "port": pacs.dicom_port}
-            },
-            routes=[
-                {
-                    "name": "chest-ct",
-                    "when": {"Modality": "CT"},
-                    "pipeline": "ct-chest",
-                    "send_to": ["source"],
-                }
-            ],
+            destinations=pacs_destination(pacs),
+            routes=[chest_route(["source"], name="chest-ct")],
         )
         for path in files:
             pacs.upload(path)

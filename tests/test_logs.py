@@ -128,15 +128,10 @@ def failed_job_config(tmp_path: Path) -> tuple[Path, int]:
     """A journal with one failed job, and a config pointing at it."""
     import time
 
-    from test_assemble import IDLE, Clock, Harness, ge_files
+    from test_assemble import Clock, Harness
 
     harness = Harness(tmp_path / "var", Clock(time.time()))
-    for path in ge_files():
-        harness.receive(path)
-    harness.clock.now += IDLE
-    harness.timers.fire_due(harness.clock.now)
-    job = harness.journal.claim_job(harness.clock.now)
-    assert job is not None
+    job = harness.claimed_job()
     harness.journal.job_failed(job.id, "AnalysisError: no lungs", harness.clock.now)
     harness.journal.close()
     config = tmp_path / "node.yaml"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from peers import GE_3SLICE, LOCALHOST, Storescp, free_port, require_tools
-from test_assemble import IDLE, Clock, Harness, ge_files
+from test_assemble import Clock, Harness
 
 from dicom_node.config import SendingSection
 from dicom_node.domain import DeliveryState, JobState
@@ -21,12 +21,7 @@ from dicom_node.web.metrics import Metrics
 
 def job_with_results(harness: Harness, port: int) -> int:
     """A job whose SEG/SR stand-ins (two real CT files) are on disk, with one delivery."""
-    for path in ge_files():
-        harness.receive(path)
-    harness.clock.now += IDLE
-    harness.timers.fire_due(harness.clock.now)
-    job = harness.journal.claim_job(harness.clock.now)
-    assert job is not None
+    job = harness.claimed_job()
     for kind, source in zip(("seg", "sr"), sorted(GE_3SLICE.glob("*.dcm")), strict=False):
         target = harness.spool.path(harness.spool.result_relpath(job.id, kind))
         target.parent.mkdir(parents=True, exist_ok=True)
