@@ -133,18 +133,8 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(tmp_path
             },
         )
         node = NodeProcess(settings, tmp_path / "node").start()
-        sender = Sender(node.port, [ds for study in all_studies for ds in study], pause=0.04)
-        sender.start()
-        kill_times = []
-        started = time.monotonic()
-        for _ in range(KILLS):
-            time.sleep(rng.uniform(0.3, 2.5))  # a random moment: receiving, analysing or sending
-            kill_times.append(round(time.monotonic() - started, 1))
-            node.kill()
-            node.start()
-        sender.join(300)
-        assert not sender.pending, f"{len(sender.pending)} never acknowledged"
         try:
+            sender, kill_times = _send_while_killing(node, all_studies, rng)
             for study in all_studies:
                 uid = str(study[0].StudyInstanceUID)
                 wanted = {str(ds.SOPInstanceUID) for ds in study}
@@ -163,7 +153,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(tmp_path
             }
             journal.close()
         finally:
-            node.stop()
+            node.stop()  # also when an assertion failed: no node process is left behind
     assert sender.acked <= stored and len(stored) == sum(len(s) for s in all_studies)
     log = node.log()
     print(
@@ -172,6 +162,24 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(tmp_path
         f" open studies: {log.count('open stud')}; results sent: {log.count('results sent to')}"
     )
     assert sender.reconnects >= 1  # some kills hit the receive phase
+
+
+def _send_while_killing(
+    node: NodeProcess, all_studies: list[list[pydicom.Dataset]], rng: random.Random
+) -> tuple[Sender, list[float]]:
+    """Send every instance while SIGKILLing and restarting the node KILLS times."""
+    sender = Sender(node.port, [ds for study in all_studies for ds in study], pause=0.04)
+    sender.start()
+    kill_times = []
+    started = time.monotonic()
+    for _ in range(KILLS):
+        time.sleep(rng.uniform(0.3, 2.5))  # a random moment: receiving, analysing or sending
+        kill_times.append(round(time.monotonic() - started, 1))
+        node.kill()
+        node.start()
+    sender.join(300)
+    assert not sender.pending, f"{len(sender.pending)} never acknowledged"
+    return sender, kill_times
 
 
 def _complete(pacs: Orthanc, study_uid: str, wanted: set[str]) -> bool:
