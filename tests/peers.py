@@ -75,6 +75,20 @@ def wait_until(
         time.sleep(interval)
 
 
+def _ready_or_stopped(
+    ready: Callable[[], object], stop: Callable[[], None], timeout: float, what: str
+) -> None:
+    """Wait until a started peer is ready; stop it and raise :class:`PeerError` if not."""
+    try:
+        wait_until(ready, timeout, 0.1, what)
+    except TimeoutError as exc:
+        stop()
+        raise PeerError(str(exc)) from exc
+    except PeerError:
+        stop()
+        raise
+
+
 def peer_env() -> dict[str, str]:
     """Environment for dcmtk and Orthanc: a copy of os.environ with TCP_NODELAY=1."""
     env = dict(os.environ)
@@ -295,14 +309,7 @@ class Storescp:
             self._proc = subprocess.Popen(
                 args, env=peer_env(), stdout=log, stderr=subprocess.STDOUT
             )
-        try:
-            wait_until(self._accepts, self.start_timeout, 0.1, f"storescp on port {self.port}")
-        except TimeoutError as exc:
-            self.stop()
-            raise PeerError(str(exc)) from exc
-        except PeerError:
-            self.stop()
-            raise
+        _ready_or_stopped(self._accepts, self.stop, self.start_timeout, f"storescp on {self.port}")
         return self
 
     def _accepts(self) -> bool:
@@ -433,14 +440,9 @@ class Orthanc:
         self._proc = subprocess.Popen(
             args, env=peer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        try:
-            wait_until(self._answers, self.start_timeout, 0.1, f"Orthanc {self.url}/system")
-        except TimeoutError as exc:
-            self.stop()
-            raise PeerError(str(exc)) from exc
-        except PeerError:
-            self.stop()
-            raise
+        _ready_or_stopped(
+            self._answers, self.stop, self.start_timeout, f"Orthanc {self.url}/system"
+        )
         return self
 
     def _answers(self) -> bool:
