@@ -157,6 +157,8 @@ class Route(_Section):
     when: dict[str, Scalar | list[Scalar] | Condition] = Field(default_factory=dict)
     pipeline: Annotated[str, Field(min_length=1)]
     send_to: Annotated[list[str], Field(min_length=1)]
+    # urgent studies are analysed before normal ones waiting in the queue
+    priority: Literal["normal", "urgent"] = "normal"
 
     @field_validator("when")
     @classmethod
@@ -182,7 +184,10 @@ class SendingSection(_Section):
 
 
 class AnalysisSection(_Section):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: the first CUDA device when there is one, else the CPU; or cpu, cuda, cuda:N
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")] = "auto"
+    # model packages: one folder per model with a model.yaml (see docs/model-packages.md)
+    models_path: Path = Path("./models")
     workers: Annotated[int, Field(ge=1, le=16)] = 1
 
 

@@ -60,6 +60,19 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """One qualitative evaluation (TID 1500 "qualitative evaluations"): coded name, coded value.
+
+    E.g. ``Evaluation(Code("RID50", "RADLEX", "Solid"), ...)`` or a classifier's
+    decision such as "Malignancy: likely". A classifier's likelihood as a number is a
+    :class:`Measurement` (unit ``Code("1", "UCUM", "no units")`` or percent).
+    """
+
+    name: Code
+    value: Code
+
+
+@dataclass(frozen=True)
 class Segment:
     """One segmented structure with its measurements."""
 
@@ -72,6 +85,10 @@ class Segment:
     volume_ml: float
     mean_hu: float
     measurements: tuple[Measurement, ...] = ()  # beyond volume and mean HU
+    evaluations: tuple[Evaluation, ...] = ()  # qualitative findings about this segment
+    # Where the finding lies when that is not the segmented structure itself (e.g. a
+    # nodule's site is "Upper lobe of left lung"); None: the site is ``type``.
+    finding_site: Code | None = None
 
 
 @dataclass(frozen=True)
@@ -85,8 +102,9 @@ class SegmentGroup:
     key: str  # stable identifier within a pipeline, e.g. "lungs"
     label: str  # TrackingIdentifier, e.g. "Lungs"
     type: Code  # e.g. Lung
-    segment_keys: tuple[str, ...]  # the segments measured together
+    segment_keys: tuple[str, ...]  # the segments measured together; () for the whole study
     measurements: tuple[Measurement, ...]
+    evaluations: tuple[Evaluation, ...] = ()  # e.g. a per-study classification
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,10 @@ class AnalysisResult:
     volume: Volume
     segments: tuple[Segment, ...]
     groups: tuple[SegmentGroup, ...] = ()
+    # CID 7162 family of the algorithm; None: morphological operations (the built-ins).
+    algorithm_family: Code | None = None
+    # CID 100 procedure reported in the SR; None: CT of chest.
+    procedure: Code | None = None
 
 
 class Pipeline(Protocol):

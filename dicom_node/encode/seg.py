@@ -93,9 +93,16 @@ def segment_descriptions(
 def algorithm_identification(result: AnalysisResult) -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
         name=result.algorithm_name,
-        family=ALGORITHM_FAMILY,
+        family=algorithm_family(result),
         version=result.algorithm_version,
     )
+
+
+def algorithm_family(result: AnalysisResult) -> hd.sr.CodedConcept:
+    """The result's CID 7162 algorithm family; morphological operations by default."""
+    if result.algorithm_family is None:
+        return ALGORITHM_FAMILY
+    return _code(result.algorithm_family)
 
 
 def tracking_uid(uids: ResultUIDs, segment: Segment) -> str:

@@ -18,9 +18,16 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicom_node.analysis.types import AnalysisResult, Code, Measurement, Segment, SegmentGroup
+from dicom_node.analysis.types import (
+    AnalysisResult,
+    Code,
+    Evaluation,
+    Measurement,
+    Segment,
+    SegmentGroup,
+)
 from dicom_node.encode.seg import (
-    ALGORITHM_FAMILY,
+    algorithm_family,
     drop_incomplete_study_references,
     referenced_source_series,
     tracking_uid,
@@ -52,7 +59,9 @@ def build_sr(
             f"SEG has {len(numbers)} segments but the result has {len(result.segments)}"
         )
     algorithm = hd.sr.AlgorithmIdentification(
-        name=result.algorithm_name, version=result.algorithm_version, family=ALGORITHM_FAMILY
+        name=result.algorithm_name,
+        version=result.algorithm_version,
+        family=algorithm_family(result),
     )
     groups: list[
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
@@ -64,7 +73,7 @@ def build_sr(
     groups += [_aggregate_group(algorithm, group, uids) for group in result.groups]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(equipment),
-        procedure_reported=CT_OF_CHEST,
+        procedure_reported=_code(result.procedure) if result.procedure else CT_OF_CHEST,
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
@@ -113,7 +122,7 @@ def _measurement_group(
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411 group for one segment, referencing SEG segment ``number``."""
     site = hd.sr.FindingSite(
-        anatomic_location=_code(segment.type),
+        anatomic_location=_code(segment.finding_site or segment.type),
         laterality=_code(segment.laterality) if segment.laterality is not None else None,
     )
     referenced = hd.sr.ReferencedSegment(
@@ -148,6 +157,7 @@ def _measurement_group(
         algorithm_id=algorithm,
         finding_sites=[site],
         measurements=measurements,
+        qualitative_evaluations=_evaluations(segment.evaluations),
     )
 
 
@@ -163,7 +173,14 @@ def _aggregate_group(
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(anatomic_location=_code(group.type))],
         measurements=[_measurement(m, algorithm) for m in group.measurements],
+        qualitative_evaluations=_evaluations(group.evaluations),
     )
+
+
+def _evaluations(evaluations: tuple[Evaluation, ...]) -> list[hd.sr.QualitativeEvaluation] | None:
+    if not evaluations:
+        return None
+    return [hd.sr.QualitativeEvaluation(_code(e.name), _code(e.value)) for e in evaluations]
 
 
 def _measurement(
@@ -188,6 +205,26 @@ def _private_schemes(result: AnalysisResult) -> list[CodingSchemeIdentificationI
         )
         for m in measurements
         for code in (m.name, m.unit, m.derivation)
+        if code is not None
+    ]
+    codes_used += [
+        code
+        for evaluations in (
+            *(s.evaluations for s in result.segments),
+            *(g.evaluations for g in result.groups),
+        )
+        for e in evaluations
+        for code in (e.name, e.value)
+    ]
+    codes_used += [
+        code
+        for code in (
+            *(s.finding_site for s in result.segments),
+            *(s.type for s in result.segments),
+            *(s.category for s in result.segments),
+            result.procedure,
+            result.algorithm_family,
+        )
         if code is not None
     ]
     schemes = sorted({c.scheme for c in codes_used if c.scheme.startswith("99")})
