@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
+import torch
+
 from dicom_node import __version__
-from dicom_node.analysis.device import select_device
+from dicom_node.analysis.device import DeviceUnavailable, select_device
 from dicom_node.analysis.pipelines import build_pipeline
 from dicom_node.analysis.types import Pipeline
 from dicom_node.assemble import Assembler, SchedulerTimers
@@ -24,7 +26,7 @@ from dicom_node.commit import Commitments
 from dicom_node.config import NodeConfig
 from dicom_node.encode.types import Equipment
 from dicom_node.journal import Journal, JournalSchemaError
-from dicom_node.receive import Receiver
+from dicom_node.receive import Receiver, reindex_orphans
 from dicom_node.send import Sender
 from dicom_node.store import Spool
 from dicom_node.tls import destination_tls
@@ -57,7 +59,7 @@ class Node:
         self.audit.open()
         self.audit.application("start", self.config.node.ae_title)
         self.spool.clear_tmp()
-        self.spool.remove_orphans(self.journal.all_instance_relpaths())
+        reindex_orphans(self.spool, self.journal)
         resumed = self.journal.resume(time.time())
         if resumed:
             log.info("resuming %d job(s) interrupted during analysis", resumed)
@@ -98,8 +100,8 @@ def build_node(config: NodeConfig) -> Node:
     device = select_device(config.analysis.device)
     log.info("analysis device: %s", device)
 
-    def pipeline_factory(name: str) -> Pipeline:
-        return build_pipeline(name, device)
+    def pipeline_factory(name: str, device: torch.device) -> Pipeline:
+        return build_pipeline(name, device, config.analysis.models_path)
 
     node_uid = journal.meta_value("node_uid", _new_uid)
     equipment = Equipment(
@@ -143,6 +145,8 @@ def build_node(config: NodeConfig) -> Node:
         time.time,
         on_results=sender.wake,
         threads=config.analysis.workers,
+        device=device,
+        warm_up=[route.pipeline for route in config.routes] if config.analysis.warm_up else [],
     )
     timers = SchedulerTimers()
     assembler = Assembler(
@@ -202,7 +206,8 @@ def run(config: NodeConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         node = build_node(config)
-    except (OSError, JournalSchemaError) as exc:  # web port in use, storage not writable, ...
+    # web port in use, storage not writable, CUDA device missing, ...
+    except (OSError, JournalSchemaError, DeviceUnavailable) as exc:
         log.error("cannot start: %s", exc)
         return 1
     try:

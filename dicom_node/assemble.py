@@ -140,7 +140,13 @@ class Assembler:
             generate_uid(self._uid_prefix),
         )
         return JobSpec(
-            job.series_id, job.route, job.pipeline, job.send_to, job.instance_count, uids
+            job.series_id,
+            job.route,
+            job.pipeline,
+            job.send_to,
+            job.instance_count,
+            uids,
+            job.priority,
         )
 
     def _schedule(self, study_id: int, at: float) -> None:

@@ -81,11 +81,20 @@ def _ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _evaluate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from dicom_node.analysis.pipelines import PIPELINE_NAMES  # no torch import
+    from dicom_node.config import AnalysisSection
 
     help_text = "compare a pipeline's segments with reference segmentations (no config)"
     evaluate = sub.add_parser("evaluate", help=help_text, description=help_text)
-    evaluate.add_argument("--pipeline", required=True, choices=PIPELINE_NAMES)
+    evaluate.add_argument(
+        "--pipeline", required=True, help="a built-in pipeline (ct-chest) or a model package"
+    )
+    evaluate.add_argument(
+        "--models",
+        type=Path,
+        default=AnalysisSection.model_fields["models_path"].default,
+        metavar="DIR",
+        help="folder of model packages (default: %(default)s)",
+    )
     evaluate.add_argument("dicom_dir", type=Path, metavar="DICOM_DIR")
     evaluate.add_argument("reference", type=Path, metavar="REFERENCE_DIR", help="or one file")
     evaluate.add_argument("--csv", type=Path, metavar="OUT.csv", help="write the rows as CSV")
@@ -120,7 +129,13 @@ def _dispatch_configless(args: argparse.Namespace) -> int:
     from dicom_node import evaluate
 
     return evaluate.run(
-        args.pipeline, args.dicom_dir, args.reference, args.csv, args.labels, args.device
+        args.pipeline,
+        args.dicom_dir,
+        args.reference,
+        args.csv,
+        args.labels,
+        args.device,
+        args.models,
     )
 
 

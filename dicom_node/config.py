@@ -188,6 +188,8 @@ class AnalysisSection(_Section):
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")] = "auto"
     # model packages: one folder per model with a model.yaml (see docs/model-packages.md)
     models_path: Path = Path("./models")
+    # load the routes' pipelines at start (in the background), so the first study is not slower
+    warm_up: bool = True
     workers: Annotated[int, Field(ge=1, le=16)] = 1
 
 
@@ -240,9 +242,14 @@ def reference_problems(data: dict[str, Any]) -> list[str]:
 
     Works on the raw mapping too, so that these are reported together with any
     field errors (pydantic skips model-level checks when a field is invalid).
+    A route may name a model package under ``analysis.models_path``; its
+    ``model.yaml`` is validated here too (YAML only, no torch).
     """
-    from dicom_node.analysis.pipelines import PIPELINE_NAMES
+    from dicom_node.analysis.packages import package_problems
+    from dicom_node.analysis.pipelines import PIPELINE_NAMES, known_pipelines
 
+    models_path = _models_path(data)
+    pipelines = known_pipelines(models_path)
     destinations = data.get("destinations")
     destinations = destinations if isinstance(destinations, dict) else {}
     routes = data.get("routes")
@@ -255,16 +262,31 @@ def reference_problems(data: dict[str, Any]) -> list[str]:
         if route.get("name") is not None and names.count(route.get("name")) > 1:
             problems.append(f"routes.{index}.name: {route.get('name')!r} is used twice")
         pipeline = route.get("pipeline")
-        if isinstance(pipeline, str) and pipeline not in PIPELINE_NAMES:
-            known = ", ".join(PIPELINE_NAMES)
+        if isinstance(pipeline, str) and pipeline not in pipelines:
+            known = ", ".join(pipelines)
             problems.append(
-                f"routes.{index}.pipeline: unknown pipeline {pipeline!r} (known: {known})"
+                f"routes.{index}.pipeline: unknown pipeline {pipeline!r} (known: {known}; "
+                f"model packages are looked for in {models_path})"
             )
+        elif isinstance(pipeline, str) and pipeline not in PIPELINE_NAMES:
+            problems += [
+                f"routes.{index}.pipeline: package {pipeline!r}: {problem}"
+                for problem in package_problems(models_path, pipeline)
+            ]
         send_to = route.get("send_to")
         for name in send_to if isinstance(send_to, list) else []:
             if name != SOURCE_DESTINATION and name not in destinations:
                 problems.append(f"routes.{index}.send_to: unknown destination {name!r}")
     return problems
+
+
+def _models_path(data: dict[str, Any]) -> Path:
+    """``analysis.models_path`` of a raw mapping, or its default."""
+    analysis = data.get("analysis")
+    value = analysis.get("models_path") if isinstance(analysis, dict) else None
+    if isinstance(value, str | os.PathLike):
+        return Path(value)
+    return Path(AnalysisSection.model_fields["models_path"].default)
 
 
 class ConfigError(Exception):

@@ -362,13 +362,17 @@ def run(
     csv_path: Path | None = None,
     labels: str | None = None,
     device: str = "auto",
+    models_path: Path | None = None,
 ) -> int:
-    """``dicom-node evaluate``: analyse, compare, print; return the exit code."""
+    """``dicom-node evaluate``: analyse, compare, print; return the exit code.
+
+    ``pipeline_name`` is a built-in pipeline or a model package under ``models_path``.
+    """
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
         spec = parse_label_spec(labels) if labels else None
         pairs = _pairs(dicom_dir, reference)
-        pipeline = _pipeline(pipeline_name, device)
+        pipeline = _pipeline(pipeline_name, device, models_path)
     except EvaluationError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -386,12 +390,12 @@ def run(
     return code
 
 
-def _pipeline(name: str, device: str) -> Pipeline:
+def _pipeline(name: str, device: str, models_path: Path | None) -> Pipeline:
     from dicom_node.analysis.device import select_device
     from dicom_node.analysis.pipelines import build_pipeline
 
     try:
-        return build_pipeline(name, select_device(device))
+        return build_pipeline(name, select_device(device), models_path)
     except (ValueError, RuntimeError) as exc:
         raise EvaluationError(str(exc)) from None
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from dicom_node import intake
 from dicom_node.domain import (
     DeliveryState,
     IllegalTransition,
@@ -27,10 +28,13 @@ from dicom_node.domain import (
     check_study,
     job_state_after_deliveries,
 )
+from dicom_node.intake import ReceivedInstance as ReceivedInstance
+from dicom_node.intake import Recorded as Recorded
+from dicom_node.intake import UIDConflict as UIDConflict
 from dicom_node.reports import JournalReports
 from dicom_node.schema import (
+    PRIORITIES,
     SCHEMA_VERSION,
-    JournalSchemaError,
     deliveries,
     instances,
     jobs,
@@ -38,39 +42,9 @@ from dicom_node.schema import (
     metadata,
     series,
     studies,
+    upgrade,
 )
-
-
-class UIDConflict(Exception):
-    """A received UID contradicts what the journal already holds."""
-
-
-@dataclass(frozen=True)
-class ReceivedInstance:
-    """An instance written to the spool, about to be recorded."""
-
-    sop_uid: str
-    sop_class_uid: str
-    study_uid: str
-    series_uid: str
-    modality: str
-    relpath: str
-    transfer_syntax: str
-    size: int
-    calling_aet: str
-    received_at: float
-    study_details: dict[str, str] = field(default_factory=dict)
-    series_details: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """Outcome of :meth:`Journal.record_instance`."""
-
-    study_id: int
-    duplicate: bool
-    reopened: bool  # the study had completed and this instance re-opened it
-    opened: bool  # the study is new or re-opened: completion must be (re)scheduled
+from dicom_node.schema import JournalSchemaError as JournalSchemaError  # re-exported for app
 
 
 @dataclass(frozen=True)
@@ -81,6 +55,7 @@ class JobSpec:
     send_to: tuple[str, ...]
     instance_count: int
     uids: tuple[str, str, str, str]  # seg series, seg sop, sr series, sr sop
+    priority: str = "normal"  # one of schema.PRIORITIES, from the route
 
 
 @dataclass(frozen=True)
@@ -117,23 +92,32 @@ class Journal(JournalReports):
             max_overflow=8,
         )
         sa.event.listen(self._engine, "connect", _configure_connection)
+        # Recording a received instance does not sync the WAL: the instance file itself
+        # is fsynced before the success status, and a row lost to a power failure is
+        # written again from the file at start (dicom_node.receive.reindex_orphans).
+        # Every other commit stays synchronous=FULL, which also syncs these rows.
+        self._receive_engine: Engine = sa.create_engine(
+            f"sqlite:///{path}",
+            connect_args={"check_same_thread": False, "timeout": 30},
+            hide_parameters=True,
+            pool_size=8,
+            max_overflow=8,
+        )
+        sa.event.listen(self._receive_engine, "connect", _configure_receive_connection)
         self._write_lock = threading.Lock()
 
     def create(self) -> None:
-        """Create the tables of a new journal; refuse a journal of another schema version."""
+        """Create the tables of a new journal, upgrade an older one (see :func:`upgrade`)."""
         metadata.create_all(self._engine)
         with self._write() as conn:
             found = conn.scalar(sa.select(meta_table.c.value).where(meta_table.c.key == "schema"))
             if found is None:
                 conn.execute(meta_table.insert().values(key="schema", value=str(SCHEMA_VERSION)))
             elif found != str(SCHEMA_VERSION):
-                raise JournalSchemaError(
-                    f"journal {self.path} has schema version {found}; this dicom_node uses "
-                    f"version {SCHEMA_VERSION} (keep the old version running until its work is "
-                    "done, then start the new one on an empty storage.path)"
-                )
+                upgrade(conn, found, self.path)  # raises JournalSchemaError if it cannot
 
     def close(self) -> None:
+        self._receive_engine.dispose()
         self._engine.dispose()
 
     @contextmanager
@@ -161,32 +145,12 @@ class Journal(JournalReports):
 
     def record_instance(self, inst: ReceivedInstance) -> Recorded:
         """Record a stored instance; a known SOP Instance UID is a duplicate."""
-        with self._write() as conn:
-            known_study = conn.scalar(
-                sa.select(series.c.study_id)
-                .select_from(instances.join(series))
-                .where(instances.c.sop_uid == inst.sop_uid)
-            )
-            if known_study is not None:
-                return Recorded(known_study, duplicate=True, reopened=False, opened=False)
-            study = conn.execute(
-                sa.select(studies).where(studies.c.study_uid == inst.study_uid)
-            ).one_or_none()
-            study_id, reopened, opened = _touch_study(conn, study, inst)
-            series_id = _touch_series(conn, study_id, inst)
-            conn.execute(
-                instances.insert().values(
-                    sop_uid=inst.sop_uid,
-                    sop_class_uid=inst.sop_class_uid,
-                    series_id=series_id,
-                    relpath=inst.relpath,
-                    transfer_syntax=inst.transfer_syntax,
-                    size=inst.size,
-                    calling_aet=inst.calling_aet,
-                    received_at=inst.received_at,
-                )
-            )
-        return Recorded(study_id, duplicate=False, reopened=reopened, opened=opened)
+        with self._write_lock, self._receive_engine.begin() as conn:
+            return intake.record(conn, inst)
+
+    def has_instance(self, sop_uid: str) -> bool:
+        with self._receive_engine.connect() as conn:
+            return conn.exec_driver_sql(intake.HAS_INSTANCE, (sop_uid,)).first() is not None
 
     # -- completion ---------------------------------------------------------
 
@@ -262,10 +226,14 @@ class Journal(JournalReports):
             return len(rows)
 
     def claim_job(self, now: float) -> Row | None:
-        """Take the oldest queued job and mark it analysing."""
+        """Take the next queued job, urgent before normal, then oldest first; mark it analysing."""
+        rank = sa.case({p: i for i, p in enumerate(PRIORITIES)}, value=jobs.c.priority)
         with self._write() as conn:
             row = conn.execute(
-                sa.select(jobs).where(jobs.c.state == JobState.QUEUED).order_by(jobs.c.id).limit(1)
+                sa.select(jobs)
+                .where(jobs.c.state == JobState.QUEUED)
+                .order_by(rank, jobs.c.id)
+                .limit(1)
             ).one_or_none()
             if row is None:
                 return None
@@ -487,64 +455,17 @@ class Journal(JournalReports):
             return conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
 
 
-def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
+def _configure_connection(dbapi_connection: Any, _record: Any, synchronous: str = "FULL") -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
-def _touch_study(
-    conn: Connection, study: Row | None, inst: ReceivedInstance
-) -> tuple[int, bool, bool]:
-    """Insert or refresh the study row; returns (id, reopened, opened)."""
-    if study is None:
-        result = conn.execute(
-            studies.insert().values(
-                study_uid=inst.study_uid,
-                state=StudyState.OPEN,
-                calling_aet=inst.calling_aet,
-                first_received_at=inst.received_at,
-                last_received_at=inst.received_at,
-                generation=1,
-                details=inst.study_details,
-            )
-        )
-        return _inserted_id(result), False, True
-    values: dict[str, Any] = {"last_received_at": max(study.last_received_at, inst.received_at)}
-    reopened = study.state == StudyState.COMPLETE
-    if reopened:
-        check_study(StudyState(study.state), StudyState.OPEN)
-        values.update(state=StudyState.OPEN, generation=study.generation + 1, completed_at=None)
-    conn.execute(studies.update().where(studies.c.id == study.id).values(**values))
-    return study.id, reopened, reopened
-
-
-def _touch_series(conn: Connection, study_id: int, inst: ReceivedInstance) -> int:
-    row = conn.execute(
-        sa.select(series.c.id, series.c.study_id).where(series.c.series_uid == inst.series_uid)
-    ).one_or_none()
-    if row is not None and row.study_id != study_id:
-        raise UIDConflict("SeriesInstanceUID already belongs to another study")
-    if row is None:
-        result = conn.execute(
-            series.insert().values(
-                study_id=study_id,
-                series_uid=inst.series_uid,
-                modality=inst.modality,
-                instance_count=1,
-                details=inst.series_details,
-            )
-        )
-        return _inserted_id(result)
-    conn.execute(
-        series.update()
-        .where(series.c.id == row.id)
-        .values(instance_count=series.c.instance_count + 1)
-    )
-    return int(row.id)
+def _configure_receive_connection(dbapi_connection: Any, record: Any) -> None:
+    _configure_connection(dbapi_connection, record, synchronous="NORMAL")
 
 
 def _insert_job(
@@ -573,6 +494,7 @@ def _insert_job(
             sr_series_uid=sr_series,
             sr_sop_uid=sr_sop,
             predecessor_id=predecessor,
+            priority=spec.priority,
             created_at=now,
             updated_at=now,
         )

@@ -133,7 +133,9 @@ def _open_journal(config: NodeConfig) -> Journal | None:
     if not path.is_file():
         print(f"no journal at {path}", file=sys.stderr)
         return None
-    return Journal(path)
+    journal = Journal(path)
+    journal.create()  # upgrades a journal written by an older version, as serve would
+    return journal
 
 
 def _iso(timestamp: float | None) -> str | None:

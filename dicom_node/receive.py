@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import pydicom
 from pydicom import uid
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -32,6 +33,7 @@ from dicom_node.audit import AuditTrail
 from dicom_node.config import NodeSection
 from dicom_node.journal import Journal, ReceivedInstance, Recorded, UIDConflict
 from dicom_node.logs import log_context
+from dicom_node.part10 import file_meta_bytes, read_file_meta
 from dicom_node.store import LowSpace, Spool
 from dicom_node.tls import describe, server_context
 from dicom_node.transport import start_server
@@ -106,10 +108,27 @@ def _details(ds: pydicom.Dataset, keywords: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+_HEADER_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    *STUDY_DETAILS,
+    *SERIES_DETAILS,
+)
+
+
 def parse_header(data: bytes, request_class: str, request_instance: str) -> Header:
-    """Parse the UIDs from an encoded Part 10 stream and check them against the request."""
+    """Parse the UIDs from an encoded Part 10 stream and check them against the request.
+
+    Only the elements listed in ``_HEADER_KEYWORDS`` are converted to values; the rest
+    is skipped over (pixel data is not even read).
+    """
     try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        ds = pydicom.dcmread(
+            BytesIO(data), stop_before_pixels=True, specific_tags=list(_HEADER_KEYWORDS)
+        )
         study_details = _details(ds, STUDY_DETAILS)
         series_details = _details(ds, SERIES_DETAILS)
         values = {
@@ -145,6 +164,62 @@ def parse_header(data: bytes, request_class: str, request_instance: str) -> Head
         study_details,
         series_details,
     )
+
+
+def reindex_orphans(spool: Spool, journal: Journal) -> int:
+    """Record instance files that are on disk but not in the journal; returns how many.
+
+    Their rows were lost (a crash or power failure right after the file was made
+    durable), so they may have been acknowledged: they are indexed again from their
+    own bytes, with the sender's AE title from (0002,0016). A file that cannot be read
+    as DICOM is moved to ``quarantine/``, never deleted.
+    """
+    indexed = 0
+    for relpath in spool.orphans(journal.all_instance_relpaths()):
+        path = spool.path(relpath)
+        try:
+            data = path.read_bytes()
+            meta = read_file_meta(data)
+            header = parse_header(data, meta.sop_class_uid, meta.sop_instance_uid)
+        except (OSError, ValueError, InvalidDicomError, Rejected) as exc:
+            reason = exc.reason if isinstance(exc, Rejected) else type(exc).__name__
+            target = spool.quarantine(relpath)
+            log.error(
+                "instance file %s cannot be indexed (%s); moved to %s", relpath, reason, target
+            )
+            continue
+        received = ReceivedInstance(
+            sop_uid=header.sop_uid,
+            sop_class_uid=header.sop_class_uid,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            modality=header.modality,
+            relpath=relpath,
+            transfer_syntax=meta.transfer_syntax,
+            size=len(data),
+            calling_aet=meta.source_aet,
+            received_at=path.stat().st_mtime,
+            study_details=header.study_details,
+            series_details=header.series_details,
+        )
+        try:
+            recorded = journal.record_instance(received)
+        except UIDConflict as exc:
+            target = spool.quarantine(relpath)
+            log.error(
+                "instance file %s conflicts with the journal (%s); moved to %s",
+                relpath,
+                exc,
+                target,
+            )
+            continue
+        if recorded.duplicate:  # the same SOP instance is stored under another file
+            spool.remove(relpath)
+            continue
+        indexed += 1
+    if indexed:
+        log.warning("indexed %d instance file(s) that the journal had lost", indexed)
+    return indexed
 
 
 class Receiver:
@@ -249,7 +324,17 @@ class Receiver:
 
     def _store(self, event: evt.Event, calling: str) -> int:
         request = cast(C_STORE, event.request)
-        data = event.encoded_dataset()
+        dataset = cast(BytesIO, request.DataSet).getvalue()
+        data = (
+            file_meta_bytes(
+                _ascii_uid(request.AffectedSOPClassUID),
+                _ascii_uid(request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax),
+                calling,
+            )
+            + dataset
+        )
+        del dataset
         if len(data) > self._config.max_instance_bytes:
             raise Rejected(
                 OUT_OF_RESOURCES,
@@ -358,6 +443,17 @@ def _make_ae(config: NodeSection) -> AE:
         assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, syntaxes)
     return ae
+
+
+def _ascii_uid(value: object) -> str:
+    """A request's UID for the file meta; one that is not a valid UID is refused.
+
+    The dataset's own UIDs are checked against the request by :func:`parse_header`.
+    """
+    text = str(value or "").strip()
+    if not text or not UID(text).is_valid:
+        raise Rejected(CANNOT_UNDERSTAND, "the request's affected SOP UIDs are not valid UIDs")
+    return text
 
 
 def _handle_echo(event: evt.Event) -> int:

@@ -20,11 +20,6 @@ class JournalReports:
     def _read(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError
 
-    def has_instance(self, sop_uid: str) -> bool:
-        with self._read() as conn:
-            query = sa.select(instances.c.id).where(instances.c.sop_uid == sop_uid)
-            return conn.scalar(query) is not None
-
     def jobs_in_state(self, state: JobState, limit: int = 100) -> list[Row]:
         with self._read() as conn:
             query = sa.select(jobs).where(jobs.c.state == state).order_by(jobs.c.id.desc())

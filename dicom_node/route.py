@@ -57,6 +57,7 @@ class PlannedJob:
     pipeline: str
     send_to: tuple[str, ...]
     instance_count: int
+    priority: str = "normal"  # the route's: "urgent" jobs are claimed before "normal" ones
 
 
 def plan_jobs(
@@ -84,6 +85,7 @@ def plan_jobs(
                     route.pipeline,
                     tuple(route.send_to),
                     info.instance_count,
+                    route.priority,
                 )
             )
     return planned

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-import sqlalchemy as sa
+from collections.abc import Callable
+from pathlib import Path
 
-# Bump when the tables change; a journal of another version is refused at start.
-SCHEMA_VERSION = 2  # 2: deliveries gained the storage commitment columns
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+# Bump when the tables change. An older journal is upgraded in place at start when
+# a migration below leads from its version to this one; any other is refused.
+# 2: deliveries gained the storage commitment columns; 3: jobs gained priority.
+SCHEMA_VERSION = 3
+
+# Job priorities, most urgent first (the order in which queued jobs are claimed).
+PRIORITIES = ("urgent", "normal")
 
 metadata = sa.MetaData()
 
@@ -72,6 +81,7 @@ jobs = sa.Table(
     sa.Column("sr_series_uid", sa.String(64), nullable=False),
     sa.Column("sr_sop_uid", sa.String(64), nullable=False),
     sa.Column("predecessor_id", sa.ForeignKey("jobs.id")),
+    sa.Column("priority", sa.String(8), nullable=False, default="normal", server_default="normal"),
     sa.Column("error", sa.String),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
@@ -101,3 +111,36 @@ deliveries = sa.Table(
     sa.Column("commit_deadline", sa.Float),
     sa.Column("committed_at", sa.Float),
 )
+
+
+def upgrade(conn: Connection, found: str, path: Path) -> None:
+    """Migrate a journal of version ``found`` to :data:`SCHEMA_VERSION`, keeping every row.
+
+    Each step is idempotent (a crash between a step and the version update only
+    repeats the step). Raises :class:`JournalSchemaError` when no migration
+    leads from ``found`` (an older version without one, or a newer version).
+    """
+    version = int(found) if found.isdigit() else -1
+    if version not in _MIGRATIONS:
+        raise JournalSchemaError(
+            f"journal {path} has schema version {found}; this dicom_node uses "
+            f"version {SCHEMA_VERSION} (keep the old version running until its work is "
+            "done, then start the new one on an empty storage.path)"
+        )
+    while version < SCHEMA_VERSION:
+        _MIGRATIONS[version](conn)
+        version += 1
+    conn.execute(meta_table.update().where(meta_table.c.key == "schema").values(value=str(version)))
+
+
+def _add_job_priority(conn: Connection) -> None:
+    """2 -> 3: jobs.priority; jobs already queued keep their order as "normal"."""
+    columns = {column["name"] for column in sa.inspect(conn).get_columns("jobs")}
+    if "priority" not in columns:
+        conn.execute(
+            sa.text("ALTER TABLE jobs ADD COLUMN priority VARCHAR(8) NOT NULL DEFAULT 'normal'")
+        )
+
+
+# version -> the step that upgrades a journal of that version by one
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _add_job_priority}

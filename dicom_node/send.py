@@ -10,6 +10,7 @@ destination with ``storage_commitment`` a stored delivery is handed to
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import socket
@@ -21,14 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pydicom
-from pynetdicom import AE, Association
+from pynetdicom import AE, Association, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import ClientTLS, SendingSection
 from dicom_node.domain import DeliveryState, backoff_seconds
 from dicom_node.journal import Journal, Row
 from dicom_node.logs import log_context
+from dicom_node.reactor import EventDrivenDUL, serve_association
 from dicom_node.store import Spool
 from dicom_node.tls import TLSConfigError, client_context
 from dicom_node.web.metrics import Metrics
@@ -37,6 +40,9 @@ if TYPE_CHECKING:
     from dicom_node.commit import Commitments
 
 log = logging.getLogger(__name__)
+
+# Send a file's dataset as stored, in chunks of the peer's PDU size (see _what_to_send).
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 # Statuses that mean the peer has the object (PS3.4 B.2.3: success and warnings).
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
@@ -66,7 +72,7 @@ def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
 def associate(
     calling_aet: str, peer: Peer, contexts: Iterable[tuple[str, list[str]]], timeout: float
 ) -> Association:
-    ae = AE(ae_title=calling_aet)
+    ae = EventDrivenAE(ae_title=calling_aet)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
@@ -85,6 +91,27 @@ def associate(
         transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     keep_responses_for_the_requestor(assoc)
     return assoc
+
+
+class EventDrivenAE(AE):
+    """An AE whose requested associations use the event-driven loops of the receiver.
+
+    ``AE.associate`` creates the association, then asks ``_create_socket`` for its
+    socket before anything is started: the one place to swap in
+    :class:`~dicom_node.reactor.EventDrivenDUL` and :func:`serve_association`. With the
+    stock loops each C-STORE waited up to ~1 ms for the DUL to send it and again for
+    the reactor to pause.
+    """
+
+    def _create_socket(
+        self, assoc: Association, address: Any, tls_args: tuple[ssl.SSLContext, str] | None
+    ) -> AssociationSocket:
+        assoc.dul = EventDrivenDUL(assoc)
+        assoc._run_reactor = functools.partial(serve_association, assoc)  # type: ignore[method-assign]
+        # the setters arm the new DUL's timers, as Association.__init__ did for the old one
+        assoc.acse_timeout = assoc.acse_timeout
+        assoc.network_timeout = assoc.network_timeout
+        return super()._create_socket(assoc, address, tls_args)
 
 
 def keep_responses_for_the_requestor(assoc: Association) -> None:
@@ -166,8 +193,9 @@ def store_files(
         return
     assoc = associate(calling_aet, peer, _contexts(paths), timeout)
     try:
+        exact = _exact_contexts(assoc)
         for path in paths:
-            status = assoc.send_c_store(path)
+            status = assoc.send_c_store(_what_to_send(path, exact))
             if not status or int(status.Status) not in STORED_STATUSES:
                 raise SendError(
                     f"C-STORE of {path.name} to {peer.ae_title} failed: {status_text(status)}"
@@ -177,6 +205,30 @@ def store_files(
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _exact_contexts(assoc: Association) -> set[tuple[str, str]]:
+    """(SOP class, transfer syntax) pairs the peer accepted for us as SCU."""
+    return {
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in assoc.accepted_contexts
+        if cx.as_scu and cx.transfer_syntax
+    }
+
+
+def _what_to_send(path: Path, exact: set[tuple[str, str]]) -> Path | pydicom.Dataset:
+    """The path itself when its bytes can go out as stored, else the decoded dataset.
+
+    With ``STORE_SEND_CHUNKED_DATASET`` pynetdicom sends a file's dataset bytes
+    without decoding and re-encoding them (for a 512 x 512 CT slice that was about
+    a third of the time per image), but only in the file's own transfer syntax. When
+    the peer accepted another one (e.g. implicit VR only), the dataset is decoded and
+    pynetdicom converts it as before.
+    """
+    meta = pydicom.filereader.read_file_meta_info(path)
+    if (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)) in exact:
+        return path
+    return pydicom.dcmread(path)
 
 
 def status_text(status: pydicom.Dataset | None) -> str:

@@ -105,20 +105,30 @@ class Spool:
     def result_relpath(self, job_id: int, kind: str) -> str:
         return f"results/{job_id}/{kind}.dcm"
 
-    def remove_orphans(self, known: set[str]) -> int:
-        """Delete instance files the journal does not know.
+    def orphans(self, known: set[str]) -> list[str]:
+        """Relative paths of instance files the journal does not know, oldest first.
 
         A crash between the rename into place and the journal commit leaves such a
-        file; it was never acknowledged, so the sender sends it again.
+        file, and so does a power failure that loses the last journal rows (they are
+        committed without a WAL sync; the file was fsynced before the success status).
         """
-        removed = 0
-        for path in self.instances.glob("*/*.dcm"):
-            if str(path.relative_to(self.root)) not in known:
-                path.unlink(missing_ok=True)
-                removed += 1
-        if removed:
-            log.warning("removed %d unacknowledged instance file(s) not in the journal", removed)
-        return removed
+        found = []
+        for folder in os.scandir(self.instances):
+            if not folder.is_dir():
+                continue
+            for entry in os.scandir(folder.path):
+                relpath = f"instances/{folder.name}/{entry.name}"
+                if entry.name.endswith(".dcm") and relpath not in known:
+                    found.append((entry.stat().st_mtime, relpath))
+        return [relpath for _, relpath in sorted(found)]
+
+    def quarantine(self, relpath: str) -> Path:
+        """Move a file that cannot be indexed out of ``instances/``, keeping it."""
+        target = self.root / "quarantine" / Path(relpath).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.root / relpath, target)
+        _fsync_dir(target.parent)
+        return target
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -2,6 +2,13 @@
 
 :meth:`Worker.run_job` is the one boundary where an analysis failure becomes
 the job's FAILED state with a reason; nothing inside it logs patient data.
+
+The worker is its device's one user in the process. Pipelines stay loaded
+(built once per pipeline and device, those of the routes optionally at start).
+On a CUDA device one job at a time runs on the GPU (:func:`device_gate`) while
+other analysis threads load series and encode results; a job is admitted only
+when the device has the memory it is estimated to need, and one that does not
+fit, or runs out of memory, is run on the CPU instead of failing.
 """
 
 from __future__ import annotations
@@ -11,13 +18,22 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from io import BytesIO
 
 import pydicom
+import torch
 from pydicom import Dataset
 
-from dicom_node.analysis.types import Pipeline
+from dicom_node.analysis.device import (
+    CPU,
+    MemoryProbe,
+    cuda_memory,
+    device_gate,
+    is_out_of_memory,
+    release_cached,
+)
+from dicom_node.analysis.types import AnalysisResult, Pipeline, Volume
 from dicom_node.analysis.volume import load_series
 from dicom_node.config import SOURCE_DESTINATION, Destination
 from dicom_node.domain import DeliveryState
@@ -31,9 +47,17 @@ from dicom_node.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+# GPU memory a job needs per voxel of its volume unless its pipeline declares
+# ``memory_bytes(volume)``: the float32 volume plus a few same-sized intermediates.
+DEFAULT_BYTES_PER_VOXEL = 16
+# How long a job waits for GPU memory held elsewhere before it runs on the CPU.
+ADMISSION_WAIT_SECONDS = 30.0
+ADMISSION_POLL_SECONDS = 0.5
+_MIB = 1 << 20
+
 
 class Worker:
-    """Analysis threads. Pipelines are built once (``pipeline_factory``) and reused."""
+    """Analysis threads on one device; pipelines are built once per (name, device) and kept."""
 
     def __init__(
         self,
@@ -42,10 +66,15 @@ class Worker:
         metrics: Metrics,
         destinations: Mapping[str, Destination],
         equipment: Equipment,
-        pipeline_factory: Callable[[str], Pipeline],
+        pipeline_factory: Callable[[str, torch.device], Pipeline],
         clock: Callable[[], float],
         on_results: Callable[[], None],
         threads: int = 1,
+        *,
+        device: torch.device = CPU,
+        warm_up: Sequence[str] = (),
+        memory_probe: MemoryProbe = cuda_memory,
+        admission_wait: float = ADMISSION_WAIT_SECONDS,
     ) -> None:
         self._journal = journal
         self._spool = spool
@@ -53,16 +82,26 @@ class Worker:
         self._destinations = destinations
         self._equipment = equipment
         self._pipeline_factory = pipeline_factory
-        self._pipelines: dict[str, Pipeline] = {}
+        self._pipelines: dict[tuple[str, str], Pipeline] = {}
+        self._building: dict[tuple[str, str], threading.Lock] = {}
         self._pipelines_lock = threading.Lock()
         self._clock = clock
         self._on_results = on_results
         self._thread_count = threads
+        self.device = device
+        self._warm_up_names = tuple(dict.fromkeys(warm_up))
+        self._memory_probe = memory_probe
+        self._admission_wait = admission_wait
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        """Start the analysis threads, and the warm-up beside them (start never waits for it)."""
+        if self._warm_up_names:
+            thread = threading.Thread(target=self._warm_up, name="analysis-warm-up", daemon=True)
+            thread.start()
+            self._threads.append(thread)
         for index in range(self._thread_count):
             thread = threading.Thread(target=self._loop, name=f"analysis-{index}", daemon=True)
             thread.start()
@@ -120,7 +159,7 @@ class Worker:
         paths = [self._spool.path(p) for p in self._journal.instance_relpaths(job.series_id)]
         started = time.monotonic()
         volume = load_series(paths)
-        result = self._pipeline(job.pipeline).run(volume)
+        result = self._run(job, volume)
         analysed = time.monotonic()
         uids = ResultUIDs(job.seg_series_uid, job.seg_sop_uid, job.sr_series_uid, job.sr_sop_uid)
         seg = build_seg(result, uids, self._equipment)
@@ -133,11 +172,94 @@ class Worker:
         specs = [self._delivery(name, study.calling_aet) for name in job.send_to]
         self._journal.job_analysed(job.id, specs, self._clock(), timings)
 
-    def _pipeline(self, name: str) -> Pipeline:
+    def _run(self, job: Row, volume: Volume) -> AnalysisResult:
+        """Run the job's pipeline on the worker's device, or on the CPU if the GPU cannot."""
+        if self.device.type != "cuda":
+            return self._pipeline(job.pipeline, self.device).run(volume)
+        with device_gate(self.device):  # our other GPU jobs have finished once we hold it
+            try:
+                pipeline = self._pipeline(job.pipeline, self.device)
+                if self._admitted(job, pipeline, volume):
+                    return pipeline.run(volume)
+                reason = "memory"
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                log.warning("job %d (%s): out of memory on %s", job.id, job.pipeline, self.device)
+                reason = "out_of_memory"
+            # the exception, and the frames holding its tensors, are gone here
+            release_cached(self.device)
+        log.warning("job %d (%s): running it on the CPU instead", job.id, job.pipeline)
+        self._metrics.cpu_fallbacks.labels(pipeline=job.pipeline, reason=reason).inc()
+        return self._pipeline(job.pipeline, CPU).run(volume)
+
+    def _admitted(self, job: Row, pipeline: Pipeline, volume: Volume) -> bool:
+        """Whether the device has the memory the job needs, waiting a bounded time for it.
+
+        Called holding the device gate, so what is missing is held by another
+        process or by torch's cache: the cache is emptied once, then free
+        memory is polled for ``admission_wait`` seconds.
+        """
+        need = memory_needed(pipeline, volume)
+        deadline = time.monotonic() + self._admission_wait
+        emptied = False
+        while True:
+            free, total = self._memory_probe(self.device)
+            if free >= need:
+                return True
+            if not emptied:
+                release_cached(self.device)
+                emptied = True
+                continue
+            remaining = deadline - time.monotonic()
+            if need > total or remaining <= 0 or self._stopping.is_set():
+                log.warning(
+                    "job %d (%s): needs about %d MiB of %s; %d MiB of %d MiB free",
+                    job.id,
+                    job.pipeline,
+                    need // _MIB,
+                    self.device,
+                    free // _MIB,
+                    total // _MIB,
+                )
+                return False
+            self._stopping.wait(min(ADMISSION_POLL_SECONDS, remaining))
+
+    def _pipeline(self, name: str, device: torch.device) -> Pipeline:
+        """The pipeline ``name`` on ``device``, built on first use and kept (models stay loaded).
+
+        One lock per (name, device): a pipeline is built once even when the
+        warm-up and a job ask for it together, and building one never holds up
+        the use of another.
+        """
+        key = (name, str(device))
         with self._pipelines_lock:
-            if name not in self._pipelines:
-                self._pipelines[name] = self._pipeline_factory(name)
-            return self._pipelines[name]
+            if key in self._pipelines:
+                return self._pipelines[key]
+            building = self._building.setdefault(key, threading.Lock())
+        with building:
+            with self._pipelines_lock:
+                if key in self._pipelines:
+                    return self._pipelines[key]
+            started = time.monotonic()
+            pipeline = self._pipeline_factory(name, device)
+            log.info("pipeline %s loaded on %s in %.1f s", name, device, time.monotonic() - started)
+            with self._pipelines_lock:
+                self._pipelines[key] = pipeline
+            return pipeline
+
+    def _warm_up(self) -> None:
+        """Load the routes' pipelines at start, so that the first study does not wait for it."""
+        for name in self._warm_up_names:
+            if self._stopping.is_set():
+                return
+            try:
+                self._pipeline(name, self.device)
+            except Exception as exc:  # the jobs that need it will try again, and fail visibly
+                log.error(
+                    "warm-up: pipeline %s on %s: %s", name, self.device, describe_failure(exc)
+                )
+                log.debug("warm-up traceback", exc_info=True)
 
     def _predecessor(self, job: Row) -> Dataset | None:
         if job.predecessor_id is None:
@@ -163,6 +285,14 @@ class Worker:
             log.error("cannot send: %s", error)
             return DeliverySpec(name, "", "", 0, DeliveryState.DEAD, error)
         return DeliverySpec(name, dest.ae_title, dest.host, dest.port)
+
+
+def memory_needed(pipeline: Pipeline, volume: Volume) -> int:
+    """Device memory the pipeline needs for ``volume``: its own ``memory_bytes`` or an estimate."""
+    declared = getattr(pipeline, "memory_bytes", None)
+    if callable(declared):
+        return int(declared(volume))
+    return int(volume.hu.size) * DEFAULT_BYTES_PER_VOXEL
 
 
 def describe_failure(exc: BaseException) -> str:

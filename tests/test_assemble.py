@@ -42,7 +42,7 @@ class Timers:
 
 
 class Harness:
-    def __init__(self, root: Path, clock: Clock) -> None:
+    def __init__(self, root: Path, clock: Clock, priority: str = "normal") -> None:
         self.clock = clock
         self.spool = Spool(root)
         self.spool.create()
@@ -60,6 +60,7 @@ class Harness:
                         "when": {"Modality": "CT"},
                         "pipeline": "ct-chest",
                         "send_to": ["pacs"],
+                        "priority": priority,
                     }
                 ],
             }
@@ -255,3 +256,10 @@ def test_a_journal_of_another_schema_version_is_refused(tmp_path: Path) -> None:
         db.execute("UPDATE meta SET value = '0' WHERE key = 'schema'")
     with pytest.raises(JournalSchemaError, match="has schema version 0; this dicom_node uses"):
         Journal(tmp_path / "var" / "journal.sqlite").create()
+
+
+def test_an_urgent_route_gives_urgent_jobs(tmp_path: Path) -> None:
+    urgent = Harness(tmp_path / "urgent", Clock(), priority="urgent")
+    assert urgent.claimed_job().priority == "urgent"
+    normal = Harness(tmp_path / "normal", Clock())
+    assert normal.claimed_job().priority == "normal"

@@ -291,3 +291,21 @@ def test_mask_shape_mismatch_is_refused(result, equipment):
     broken = dataclasses.replace(result, segments=(bad, *result.segments[1:]))
     with pytest.raises(ValueError, match="'body' mask shape"):
         build_seg(broken, _uids(), equipment)
+
+
+def test_algorithm_is_contributing_equipment_with_a_versioned_device_uid(seg, sr, result):
+    """IHE AI Results: one item per algorithm; the built-in's Device UID follows its version."""
+    from dicom_node.encode.types import derived_device_uid
+
+    expected = derived_device_uid(result.algorithm_name, result.algorithm_version)
+    for dataset in (seg, sr):
+        (item,) = [i for i in dataset.ContributingEquipmentSequence if "DeviceUID" in i]
+        assert item.DeviceUID == expected
+        assert (item.ManufacturerModelName, item.SoftwareVersions) == (
+            result.algorithm_name,
+            result.algorithm_version,
+        )
+        assert item.Manufacturer == "dicom_node"
+        assert item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert derived_device_uid(result.algorithm_name, "9.9.9") != expected
+    assert derived_device_uid(result.algorithm_name, result.algorithm_version) == expected

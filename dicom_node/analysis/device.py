@@ -1,29 +1,110 @@
-"""Choose the torch device the analysis runs on."""
+"""Choose the torch device the analysis runs on, and the GPU's process-wide rules.
+
+One job at a time runs on a CUDA device (:func:`device_gate`): two volumes'
+intermediates side by side are what runs a GPU out of memory, and serialising
+costs little because a GPU job keeps the device busy anyway. Free memory is
+read through a :data:`MemoryProbe` so that the admission logic can be tested
+on machines without a GPU.
+"""
 
 from __future__ import annotations
 
+import re
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 
-DEVICE_PREFERENCES = ("auto", "cpu", "cuda")
+DEVICE_PREFERENCES = ("auto", "cpu", "cuda", "cuda:N")
+_CUDA_INDEX = re.compile(r"^cuda(?::(\d+))?$")
+
+CPU = torch.device("cpu")
+
+# (free, total) bytes of a device, as torch.cuda.mem_get_info returns them.
+MemoryProbe = Callable[[torch.device], tuple[int, int]]
+
+
+class DeviceUnavailable(RuntimeError):
+    """The configured analysis device cannot be used on this machine."""
 
 
 def select_device(preference: str = "auto") -> torch.device:
-    """Return the device for ``preference``: "auto", "cpu" or "cuda".
+    """Return the device for ``preference``: "auto", "cpu", "cuda" or "cuda:N".
 
-    "auto" picks CUDA when it is available and the CPU otherwise; "cuda" raises
-    :class:`RuntimeError` when no CUDA device can be used.
+    "auto" picks cuda:0 when CUDA is available and the CPU otherwise; "cuda"
+    means cuda:0. An explicit CUDA device that cannot be used raises
+    :class:`DeviceUnavailable` at start rather than failing every job later.
     """
-    if preference not in DEVICE_PREFERENCES:
+    if preference in ("cpu", "auto"):
+        if preference == "auto" and torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        return CPU
+    match = _CUDA_INDEX.match(preference)
+    if match is None:
         raise ValueError(
-            f"unknown device preference {preference!r}; expected one of {DEVICE_PREFERENCES}"
+            f"unknown device preference {preference!r}; expected one of "
+            f"{', '.join(DEVICE_PREFERENCES)} (N: a CUDA device index)"
         )
-    if preference == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if preference == "cuda":
-        raise RuntimeError(
-            "device 'cuda' was requested but torch.cuda.is_available() is False "
+    if not torch.cuda.is_available():
+        raise DeviceUnavailable(
+            f"device {preference!r} was requested but torch.cuda.is_available() is False "
             f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})"
         )
-    return torch.device("cpu")
+    index = int(match.group(1) or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        visible = ", ".join(f"cuda:{i}" for i in range(count))
+        raise DeviceUnavailable(
+            f"device {preference!r} was requested but only {count} CUDA device(s) are "
+            f"visible ({visible}); check analysis.device and CUDA_VISIBLE_DEVICES"
+        )
+    return torch.device("cuda", index)
+
+
+def cuda_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes on a CUDA device, counting other processes' use too."""
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
+
+
+def release_cached(device: torch.device) -> None:
+    """Give the caching allocator's unused blocks back, so free memory is real free memory."""
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised because of, torch running out of device memory.
+
+    The chain is followed (``raise ... from``, or raised while handling) because
+    code that already tried smaller tiles reports the final out-of-memory as
+    its own error; the CPU may still manage the job.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, torch.OutOfMemoryError):
+            return True
+        if isinstance(current, RuntimeError) and "out of memory" in str(current).lower():
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+_gates: dict[str, threading.Lock] = {}
+_gates_lock = threading.Lock()
+
+
+def device_gate(device: torch.device) -> AbstractContextManager[object]:
+    """The process-wide lock of a CUDA device (one job on it at a time); none for the CPU.
+
+    Process-wide rather than per worker, so that two workers of one process
+    (or a test building a second one) still share the device one job at a time.
+    """
+    if device.type != "cuda":
+        return nullcontext()
+    key = f"cuda:{device.index if device.index is not None else 0}"
+    with _gates_lock:
+        return _gates.setdefault(key, threading.Lock())

@@ -171,3 +171,51 @@ def _header_only(ds: Dataset) -> Dataset:
     if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
         del ds.SpecificCharacterSet
     return ds
+
+
+def load_images(paths: Sequence[Path]) -> Volume:
+    """A series of slices (:func:`load_series`) or, for one file, a single image."""
+    if len(paths) == 1:
+        return load_image_2d(paths[0])
+    return load_series(paths)
+
+
+def load_image_2d(path: Path) -> Volume:
+    """Read one single-frame image (a DX/CR radiograph, or one slice) as a one-slice volume.
+
+    Projection radiographs have no ImagePositionPatient/ImageOrientationPatient:
+    the volume then lies at the origin with identity direction, which only serves
+    to map results back onto the same pixels. Spacing is PixelSpacing, else
+    ImagerPixelSpacing (0018,1164). MONOCHROME1 images are inverted so that higher
+    values are brighter, as in MONOCHROME2; values are the rescaled pixel values.
+    """
+    ds = pydicom.dcmread(Path(path))
+    name = Path(path).name
+    if ds.get("PixelSpacing") is None and ds.get("ImagerPixelSpacing") is not None:
+        spacing = _imager_pixel_spacing(ds, name)
+    else:
+        spacing = _pixel_spacing(ds, name)
+    pixels = _slice_hu(ds, name)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        pixels = pixels.max() + pixels.min() - pixels
+    origin = np.zeros(3)
+    direction = np.eye(3)
+    if ds.get("ImageOrientationPatient") is not None and ds.get("ImagePositionPatient") is not None:
+        row_cos, col_cos = _common_orientation([ds], [name])
+        direction = np.column_stack([row_cos, col_cos, np.cross(row_cos, col_cos)])
+        origin = _position(ds, name)
+    thickness = float(ds.get("SliceThickness") or 1.0)
+    return Volume(
+        hu=pixels[None].astype(np.float32),
+        spacing=(thickness if thickness > 0 else 1.0, spacing[0], spacing[1]),
+        origin=origin,
+        direction=direction,
+        datasets=(_header_only(ds),),
+    )
+
+
+def _imager_pixel_spacing(ds: Dataset, name: str) -> tuple[float, float]:
+    value = ds.get("ImagerPixelSpacing")
+    if value is None or len(value) != 2 or min(float(v) for v in value) <= 0:
+        raise ValueError(f"{name}: ImagerPixelSpacing invalid: {value!r}")
+    return float(value[0]), float(value[1])

@@ -4,7 +4,12 @@ One segment per :class:`~dicom_node.analysis.types.Segment`; the SEG shares
 the Study and Frame of Reference of the source series, starts a new series and
 references every source instance (frames are derived from the source images).
 Laterality is a SegmentedPropertyTypeModifierCodeSequence (0062,0011) item,
-as dcmqi writes it.
+as dcmqi writes it. A label colour becomes the Recommended Display CIELab Value.
+Following IHE AI Results, the algorithm is a Contributing Equipment item
+(Processing Equipment) with its maker, name, version and a Device UID that
+changes with the version. Images without a Frame of Reference (projection
+radiographs) give a SEG without one, which then carries the source's Patient
+Orientation (Type 2C).
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_node.analysis.attributed import AttributedResult
 from dicom_node.analysis.types import AnalysisResult, Code, Segment
-from dicom_node.encode.types import Equipment, ResultUIDs
+from dicom_node.encode.types import AlgorithmEquipment, Equipment, ResultUIDs, derived_device_uid
 
 #: CID 7162 Surface Processing Algorithm Family: what the built-in pipelines do.
 ALGORITHM_FAMILY = codes.cid7162.MorphologicalOperations
+#: CID 7005 purpose of the algorithm's Contributing Equipment item.
+PROCESSING_EQUIPMENT = codes.cid7005.ProcessingEquipment
 
 
 def build_seg(
@@ -56,8 +64,12 @@ def build_seg(
         content_label=_content_label(result.pipeline),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=True,
+        contributing_equipment=contributing_equipment(result, equipment),
     )
+    add_device_uid(seg, result, equipment)
     seg.SeriesDescription = f"{result.pipeline} SEG"
+    if "FrameOfReferenceUID" not in seg:
+        seg.PatientOrientation = volume.datasets[0].get("PatientOrientation") or ""
     drop_incomplete_study_references(seg)
     if equipment.institution_name:
         seg.InstitutionName = equipment.institution_name
@@ -80,6 +92,7 @@ def segment_descriptions(
             algorithm_identification=algorithm,
             tracking_uid=tracking_uid(uids, segment),
             tracking_id=segment.label,
+            display_color=_color(result, segment.key),
         )
         if segment.laterality is not None:
             type_item = description.SegmentedPropertyTypeCodeSequence[0]
@@ -88,6 +101,52 @@ def segment_descriptions(
             ]
         descriptions.append(description)
     return descriptions
+
+
+def algorithm_equipment(result: AnalysisResult, equipment: Equipment) -> AlgorithmEquipment:
+    """The algorithm's maker and Device UID: declared by a model package, else derived."""
+    attributed = result if isinstance(result, AttributedResult) else None
+    return AlgorithmEquipment(
+        manufacturer=(attributed and attributed.manufacturer) or equipment.manufacturer,
+        model_name=result.algorithm_name,
+        software_version=result.algorithm_version,
+        device_uid=(attributed and attributed.device_uid)
+        or derived_device_uid(result.algorithm_name, result.algorithm_version),
+    )
+
+
+def contributing_equipment(
+    result: AnalysisResult, equipment: Equipment
+) -> list[hd.ContributingEquipment]:
+    """One Contributing Equipment item for the algorithm (its Device UID: add_device_uid)."""
+    algorithm = algorithm_equipment(result, equipment)
+    return [
+        hd.ContributingEquipment(
+            manufacturer=algorithm.manufacturer,
+            purpose_of_reference=PROCESSING_EQUIPMENT,
+            manufacturer_model_name=algorithm.model_name,
+            software_versions=algorithm.software_version,
+            contribution_description=f"{result.pipeline} analysis",
+        )
+    ]
+
+
+def add_device_uid(dataset: Dataset, result: AnalysisResult, equipment: Equipment) -> None:
+    """Device UID (0018,1002) in the algorithm's item: highdicom has no argument for it.
+
+    highdicom adds items of its own (the source's acquisition equipment, itself),
+    so the algorithm's item is found by its maker, name and version.
+    """
+    algorithm = algorithm_equipment(result, equipment)
+    for item in dataset.ContributingEquipmentSequence:
+        identity = tuple(
+            item.get(keyword)
+            for keyword in ("Manufacturer", "ManufacturerModelName", "SoftwareVersions")
+        )
+        if identity == (algorithm.manufacturer, algorithm.model_name, algorithm.software_version):
+            item.DeviceUID = algorithm.device_uid
+            return
+    raise ValueError(f"no Contributing Equipment item for {algorithm.model_name!r}")
 
 
 def algorithm_identification(result: AnalysisResult) -> hd.AlgorithmIdentificationSequence:
@@ -148,6 +207,11 @@ def drop_incomplete_study_references(dataset: Dataset) -> None:
 
 def _code(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def _color(result: AnalysisResult, key: str) -> hd.color.CIELabColor | None:
+    rgb = result.color_of(key) if isinstance(result, AttributedResult) else None
+    return hd.color.CIELabColor.from_rgb(*rgb) if rgb is not None else None
 
 
 def _content_label(pipeline: str) -> str:

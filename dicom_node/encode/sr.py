@@ -9,9 +9,19 @@ lungs) form a TID 1501 group: TID 1411 references exactly one segment, so that
 group names the structure as finding type and site instead. Codes of a private
 scheme (designator "99...") are declared in the CodingSchemeIdentificationSequence.
 The evidence lists the SEG and every source image.
+
+Model packages add: a segment of a single image (a radiograph) is a TID 1410
+Planar ROI group referencing its SEG frame; volume or mean HU that a package
+does not report (NaN) are left out; per-finding classifications are the
+segment's qualitative evaluations and probability NUMs; a classifier without
+segments gives an SR without SEG (``seg=None``), its result a TID 1501 group.
+The algorithm is Contributing Equipment with its Device UID (IHE AI Results).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -27,7 +37,9 @@ from dicom_node.analysis.types import (
     SegmentGroup,
 )
 from dicom_node.encode.seg import (
+    add_device_uid,
     algorithm_family,
+    contributing_equipment,
     drop_incomplete_study_references,
     referenced_source_series,
     tracking_uid,
@@ -43,21 +55,25 @@ HOUNSFIELD_UNIT = hd.sr.CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
 
 def build_sr(
     result: AnalysisResult,
-    seg: Dataset,
+    seg: Dataset | None,
     uids: ResultUIDs,
     equipment: Equipment,
     predecessor: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Encode the measurements of ``result`` as a TID 1500 report on ``seg``.
 
+    ``seg`` is None only for a result without segments (a classifier).
     ``predecessor`` is an earlier SR of the same job that this one replaces; it
     is listed in the PredecessorDocumentsSequence.
     """
-    numbers = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
+    items = seg.SegmentSequence if seg is not None else []
+    numbers = {int(item.SegmentNumber): str(item.SegmentLabel) for item in items}
     if len(numbers) != len(result.segments):
         raise ValueError(
             f"SEG has {len(numbers)} segments but the result has {len(result.segments)}"
         )
+    if not result.segments and not result.groups:
+        raise ValueError(f"pipeline {result.pipeline!r} returned nothing to report")
     algorithm = hd.sr.AlgorithmIdentification(
         name=result.algorithm_name,
         version=result.algorithm_version,
@@ -65,10 +81,12 @@ def build_sr(
     )
     groups: list[
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = [
-        _measurement_group(algorithm, segment, number, seg, uids)
+        _segment_group(algorithm, segment, number, seg, uids, result)
         for number, segment in enumerate(result.segments, start=1)
+        if seg is not None
     ]
     groups += [_aggregate_group(algorithm, group, uids) for group in result.groups]
     report = hd.sr.MeasurementReport(
@@ -77,7 +95,7 @@ def build_sr(
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg, *result.volume.datasets],
+        evidence=[*([seg] if seg is not None else []), *result.volume.datasets],
         content=report,
         series_instance_uid=uids.sr_series_uid,
         series_number=equipment.sr_series_number,
@@ -88,7 +106,9 @@ def build_sr(
         institution_name=equipment.institution_name,
         previous_versions=[predecessor] if predecessor is not None else None,
         coding_schemes=_private_schemes(result) or None,
+        contributing_equipment=contributing_equipment(result, equipment),
     )
+    add_device_uid(sr, result, equipment)
     sr.ManufacturerModelName = equipment.model_name
     sr.SoftwareVersions = equipment.software_version
     sr.DeviceSerialNumber = equipment.device_serial_number
@@ -113,52 +133,112 @@ def _observation_context(equipment: Equipment) -> hd.sr.ObservationContext:
     )
 
 
-def _measurement_group(
+def _segment_group(
     algorithm: hd.sr.AlgorithmIdentification,
     segment: Segment,
     number: int,
     seg: Dataset,
     uids: ResultUIDs,
-) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """TID 1411 group for one segment, referencing SEG segment ``number``."""
+    result: AnalysisResult,
+) -> (
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+):
+    """TID 1411 group for one segment (TID 1410 on a single image), referencing the SEG."""
     site = hd.sr.FindingSite(
         anatomic_location=_code(segment.finding_site or segment.type),
         laterality=_code(segment.laterality) if segment.laterality is not None else None,
     )
+    tracking = hd.sr.TrackingIdentifier(uid=tracking_uid(uids, segment), identifier=segment.label)
+    measurements = _segment_measurements(segment, algorithm)
+    evaluations = _evaluations(segment.evaluations)
+    if len(result.volume.datasets) == 1:
+        frame = hd.sr.ReferencedSegmentationFrame(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            frame_number=_frame_of_segment(seg, number),
+            segment_number=number,
+            source_image=hd.sr.SourceImageForSegmentation.from_source_image(
+                result.volume.datasets[0]
+            ),
+        )
+        planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_segment=frame,
+            finding_type=_code(segment.type),
+            finding_category=_code(segment.category),
+            algorithm_id=algorithm,
+            finding_sites=[site],
+            measurements=measurements,
+            qualitative_evaluations=evaluations,
+        )
+        _frame_reference_only(planar)
+        return planar
     referenced = hd.sr.ReferencedSegment(
         sop_class_uid=seg.SOPClassUID,
         sop_instance_uid=seg.SOPInstanceUID,
         segment_number=number,
         source_series=hd.sr.SourceSeriesForSegmentation(referenced_source_series(seg)),
     )
-    measurements = [
-        hd.sr.Measurement(
-            name=codes.SCT.Volume,
-            value=round(segment.volume_ml, 3),
-            unit=MILLILITER,
-            algorithm_id=algorithm,
-        ),
-        hd.sr.Measurement(
-            name=codes.DCM.AttenuationCoefficient,
-            value=round(segment.mean_hu, 3),
-            unit=HOUNSFIELD_UNIT,
-            derivation=codes.SCT.Mean,
-            algorithm_id=algorithm,
-        ),
-        *(_measurement(m, algorithm) for m in segment.measurements),
-    ]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid(uids, segment), identifier=segment.label
-        ),
+        tracking_identifier=tracking,
         referenced_segment=referenced,
         finding_type=_code(segment.type),
         finding_category=_code(segment.category),
         algorithm_id=algorithm,
         finding_sites=[site],
         measurements=measurements,
-        qualitative_evaluations=_evaluations(segment.evaluations),
+        qualitative_evaluations=evaluations,
     )
+
+
+def _segment_measurements(
+    segment: Segment, algorithm: hd.sr.AlgorithmIdentification
+) -> list[hd.sr.Measurement]:
+    """Volume and mean HU when reported (not NaN), then the segment's own measurements."""
+    measurements = []
+    if math.isfinite(segment.volume_ml):
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.SCT.Volume,
+                value=round(segment.volume_ml, 3),
+                unit=MILLILITER,
+                algorithm_id=algorithm,
+            )
+        )
+    if math.isfinite(segment.mean_hu):
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.DCM.AttenuationCoefficient,
+                value=round(segment.mean_hu, 3),
+                unit=HOUNSFIELD_UNIT,
+                derivation=codes.SCT.Mean,
+                algorithm_id=algorithm,
+            )
+        )
+    return measurements + [_measurement(m, algorithm) for m in segment.measurements]
+
+
+def _frame_reference_only(group: Iterable[Dataset]) -> None:
+    """Drop Referenced Segment Number where a SEG frame is referenced (PS3.3 C.18.4.1).
+
+    In the Image Reference Macro it is required only when no Referenced Frame Number
+    is present; highdicom writes both, which dciodvfy reports as an error.
+    """
+    for item in group:
+        for child in item.get("ContentSequence", []):
+            for reference in child.get("ReferencedSOPSequence", []):
+                if "ReferencedFrameNumber" in reference and "ReferencedSegmentNumber" in reference:
+                    del reference.ReferencedSegmentNumber
+            _frame_reference_only([child])
+
+
+def _frame_of_segment(seg: Dataset, number: int) -> int:
+    """The SEG frame (1-based) holding segment ``number`` of a single-image source."""
+    for index, group in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        if int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number:
+            return index
+    raise ValueError(f"segment {number} has no frame in the SEG")
 
 
 def _aggregate_group(
@@ -219,6 +299,7 @@ def _private_schemes(result: AnalysisResult) -> list[CodingSchemeIdentificationI
     codes_used += [
         code
         for code in (
+            *(g.type for g in result.groups),
             *(s.finding_site for s in result.segments),
             *(s.type for s in result.segments),
             *(s.category for s in result.segments),

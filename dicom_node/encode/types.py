@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 from dicom_node import __version__
@@ -29,3 +30,22 @@ class Equipment:
     seg_series_number: int = 9901
     sr_series_number: int = 9902
     institution_name: str | None = None
+
+
+@dataclass(frozen=True)
+class AlgorithmEquipment:
+    """The algorithm as Contributing Equipment (IHE AI Results): who made which version.
+
+    ``device_uid`` (0018,1002) identifies this version of the algorithm: it changes
+    whenever the model version does.
+    """
+
+    manufacturer: str
+    model_name: str
+    software_version: str
+    device_uid: str
+
+
+def derived_device_uid(name: str, version: str) -> str:
+    """A stable Device UID for a built-in algorithm version (2.25 UUID form, PS3.5 B.2)."""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'dicom_node algorithm {name} {version}').int}"

@@ -59,6 +59,13 @@ class Metrics:
         self.jobs_finished = Counter(
             "dicom_node_jobs_analysed", "Analysis outcomes", ["pipeline", "outcome"], registry=r
         )
+        self.cpu_fallbacks = Counter(
+            "dicom_node_analysis_cpu_fallbacks",
+            "Jobs meant for the GPU that ran on the CPU, by reason: memory (too little free"
+            " to admit the job) or out_of_memory (the GPU ran out during the job)",
+            ["pipeline", "reason"],
+            registry=r,
+        )
         self.sends = Counter(
             "dicom_node_send_attempts",
             "C-STORE send attempts of results, by destination and outcome",

@@ -1,0 +1,151 @@
+"""Recording one received instance in the journal: the receive hot path, in plain SQL.
+
+Every C-STORE runs this once, under the journal's write lock, before its success
+status. Built with SQLAlchemy Core expressions it cost about 1 ms of CPU per instance
+(building, caching and compiling five statements) - as much as the fsyncs. The
+statements are fixed, so they are written once as SQL text and run with
+``exec_driver_sql``; the transaction and the connection pool are still SQLAlchemy's.
+The logic is that of the rest of the journal: a known SOP Instance UID is a
+duplicate; a study that had completed re-opens (a new generation); a Series Instance
+UID that belongs to another study is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from sqlalchemy.engine import Connection
+
+from dicom_node.domain import StudyState, check_study
+
+
+class UIDConflict(Exception):
+    """A received UID contradicts what the journal already holds."""
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """An instance written to the spool, about to be recorded."""
+
+    sop_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    relpath: str
+    transfer_syntax: str
+    size: int
+    calling_aet: str
+    received_at: float
+    study_details: dict[str, str] = field(default_factory=dict)
+    series_details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Outcome of :meth:`dicom_node.journal.Journal.record_instance`."""
+
+    study_id: int
+    duplicate: bool
+    reopened: bool  # the study had completed and this instance re-opened it
+    opened: bool  # the study is new or re-opened: completion must be (re)scheduled
+
+
+_KNOWN = (
+    "SELECT series.study_id FROM instances JOIN series ON series.id = instances.series_id"
+    " WHERE instances.sop_uid = ?"
+)
+_STUDY = "SELECT id, state, generation, last_received_at FROM studies WHERE study_uid = ?"
+_NEW_STUDY = (
+    "INSERT INTO studies (study_uid, state, calling_aet, first_received_at, last_received_at,"
+    " generation, details) VALUES (?, ?, ?, ?, ?, 1, ?)"
+)
+_TOUCH_STUDY = "UPDATE studies SET last_received_at = ? WHERE id = ?"
+_REOPEN_STUDY = (
+    "UPDATE studies SET last_received_at = ?, state = ?, generation = ?, completed_at = NULL"
+    " WHERE id = ?"
+)
+_SERIES = "SELECT id, study_id FROM series WHERE series_uid = ?"
+_NEW_SERIES = (
+    "INSERT INTO series (study_id, series_uid, modality, instance_count, details)"
+    " VALUES (?, ?, ?, 1, ?)"
+)
+_COUNT_SERIES = "UPDATE series SET instance_count = instance_count + 1 WHERE id = ?"
+_NEW_INSTANCE = (
+    "INSERT INTO instances (sop_uid, sop_class_uid, series_id, relpath, transfer_syntax, size,"
+    " calling_aet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+HAS_INSTANCE = "SELECT 1 FROM instances WHERE sop_uid = ?"
+
+
+def record(conn: Connection, inst: ReceivedInstance) -> Recorded:
+    """Insert ``inst`` (and its study and series when new) in the open transaction."""
+    known = conn.exec_driver_sql(_KNOWN, (inst.sop_uid,)).first()
+    if known is not None:
+        return Recorded(int(known[0]), duplicate=True, reopened=False, opened=False)
+    study_id, reopened, opened = _touch_study(conn, inst)
+    series_id = _touch_series(conn, study_id, inst)
+    conn.exec_driver_sql(
+        _NEW_INSTANCE,
+        (
+            inst.sop_uid,
+            inst.sop_class_uid,
+            series_id,
+            inst.relpath,
+            inst.transfer_syntax,
+            inst.size,
+            inst.calling_aet,
+            inst.received_at,
+        ),
+    )
+    return Recorded(study_id, duplicate=False, reopened=reopened, opened=opened)
+
+
+def _touch_study(conn: Connection, inst: ReceivedInstance) -> tuple[int, bool, bool]:
+    """Insert or refresh the study row; returns (id, reopened, opened)."""
+    row = conn.exec_driver_sql(_STUDY, (inst.study_uid,)).first()
+    if row is None:
+        result = conn.exec_driver_sql(
+            _NEW_STUDY,
+            (
+                inst.study_uid,
+                StudyState.OPEN.value,
+                inst.calling_aet,
+                inst.received_at,
+                inst.received_at,
+                json.dumps(inst.study_details),
+            ),
+        )
+        return _last_id(result), False, True
+    study_id, state, generation, last_received_at = row
+    latest = max(float(last_received_at), inst.received_at)
+    if state != StudyState.COMPLETE:
+        conn.exec_driver_sql(_TOUCH_STUDY, (latest, study_id))
+        return int(study_id), False, False
+    check_study(StudyState(state), StudyState.OPEN)
+    conn.exec_driver_sql(
+        _REOPEN_STUDY, (latest, StudyState.OPEN.value, int(generation) + 1, study_id)
+    )
+    return int(study_id), True, True
+
+
+def _touch_series(conn: Connection, study_id: int, inst: ReceivedInstance) -> int:
+    row = conn.exec_driver_sql(_SERIES, (inst.series_uid,)).first()
+    if row is not None and int(row[1]) != study_id:
+        raise UIDConflict("SeriesInstanceUID already belongs to another study")
+    if row is None:
+        result = conn.exec_driver_sql(
+            _NEW_SERIES,
+            (study_id, inst.series_uid, inst.modality, json.dumps(inst.series_details)),
+        )
+        return _last_id(result)
+    conn.exec_driver_sql(_COUNT_SERIES, (row[0],))
+    return int(row[0])
+
+
+def _last_id(result: object) -> int:
+    rowid = getattr(result, "lastrowid", None)
+    if rowid is None:
+        raise RuntimeError("the journal did not report the new row's id")
+    return int(rowid)

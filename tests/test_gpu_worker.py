@@ -1,0 +1,543 @@
+"""The GPU worker, tested without a GPU: the CUDA device is a ``torch.device("cuda", 0)``
+that the fake pipelines below never touch, and free memory comes from a fake probe.
+
+Covered: device selection, job priority (and the in-place journal upgrade that
+added it), warm pipelines, memory admission, the out-of-memory fallback to the
+CPU, one job at a time per GPU, and a receiver that answers during analysis.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from dciodvfy import dciodvfy_errors
+from nodes import node_settings, running_node
+from peers import GE_3SLICE, LOCALHOST, free_port, wait_until
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from test_assemble import Clock, Harness
+
+import dicom_node.app
+from dicom_node.analysis import device as devices
+from dicom_node.analysis.ct_chest import CtChestPipeline
+from dicom_node.analysis.types import AnalysisError, AnalysisResult, Volume
+from dicom_node.config import parse_config
+from dicom_node.domain import JobState
+from dicom_node.encode.types import Equipment
+from dicom_node.journal import JobSpec, Journal, JournalSchemaError
+from dicom_node.route import SeriesInfo, plan_jobs
+from dicom_node.web.metrics import Metrics
+from dicom_node.worker import DEFAULT_BYTES_PER_VOXEL, Worker, memory_needed
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)
+MIB = 1 << 20
+GIB = 1 << 30
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+DESTINATIONS = parse_config(
+    {
+        "node": {"ae_title": "N"},
+        "destinations": {"pacs": {"ae_title": "P", "host": "127.0.0.1", "port": 104}},
+    }
+).destinations
+EQUIPMENT = Equipment(device_serial_number="1", device_observer_uid=generate_uid())
+
+
+@functools.cache
+def ct_chest() -> CtChestPipeline:
+    return CtChestPipeline(CPU, airways_segment=True)
+
+
+class Tracker:
+    """Counts pipeline runs in progress at once, and the most there ever were."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.active = self.most = 0
+        self.started = threading.Event()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        self.started.set()
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._lock:
+            self.active -= 1
+
+
+class FakePipeline:
+    """ct-chest's real result (computed on the CPU) for a pipeline built for ``device``.
+
+    ``fail`` is raised instead on a CUDA device; ``hold`` seconds are spent in
+    every run; ``memory`` is declared as the device memory a volume needs.
+    """
+
+    name = "ct-chest"
+    version = "test"
+
+    def __init__(
+        self,
+        device: torch.device,
+        fail: Exception | None,
+        hold: float,
+        tracker: Tracker,
+        memory: int | None,
+    ) -> None:
+        self.device = device
+        self.runs = 0
+        self._fail = fail if device.type == "cuda" else None
+        self._hold = hold
+        self._tracker = tracker
+        if memory is not None:
+            self.memory_bytes = lambda _volume: memory
+
+    def run(self, volume: Volume) -> AnalysisResult:
+        self.runs += 1
+        with self._tracker:
+            if self._fail is not None:
+                raise self._fail
+            time.sleep(self._hold)
+            return ct_chest().run(volume)
+
+
+class Factory:
+    """The worker's ``pipeline_factory``: records what it built, for which device."""
+
+    def __init__(
+        self,
+        fail_on_gpu: Exception | None = None,
+        hold: float = 0.0,
+        memory: int | None = None,
+    ) -> None:
+        self.built: list[tuple[str, str]] = []
+        self.pipelines: dict[str, FakePipeline] = {}
+        self.tracker = Tracker()
+        self._options = (fail_on_gpu, hold, self.tracker, memory)
+
+    def __call__(self, name: str, device: torch.device, *_models_path: object) -> FakePipeline:
+        self.built.append((name, str(device)))
+        pipeline = FakePipeline(device, *self._options)
+        self.pipelines[str(device)] = pipeline
+        return pipeline
+
+
+class Probe:
+    """A memory probe answering (free, total) from a script; the last answer repeats."""
+
+    def __init__(self, *answers: tuple[int, int]) -> None:
+        self._answers = list(answers)
+        self.calls = 0
+
+    def __call__(self, device: torch.device) -> tuple[int, int]:
+        assert device == CUDA
+        self.calls += 1
+        return self._answers[min(self.calls, len(self._answers)) - 1]
+
+
+PLENTY = Probe((80 * GIB, 80 * GIB))
+
+
+def make_worker(harness: Harness, factory: Factory, metrics: Metrics, **options: object) -> Worker:
+    options.setdefault("device", CUDA)
+    options.setdefault("memory_probe", PLENTY)
+    return Worker(
+        harness.journal,
+        harness.spool,
+        metrics,
+        DESTINATIONS,
+        EQUIPMENT,
+        factory,
+        harness.clock,
+        on_results=lambda: None,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def fallbacks(metrics: Metrics, reason: str) -> float | None:
+    return metrics.registry.get_sample_value(
+        "dicom_node_analysis_cpu_fallbacks_total", {"pipeline": "ct-chest", "reason": reason}
+    )
+
+
+def queue_jobs(harness: Harness, priorities: list[str]) -> list[int]:
+    """Receive the GE study and queue one job per priority, in this order."""
+    for path in sorted(GE_3SLICE.glob("*.dcm")):
+        harness.receive(path)
+    (study,) = harness.journal.open_studies()
+    (series_id,) = {r.id for r in harness.journal.study_snapshot(study.id).series}
+    specs = [
+        JobSpec(
+            series_id,
+            f"route-{index}",
+            "ct-chest",
+            ("pacs",),
+            3,
+            (generate_uid(), generate_uid(), generate_uid(), generate_uid()),
+            priority,
+        )
+        for index, priority in enumerate(priorities)
+    ]
+    ids = harness.journal.complete_study(study.id, study.last_received_at, harness.clock.now, specs)
+    assert ids is not None
+    return ids
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Harness:
+    return Harness(tmp_path / "var", Clock())
+
+
+# -- device selection -----------------------------------------------------------------------
+
+
+def test_select_device_accepts_an_index_and_refuses_an_absent_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.select_device("auto") == CPU
+    with pytest.raises(devices.DeviceUnavailable, match=r"'cuda:0' was requested.*is False"):
+        devices.select_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert devices.select_device("auto") == CUDA
+    assert devices.select_device("cuda") == CUDA
+    assert devices.select_device("cuda:1") == torch.device("cuda", 1)
+    assert devices.select_device("cpu") == CPU
+    with pytest.raises(devices.DeviceUnavailable, match=r"only 2 CUDA device\(s\).*cuda:0, cuda:1"):
+        devices.select_device("cuda:2")
+    for wrong in ("gpu", "cuda:", "cuda:x", "cuda0"):
+        with pytest.raises(ValueError, match="unknown device preference"):
+            devices.select_device(wrong)
+
+
+def test_one_gate_per_gpu_for_the_whole_process() -> None:
+    assert devices.device_gate(torch.device("cuda")) is devices.device_gate(CUDA)
+    assert devices.device_gate(torch.device("cuda", 1)) is not devices.device_gate(CUDA)
+    with devices.device_gate(CPU), devices.device_gate(CPU):  # no gate: CPU jobs run side by side
+        pass
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("CUDA error: out of memory"), True),
+        (RuntimeError("Expected all tensors to be on the same device"), False),
+        (MemoryError(), False),  # the host's memory: the CPU would not do better
+    ],
+)
+def test_out_of_memory_is_recognised(error: Exception, expected: bool) -> None:
+    assert devices.is_out_of_memory(error) is expected
+
+
+def test_an_error_raised_because_of_out_of_memory_counts_as_out_of_memory() -> None:
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError:  # what tiled inference does when one tile is too many
+            raise AnalysisError("out of memory even one tile at a time") from None
+    except AnalysisError as exc:
+        wrapped = exc
+    assert wrapped.__cause__ is None and wrapped.__context__ is not None
+    assert devices.is_out_of_memory(wrapped)
+    try:
+        raise AnalysisError("no lungs") from ValueError("unrelated")
+    except AnalysisError as exc:
+        assert not devices.is_out_of_memory(exc)
+
+
+# -- priority -------------------------------------------------------------------------------
+
+
+def test_urgent_jobs_are_claimed_before_older_normal_ones(harness: Harness) -> None:
+    ids = queue_jobs(harness, ["normal", "urgent", "normal", "urgent"])
+    claimed = [harness.journal.claim_job(harness.clock.now) for _ in ids]
+    assert [job.id for job in claimed if job is not None] == [ids[1], ids[3], ids[0], ids[2]]
+    assert [job.priority for job in claimed if job is not None] == ["urgent"] * 2 + ["normal"] * 2
+    assert harness.journal.claim_job(harness.clock.now) is None
+
+
+def test_a_route_gives_its_priority_to_its_jobs() -> None:
+    routes = parse_config(
+        {
+            "node": {"ae_title": "N"},
+            "destinations": {"pacs": {"ae_title": "P", "host": "127.0.0.1", "port": 104}},
+            "routes": [
+                {
+                    "name": "stroke",
+                    "pipeline": "ct-chest",
+                    "send_to": ["pacs"],
+                    "priority": "urgent",
+                },
+                {"name": "chest", "pipeline": "ct-chest", "send_to": ["pacs"]},
+            ],
+        }
+    ).routes
+    header = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0], stop_before_pixels=True)
+    planned = plan_jobs(routes, [SeriesInfo(1, header, 3)], [])
+    assert [(job.route, job.priority) for job in planned] == [
+        ("stroke", "urgent"),
+        ("chest", "normal"),
+    ]
+
+
+def _as_version_2(path: Path) -> None:
+    """Turn a journal into one written by schema version 2 (the version before priority).
+
+    Dropping the column leaves exactly the tables version 2 creates (compared
+    once, table by table, with a journal made by that version's code).
+    """
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE jobs DROP COLUMN priority")
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    db.close()
+
+
+def test_a_version_2_journal_is_upgraded_in_place_keeping_its_jobs(harness: Harness) -> None:
+    first, second = queue_jobs(harness, ["normal", "normal"])
+    harness.journal.claim_job(harness.clock.now)  # first: analysing when the node stopped
+    before = {job.id: job for job in harness.journal.recent_jobs()}
+    harness.journal.close()
+    path = harness.spool.journal_path
+    _as_version_2(path)
+
+    journal = Journal(path)
+    journal.create()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+    db.close()
+    after = {job.id: job for job in journal.recent_jobs()}
+    assert after.keys() == before.keys() == {first, second}
+    for job_id, job in after.items():
+        assert job.priority == "normal"
+        assert job._asdict() == {**before[job_id]._asdict(), "priority": "normal"}
+    assert journal.resume(harness.clock.now) == 1  # the analysing job is queued again
+    assert journal.claim_job(harness.clock.now).id == first
+    journal.close()
+
+
+def test_an_interrupted_upgrade_is_completed_and_unknown_versions_are_refused(
+    harness: Harness,
+) -> None:
+    queue_jobs(harness, ["urgent"])
+    harness.journal.close()
+    path = harness.spool.journal_path
+    with sqlite3.connect(path) as db:  # the column was added, the version not yet written
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    db.close()
+    journal = Journal(path)
+    journal.create()
+    (job,) = journal.recent_jobs()
+    assert job.priority == "urgent"
+    journal.close()
+    for version in ("1", "4"):
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (version,))
+        db.close()
+        with pytest.raises(JournalSchemaError, match=f"has schema version {version}; this"):
+            Journal(path).create()
+
+
+# -- memory admission and the fallback to the CPU ---------------------------------------------
+
+
+def _results(harness: Harness, job_id: int) -> dict[str, pydicom.Dataset]:
+    paths = {
+        kind: harness.spool.path(harness.spool.result_relpath(job_id, kind))
+        for kind in ("seg", "sr")
+    }
+    for path in paths.values():
+        assert dciodvfy_errors(path) == []
+    return {kind: pydicom.dcmread(path) for kind, path in paths.items()}
+
+
+def test_out_of_memory_on_the_gpu_reruns_the_job_on_the_cpu(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    factory = Factory(fail_on_gpu=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    metrics = Metrics()
+    worker = make_worker(harness, factory, metrics)
+    job = harness.claimed_job()
+    with caplog.at_level(logging.WARNING, logger="dicom_node.worker"):
+        worker.run_job(job)
+    assert harness.journal.job(job.id).state == JobState.SENDING
+    results = _results(harness, job.id)
+    assert results["seg"].SOPClassUID == SEG_STORAGE
+    assert results["sr"].SOPClassUID == COMPREHENSIVE_3D_SR
+    assert results["seg"].SOPInstanceUID == job.seg_sop_uid
+    assert factory.built == [("ct-chest", "cuda:0"), ("ct-chest", "cpu")]
+    assert factory.pipelines["cuda:0"].runs == factory.pipelines["cpu"].runs == 1
+    assert fallbacks(metrics, "out_of_memory") == 1
+    assert "out of memory on cuda:0" in caplog.text
+    assert "running it on the CPU instead" in caplog.text
+
+
+def test_other_gpu_errors_fail_the_job_without_a_fallback(harness: Harness) -> None:
+    factory = Factory(fail_on_gpu=AnalysisError("no lungs found"))
+    metrics = Metrics()
+    job = harness.claimed_job()
+    make_worker(harness, factory, metrics).run_job(job)
+    failed = harness.journal.job(job.id)
+    assert failed.state == JobState.FAILED and failed.error.startswith("AnalysisError")
+    assert factory.built == [("ct-chest", "cuda:0")]
+    assert fallbacks(metrics, "out_of_memory") is None
+
+
+def test_a_job_that_does_not_fit_waits_a_bounded_time_then_runs_on_the_cpu(
+    harness: Harness,
+) -> None:
+    factory = Factory()
+    metrics = Metrics()
+    probe = Probe((1 * MIB, 80 * GIB))  # another process holds the GPU throughout
+    worker = make_worker(harness, factory, metrics, memory_probe=probe, admission_wait=0.5)
+    job = harness.claimed_job()
+    started = time.monotonic()
+    worker.run_job(job)
+    assert time.monotonic() - started >= 0.5
+    assert probe.calls >= 3  # after emptying torch's cache, then polled while waiting
+    assert factory.pipelines["cuda:0"].runs == 0
+    assert factory.pipelines["cpu"].runs == 1
+    assert harness.journal.job(job.id).state == JobState.SENDING
+    assert fallbacks(metrics, "memory") == 1
+
+
+def test_a_job_admitted_once_memory_is_freed_runs_on_the_gpu(harness: Harness) -> None:
+    factory = Factory()
+    metrics = Metrics()
+    probe = Probe((1 * MIB, 80 * GIB), (1 * MIB, 80 * GIB), (40 * GIB, 80 * GIB))
+    worker = make_worker(harness, factory, metrics, memory_probe=probe, admission_wait=30)
+    job = harness.claimed_job()
+    worker.run_job(job)
+    assert probe.calls == 3
+    assert factory.built == [("ct-chest", "cuda:0")]
+    assert harness.journal.job(job.id).state == JobState.SENDING
+    assert fallbacks(metrics, "memory") is None
+
+
+def test_a_declared_need_beyond_the_whole_gpu_goes_to_the_cpu_without_waiting(
+    harness: Harness,
+) -> None:
+    factory = Factory(memory=3 * GIB)
+    metrics = Metrics()
+    probe = Probe((2 * GIB, 2 * GIB))  # an idle 2 GiB GPU
+    worker = make_worker(harness, factory, metrics, memory_probe=probe, admission_wait=60)
+    job = harness.claimed_job()
+    started = time.monotonic()
+    worker.run_job(job)
+    assert time.monotonic() - started < 30
+    assert factory.pipelines["cuda:0"].runs == 0 and factory.pipelines["cpu"].runs == 1
+    assert fallbacks(metrics, "memory") == 1
+
+
+def test_memory_needed_is_declared_or_estimated_from_the_voxels() -> None:
+    volume = Volume(np.zeros((4, 8, 8), np.float32), (1.0, 1.0, 1.0), np.zeros(3), np.eye(3), ())
+    plain = FakePipeline(CUDA, None, 0.0, Tracker(), None)
+    assert memory_needed(plain, volume) == 256 * DEFAULT_BYTES_PER_VOXEL
+    declaring = FakePipeline(CUDA, None, 0.0, Tracker(), 12345)
+    assert memory_needed(declaring, volume) == 12345
+
+
+# -- one job at a time per GPU, warm pipelines ------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "most"), [(CPU, 2), (CUDA, 1)])
+def test_two_analysis_threads_share_a_gpu_one_job_at_a_time(
+    harness: Harness, device: torch.device, most: int
+) -> None:
+    factory = Factory(hold=1.0)
+    worker = make_worker(harness, factory, Metrics(), device=device, threads=2)
+    ids = queue_jobs(harness, ["normal", "normal"])
+    worker.start()
+    try:
+        wait_until(
+            lambda: all(harness.journal.job(i).state == JobState.SENDING for i in ids),
+            60,
+            0.1,
+            "both jobs analysed",
+        )
+    finally:
+        worker.stop(10)
+    assert factory.tracker.most == most
+    assert factory.built == [("ct-chest", str(device))]  # built once, used by both threads
+
+
+def test_warm_up_loads_the_routes_pipelines_once_before_any_job(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    factory = Factory()
+    worker = make_worker(harness, factory, Metrics(), warm_up=["ct-chest", "ct-chest"])
+    with caplog.at_level(logging.INFO, logger="dicom_node.worker"):
+        worker.start()
+        try:
+            wait_until(lambda: factory.built, 10, 0.05, "the warm-up")
+            (job_id,) = queue_jobs(harness, ["normal"])
+            worker.wake()
+            wait_until(
+                lambda: harness.journal.job(job_id).state == JobState.SENDING,
+                60,
+                0.1,
+                "the job analysed",
+            )
+        finally:
+            worker.stop(10)
+    assert factory.built == [("ct-chest", "cuda:0")]
+    assert factory.pipelines["cuda:0"].runs == 1
+    assert "pipeline ct-chest loaded on cuda:0 in " in caplog.text
+
+
+# -- the receiver is never held up by analysis ------------------------------------------------
+
+
+def test_a_c_store_is_answered_promptly_while_a_slow_analysis_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    factory = Factory(hold=3.0)
+    monkeypatch.setattr(dicom_node.app, "build_pipeline", factory)
+    settings = node_settings(
+        tmp_path / "var",
+        destinations={"pacs": {"ae_title": "PACS", "host": LOCALHOST, "port": free_port()}},
+        routes=[{"name": "chest", "pipeline": "ct-chest", "send_to": ["pacs"]}],
+    )
+    ge = [pydicom.dcmread(p) for p in sorted(GE_3SLICE.glob("*.dcm"))]
+    other = copy.deepcopy(ge[0])  # a slice of another study
+    other.StudyInstanceUID = generate_uid()
+    other.SeriesInstanceUID = generate_uid()
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    with running_node(settings) as node:
+        wait_until(lambda: factory.built, 10, 0.05, "the warm-up")  # before any study
+        assert _store(node.receiver.address[1], ge) < 5
+        assert factory.tracker.started.wait(30), "the analysis did not start"
+        took = _store(node.receiver.address[1], [other])
+        still_analysing = factory.tracker.active == 1
+    print(f"C-STORE association during analysis: {took:.3f} s")
+    assert took < 1.0, f"C-STORE during analysis took {took:.2f} s"
+    assert still_analysing
+    assert factory.built == [("ct-chest", "cpu")]  # the warm pipeline served the job
+
+
+def _store(port: int, datasets: list[pydicom.Dataset]) -> float:
+    """Associate, C-STORE ``datasets``, release; the seconds it took."""
+    started = time.monotonic()
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage, [str(datasets[0].file_meta.TransferSyntaxUID)])
+    assoc = ae.associate(LOCALHOST, port, ae_title="AINODE")
+    assert assoc.is_established
+    try:
+        assert [int(assoc.send_c_store(ds).Status) for ds in datasets] == [0] * len(datasets)
+    finally:
+        assoc.release()
+    return time.monotonic() - started
