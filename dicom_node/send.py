@@ -16,13 +16,16 @@ import random
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pydicom
-from pynetdicom import AE, Association, _config
+from pynetdicom import AE, Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket
 
@@ -40,9 +43,6 @@ if TYPE_CHECKING:
     from dicom_node.commit import Commitments
 
 log = logging.getLogger(__name__)
-
-# Send a file's dataset as stored, in chunks of the peer's PDU size (see _what_to_send).
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 # Statuses that mean the peer has the object (PS3.4 B.2.3: success and warnings).
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
@@ -194,8 +194,8 @@ def store_files(
     assoc = associate(calling_aet, peer, _contexts(paths), timeout)
     try:
         exact = _exact_contexts(assoc)
-        for path in paths:
-            status = assoc.send_c_store(_what_to_send(path, exact))
+        for message_id, path in enumerate(paths, start=1):
+            status = _store_one(assoc, path, exact, message_id)
             if not status or int(status.Status) not in STORED_STATUSES:
                 raise SendError(
                     f"C-STORE of {path.name} to {peer.ae_title} failed: {status_text(status)}"
@@ -207,28 +207,52 @@ def store_files(
             assoc.release()
 
 
-def _exact_contexts(assoc: Association) -> set[tuple[str, str]]:
-    """(SOP class, transfer syntax) pairs the peer accepted for us as SCU."""
+def _exact_contexts(assoc: Association) -> dict[tuple[str, str], int]:
+    """(SOP class, transfer syntax) -> context ID, for what the peer accepted from us as SCU."""
     return {
-        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
         for cx in assoc.accepted_contexts
-        if cx.as_scu and cx.transfer_syntax
+        if cx.as_scu and cx.transfer_syntax and cx.context_id is not None
     }
 
 
-def _what_to_send(path: Path, exact: set[tuple[str, str]]) -> Path | pydicom.Dataset:
-    """The path itself when its bytes can go out as stored, else the decoded dataset.
+def _store_one(
+    assoc: Association, path: Path, exact: dict[tuple[str, str], int], message_id: int
+) -> pydicom.Dataset:
+    """C-STORE one file: its dataset bytes as stored when the peer accepted their syntax.
 
-    With ``STORE_SEND_CHUNKED_DATASET`` pynetdicom sends a file's dataset bytes
-    without decoding and re-encoding them (for a 512 x 512 CT slice that was about
-    a third of the time per image), but only in the file's own transfer syntax. When
-    the peer accepted another one (e.g. implicit VR only), the dataset is decoded and
-    pynetdicom converts it as before.
+    pynetdicom's ``send_c_store(path)`` decodes the whole file and encodes it again (a
+    third of the time per CT slice); its chunked mode avoids that but is a process-wide
+    switch. Here the request carries the file and the dataset's offset in it, which
+    pynetdicom's DIMSE layer then sends in PDU-sized chunks - for this call only. When
+    the peer accepted another transfer syntax (e.g. implicit VR only), the decoded
+    dataset goes through ``send_c_store``, which converts it.
     """
-    meta = pydicom.filereader.read_file_meta_info(path)
-    if (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)) in exact:
-        return path
-    return pydicom.dcmread(path)
+    meta, offset = split_dataset(path)
+    sop_class = str(meta.MediaStorageSOPClassUID)
+    context_id = exact.get((sop_class, str(meta.TransferSyntaxUID)))
+    if context_id is None:
+        return assoc.send_c_store(pydicom.dcmread(path), msg_id=message_id)
+    request = C_STORE()
+    request.MessageID = message_id
+    request.Priority = 2  # low, as send_c_store's default
+    request.AffectedSOPClassUID = sop_class
+    request.AffectedSOPInstanceUID = str(meta.MediaStorageSOPInstanceUID)
+    request._dataset_path = (path, offset)
+    # The pause protocol of Association.send_c_store: the reactor must not take the
+    # response off the queue while we wait for it.
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(request, context_id)
+        _, response = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if response is None:
+        assoc._handle_no_response()
+        return pydicom.Dataset()
+    return assoc._check_received_status(response)
 
 
 def status_text(status: pydicom.Dataset | None) -> str:

@@ -51,11 +51,15 @@ def philips_result():
 
 def test_segments_and_codes(philips_result):
     segments = _by_key(philips_result)
-    assert list(segments) == ["body", "lung_left", "lung_right", "airways"]
+    assert list(segments)[:4] == ["body", "lung_left", "lung_right", "airways"]
+    candidates = list(segments)[4:]
+    assert candidates == [f"candidate_{n}" for n in range(1, len(candidates) + 1)]
     assert segments["lung_left"].laterality.meaning == "Left"
     assert segments["lung_right"].laterality.meaning == "Right"
     assert segments["body"].laterality is None and segments["airways"].laterality is None
-    assert {s.type.value for s in segments.values()} == {"38266002", "39607008", "110726009"}
+    anatomy = [segments[k] for k in ("body", "lung_left", "lung_right", "airways")]
+    assert {s.type.value for s in anatomy} == {"38266002", "39607008", "110726009"}
+    assert {segments[k].type.meaning for k in candidates} <= {"Nodule", "Mass"}
     assert segments["airways"].type.meaning == "Trachea and bronchus"
     assert philips_result.pipeline == "ct-chest"
     for segment in segments.values():

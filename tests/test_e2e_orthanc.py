@@ -103,8 +103,15 @@ def test_orthanc_study_comes_back_with_seg_and_sr(tmp_path: Path) -> None:
         for ref in series.ReferencedInstanceSequence
     }
     assert referenced == source_uids
-    labels = {str(s.SegmentLabel) for s in seg.SegmentSequence}
-    assert len(labels) == 4, labels  # body, left lung, right lung, airways
+    labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+    assert labels[:4] == ["Body", "Left lung", "Right lung", "Airways"], labels
+    # then the nodule/mass candidates, largest first: the annotated left-lung tumour
+    mass = seg.SegmentSequence[4]
+    assert mass.SegmentLabel == "Mass 1"
+    assert mass.SegmentedPropertyTypeCodeSequence[0].CodeValue == "4147007"
+    modifier = mass.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence
+    assert modifier[0].CodeMeaning == "Left"
+    assert all(label.startswith(("Nodule ", "Mass ")) for label in labels[4:]), labels
     assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
     assert seg.Manufacturer and seg.ManufacturerModelName and seg.SoftwareVersions
     # the SR references the SEG, in its content and in its evidence

@@ -34,7 +34,8 @@ def equipment() -> Equipment:
 
 @pytest.fixture(scope="module")
 def result():
-    pipeline = CtChestPipeline(torch.device("cpu"), airways_segment=True)
+    # the anatomy segments only: candidate groups are covered by tests/test_nodules.py
+    pipeline = CtChestPipeline(torch.device("cpu"), airways_segment=True, nodules=False)
     return pipeline.run(load_series(sorted(PHILIPS_HFS.glob("*.dcm"))))
 
 
@@ -105,7 +106,7 @@ def test_seg_segments_describe_structures_with_laterality(seg):
         4: ("Airways", "110726009", [], "AUTOMATIC"),
     }
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
-    assert algorithm.AlgorithmVersion == "0.2.0"
+    assert algorithm.AlgorithmVersion == CtChestPipeline.version
 
 
 def test_seg_frames_round_trip_the_masks(seg, result):

@@ -8,6 +8,9 @@ exchange) and about the races a faster loop exposes.
 from __future__ import annotations
 
 import copy
+import os
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -27,6 +30,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from dicom_node.config import NodeSection
 from dicom_node.part10 import file_meta_bytes, read_file_meta
+from dicom_node.reactor import EventDrivenDUL
 from dicom_node.receive import _make_ae
 from dicom_node.transport import SupportedContexts, _Connection, start_server
 
@@ -216,3 +220,42 @@ def _dataset_bytes(path: Path) -> bytes:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     offset = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
     return data[offset:]
+
+
+def test_a_late_wake_up_never_writes_into_a_reused_descriptor() -> None:
+    """kill_dul()/send_pdu() after the DUL ended must not write to its closed pipe's
+    descriptor numbers: the kernel hands them to the next socket or pipe opened (the
+    fuzz test saw a stray NUL byte arrive on a new association)."""
+    dul = EventDrivenDUL(Association(AE(), "acceptor"))
+    old = (dul._wake_read, dul._wake_write)
+    dul.close_wake_pipe()
+    reader, writer = os.pipe()  # most likely the very same two numbers
+    try:
+        os.set_blocking(reader, False)
+        dul.kill_dul()
+        dul._wake()
+        if (reader, writer) == old or writer == old[1]:
+            with pytest.raises(BlockingIOError):
+                os.read(reader, 16)
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
+def test_garbage_instead_of_an_associate_request_frees_the_slot_at_once() -> None:
+    """A peer cut off before its A-ASSOCIATE-RQ used to hold an association slot until
+    acse_timeout (30 s here): enough of them and max_associations refuses good peers."""
+    node = NodeSection(ae_title="FAST", port=0, idle_timeout_seconds=30)
+    server = start_server(_make_ae(node), node, [])
+    port = int(server.server_address[1])
+    try:
+        for _ in range(5):
+            with socket.create_connection((LOCALHOST, port), timeout=5) as sock:
+                sock.sendall(b"\x01\x00" + struct.pack(">L", 2**31) + b"\0" * 16)
+                sock.recv(64)  # A-ABORT, then the close
+        deadline = time.monotonic() + 2.0
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.active_associations == []
+    finally:
+        server.shutdown()

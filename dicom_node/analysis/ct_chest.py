@@ -1,4 +1,4 @@
-"""The built-in ``ct-chest`` pipeline: body, lungs and airways from HU, with lung densitometry.
+"""The built-in ``ct-chest`` pipeline: body, lungs, airways and nodule/mass candidates from HU.
 
 The airways (trachea and main bronchi) are grown from the trachea, found near
 the body's centre line in the top slices, with a threshold that is raised in
@@ -7,6 +7,14 @@ the leak is kept). Each lung gets the densitometry measures of emphysema
 quantification: mean lung density, %LAA-950 (percentage of lung voxels below
 -950 HU) and Perc15 (15th percentile of the lung histogram); both lungs
 together are reported as a group.
+
+Nodule and mass candidates (``dicom_node.analysis.nodules``) are solid, compact
+components inside or against the lungs; each becomes a segment of its own with its
+volume, longest axial diameter, mean HU, lung and approximate lobe.
+
+The work is cropped to the body's rows and columns after the body is found, and the
+airways are grown by flood fills from the trachea: the 0.2 pipeline labelled the whole
+volume at every threshold step.
 
 Thresholding and morphology run in torch on the pipeline's device (the same
 code on CPU and CUDA); connected components and hole filling use SimpleITK.
@@ -17,13 +25,23 @@ acquisitions give the same labels.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
+from dicom_node.analysis.morphology import (
+    components,
+    dilate,
+    erode,
+    fill_holes_per_slice,
+    image,
+    largest_component,
+)
+from dicom_node.analysis.nodules import Candidate, candidate_segment, find_candidates
 from dicom_node.analysis.types import (
     AnalysisError,
     AnalysisResult,
@@ -81,61 +99,129 @@ LAA_950 = Code("LAA950", PRIVATE_SCHEME, "Lung volume percentage below -950 HU")
 PERCENTILE_15 = Code("PERC15", PRIVATE_SCHEME, "15th percentile")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The volume on the device, its body outline, and the in-plane crop to the body."""
+
+    volume: Volume  # the whole series
+    cropped: Volume  # rows and columns cut to the body's bounding box; all slices
+    box: tuple[slice, slice]  # the crop's rows and columns in ``volume``
+    body: np.ndarray  # bool, cropped shape
+
+
+@dataclass(frozen=True)
+class ChestMasks:
+    """What :meth:`CtChestPipeline.infer` found, on the cropped grid of :class:`Prepared`."""
+
+    body: np.ndarray
+    lung_left: np.ndarray
+    lung_right: np.ndarray
+    airways: np.ndarray
+    candidates: tuple[Candidate, ...]
+
+
 class CtChestPipeline:
-    """Threshold-and-morphology segmentation of the body and both lungs (TID 1500 ready)."""
+    """Threshold-and-morphology segmentation of body, lungs, airways and lesion candidates.
+
+    ``run`` is ``postprocess(infer(preprocess(volume)))``; the stages are public so that
+    ``bench/analysis.py`` can time them.
+    """
 
     name = "ct-chest"
-    version = "0.2.0"
+    version = "0.3.0"
 
-    def __init__(self, device: torch.device, *, airways_segment: bool = False) -> None:
+    def __init__(
+        self, device: torch.device, *, airways_segment: bool = False, nodules: bool = True
+    ) -> None:
         """``airways_segment``: report the airways as a segment of their own.
 
         The airways are always taken out of the lungs; the segment is opt-in
-        until the consumers of the SEG expect a fourth segment.
+        until the consumers of the SEG expect a fourth segment. ``nodules``: look
+        for nodule and mass candidates (``dicom_node.analysis.nodules``).
         """
         self.device = device
         self.airways_segment = airways_segment
+        self.nodules = nodules
 
     def run(self, volume: Volume) -> AnalysisResult:
+        prepared = self.preprocess(volume)
+        return self.postprocess(prepared, self.infer(prepared))
+
+    def preprocess(self, volume: Volume) -> Prepared:
+        """Check the geometry, find the body, and crop rows and columns to it."""
         _check_axial(volume)
         hu = torch.from_numpy(np.ascontiguousarray(volume.hu, dtype=np.float32)).to(self.device)
         body = self._body(hu, volume.spacing)
+        rows = np.flatnonzero(body.any(axis=(0, 2)))
+        columns = np.flatnonzero(body.any(axis=(0, 1)))
+        box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+        corner = volume.voxel_to_patient(np.array([[0, rows[0], columns[0]]]))[0]
+        cropped = Volume(
+            hu=volume.hu[:, box[0], box[1]],
+            spacing=volume.spacing,
+            origin=corner,
+            direction=volume.direction,
+            datasets=volume.datasets,
+        )
+        return Prepared(volume=volume, cropped=cropped, box=box, body=body[:, box[0], box[1]])
+
+    def infer(self, prepared: Prepared) -> ChestMasks:
+        """Internal air, airways, both lungs and the lesion candidates (cropped grid)."""
+        volume, body = prepared.cropped, prepared.body
+        hu = torch.from_numpy(np.ascontiguousarray(volume.hu, dtype=np.float32)).to(self.device)
         internal = self._internal_air(hu, body)
         airways = self._airways(internal, body, volume)
         lungs = _remove_airways(internal & ~airways, body, volume)
         left, right = _split_left_right(lungs, body, volume)
-        masks = {"body": body, "lung_left": left, "lung_right": right}
-        if self.airways_segment and airways.any():
-            masks["airways"] = airways
-        segments = tuple(_segment(key, masks[key], volume) for key in masks)
+        found = find_candidates(volume, left, right, airways) if self.nodules else []
+        return ChestMasks(body, left, right, airways, tuple(found))
+
+    def postprocess(self, prepared: Prepared, masks: ChestMasks) -> AnalysisResult:
+        """Masks back on the source grid, segments with their measurements, the lungs group."""
+        volume = prepared.volume
+
+        def full(mask: np.ndarray) -> np.ndarray:
+            whole = np.zeros(volume.hu.shape, dtype=bool)
+            whole[:, prepared.box[0], prepared.box[1]] = mask
+            return whole
+
+        named = {"body": masks.body, "lung_left": masks.lung_left, "lung_right": masks.lung_right}
+        if self.airways_segment and masks.airways.any():
+            named["airways"] = masks.airways
+        segments = [_segment(key, full(mask), volume) for key, mask in named.items()]
+        voxel_mm3 = float(np.prod(volume.spacing))
+        for number, candidate in enumerate(masks.candidates, start=1):
+            placed = dataclasses.replace(candidate, mask=full(candidate.mask))
+            segments.append(candidate_segment(number, placed, voxel_mm3))
         log.info(
-            "ct-chest: %s",
-            ", ".join(f"{s.key} {s.volume_ml:.0f} ml" for s in segments),
+            "ct-chest: %s; %d nodule/mass candidates",
+            ", ".join(f"{s.key} {s.volume_ml:.0f} ml" for s in segments[: len(named)]),
+            len(masks.candidates),
         )
         return AnalysisResult(
             pipeline=self.name,
             algorithm_name="dicom_node ct-chest",
             algorithm_version=self.version,
             volume=volume,
-            segments=segments,
-            groups=(_lungs_group(left | right, volume),),
+            segments=tuple(segments),
+            groups=(_lungs_group(masks.lung_left | masks.lung_right, prepared.cropped),),
         )
 
     def _body(self, hu: torch.Tensor, spacing: tuple[float, float, float]) -> np.ndarray:
         """Largest tissue component after an in-plane opening, holes filled per slice."""
         tissue = hu > BODY_MIN_HU
         radius = _inplane_radius(BODY_OPENING_MM, spacing)
-        core = _largest_component(_erode(tissue, radius).cpu().numpy())
+        core = largest_component(erode(tissue, radius).cpu().numpy())
         if not core.any():
             raise AnalysisError(f"no body found: no voxel above {BODY_MIN_HU} HU after opening")
         core_t = torch.from_numpy(core).to(self.device)
-        body = (_dilate(core_t, radius) & tissue).cpu().numpy()
-        return _fill_holes_per_slice(body)
+        body = (dilate(core_t, radius) & tissue).cpu().numpy()
+        return fill_holes_per_slice(body)
 
     def _internal_air(self, hu: torch.Tensor, body: np.ndarray) -> np.ndarray:
         """Low-HU voxels in the body not connected to the air around the patient."""
         air = (hu < LUNG_MAX_HU).cpu().numpy()
-        labels, _ = _components(air)
+        labels, _ = components(air)
         touches_outside = np.bincount(labels[~body].ravel(), minlength=labels.max() + 1) > 0
         return air & ~touches_outside[labels]
 
@@ -155,7 +241,7 @@ class CtChestPipeline:
             log.info("ct-chest: airway candidate only %.0f mm long, ignored", length)
             return empty
         radius = _inplane_radius(AIRWAY_RIM_MM, volume.spacing)
-        rim = _dilate(torch.from_numpy(lumen).to(self.device), radius).cpu().numpy()
+        rim = dilate(torch.from_numpy(lumen).to(self.device), radius).cpu().numpy()
         return rim & internal
 
 
@@ -188,7 +274,7 @@ def _trachea_seed(internal: np.ndarray, body: np.ndarray, volume: Volume) -> np.
             continue
         x = _patient_x(volume, k)
         centre = float(x[body[k]].mean())
-        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(_image(internal[k])))
+        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(image(internal[k])))
         pixels = np.bincount(labels.ravel())
         area = pixels * pixel_area
         mean_x = np.bincount(labels.ravel(), weights=x.ravel()) / np.maximum(pixels, 1)
@@ -210,15 +296,29 @@ def _trachea_seed(internal: np.ndarray, body: np.ndarray, volume: Volume) -> np.
 def _grow_airways(
     hu: np.ndarray, internal: np.ndarray, seed: np.ndarray, volume: Volume
 ) -> np.ndarray | None:
-    """Air connected to ``seed`` at the highest threshold before the growth explodes."""
+    """Air connected to ``seed`` at the highest threshold before the growth explodes.
+
+    Each step is a flood fill from the seed (SimpleITK ConnectedThreshold, face
+    connectivity) over the internal air below the threshold: it visits only what it
+    grows, not the whole volume.
+    """
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    outside = np.float32(np.finfo(np.float32).max)  # never below a threshold
+    image = sitk.GetImageFromArray(np.where(internal, hu, outside).astype(np.float32))
     best: np.ndarray | None = None
     best_ml = 0.0
     for threshold in AIRWAY_THRESHOLDS_HU:
-        candidate = internal & (hu < threshold)
-        labels, _ = _components(candidate)
-        ids = np.unique(labels[seed & candidate])
-        grown = np.isin(labels, ids[ids > 0])
+        starts = np.argwhere(seed & internal & (hu < threshold))
+        if not len(starts):
+            continue
+        grown = sitk.GetArrayFromImage(
+            sitk.ConnectedThreshold(
+                image,
+                seedList=[(int(x), int(y), int(z)) for z, y, x in starts],
+                lower=-1.0e30,
+                upper=float(np.nextafter(np.float32(threshold), np.float32(-np.inf))),
+            )
+        ).astype(bool)
         grown_ml = float(grown.sum()) * voxel_ml
         growth = grown_ml - best_ml
         leaks = best is not None and growth > max(
@@ -270,7 +370,7 @@ def _remove_airways(lungs: np.ndarray, body: np.ndarray, volume: Volume) -> np.n
             continue
         x = _patient_x(volume, k)
         centre = float(x[body[k]].mean())
-        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(_image(lungs[k])))
+        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(image(lungs[k])))
         area = np.bincount(labels.ravel()) * pixel_area
         mean_x = np.bincount(labels.ravel(), weights=x.ravel()) / np.maximum(area / pixel_area, 1)
         airway = (area <= AIRWAY_MAX_AREA_MM2) & (np.abs(mean_x - centre) <= AIRWAY_MAX_OFFSET_MM)
@@ -291,7 +391,7 @@ def _split_left_right(
         split = _midline(x[lungs[k]], float(x[body[k]].mean()))
         left[k] = lungs[k] & (x > split)
     right = lungs & ~left
-    return _largest_component(left), _largest_component(right)
+    return largest_component(left), largest_component(right)
 
 
 def _midline(lung_x: np.ndarray, centre: float) -> float:
@@ -345,53 +445,3 @@ def _segment(key: str, mask: np.ndarray, volume: Volume) -> Segment:
 
 def _inplane_radius(mm: float, spacing: tuple[float, float, float]) -> tuple[int, int, int]:
     return (0, max(1, round(mm / spacing[1])), max(1, round(mm / spacing[2])))
-
-
-def _dilate(mask: torch.Tensor, radius: tuple[int, int, int]) -> torch.Tensor:
-    """Binary dilation with a box of half-widths ``radius``, one axis at a time."""
-    for axis, r in enumerate(radius):
-        if r > 0:
-            mask = _dilate_axis(mask, axis, r)
-    return mask
-
-
-def _dilate_axis(mask: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
-    """OR over a window of 2 * radius + 1 along ``axis`` by doubling shifts (log steps)."""
-    pad = [0] * (2 * mask.dim())
-    pad[2 * (mask.dim() - 1 - axis)] = pad[2 * (mask.dim() - 1 - axis) + 1] = radius
-    result = F.pad(mask.to(torch.uint8), pad).bool()
-    window, target = 1, 2 * radius + 1
-    while window < target:
-        shift = min(window, target - window)
-        length = result.shape[axis] - shift
-        result = result.narrow(axis, 0, length) | result.narrow(axis, shift, length)
-        window += shift
-    return result
-
-
-def _erode(mask: torch.Tensor, radius: tuple[int, int, int]) -> torch.Tensor:
-    return ~_dilate(~mask, radius)
-
-
-def _image(mask: np.ndarray) -> sitk.Image:
-    return sitk.GetImageFromArray(mask.astype(np.uint8))
-
-
-def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Face-connected components: (labels, voxel count per label; label 0 = background)."""
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(_image(mask)))
-    return labels, np.bincount(labels.ravel())
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, sizes = _components(mask)
-    if sizes.size < 2:
-        return np.zeros_like(mask, dtype=bool)
-    return labels == int(np.argmax(sizes[1:])) + 1
-
-
-def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    filled = np.empty_like(mask, dtype=bool)
-    for k in range(mask.shape[0]):
-        filled[k] = sitk.GetArrayFromImage(sitk.BinaryFillhole(_image(mask[k]))) > 0
-    return filled
