@@ -122,6 +122,7 @@ def build_node(config: NodeConfig) -> Node:
         time.time,
         on_retry=lambda: sender.wake(),
         audit=audit,
+        spool=spool,
     )
     sender = Sender(
         journal,
@@ -158,6 +159,7 @@ def build_node(config: NodeConfig) -> Node:
         timers,
         on_jobs=lambda _ids: worker.wake(),
         metrics=metrics,
+        models_path=config.analysis.models_path,
     )
     receiver = Receiver(
         config.node,

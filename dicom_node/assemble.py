@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Protocol
 
 import pydicom
@@ -50,8 +51,10 @@ class Assembler:
         on_jobs: Callable[[list[int]], None],
         uid_prefix: str | None = None,
         metrics: Metrics | None = None,
+        models_path: Path | None = None,
     ) -> None:
         self._metrics = metrics
+        self._models_path = models_path  # where the packages say what they accept
         self._journal = journal
         self._spool = spool
         self._routes = list(routes)
@@ -101,7 +104,9 @@ class Assembler:
             return None
         specs = [
             self._spec(job)
-            for job in plan_jobs(self._routes, self._series(snapshot), _previous(snapshot))
+            for job in plan_jobs(
+                self._routes, self._series(snapshot), _previous(snapshot), self._models_path
+            )
         ]
         job_ids = self._journal.complete_study(study_id, study.last_received_at, now, specs)
         if job_ids is None:  # an instance arrived while we planned

@@ -2,7 +2,8 @@
 
 After the C-STOREs of a delivery to a destination with ``storage_commitment``,
 :meth:`Commitments.request` marks the delivery COMMITTING under a new Transaction
-UID, with a deadline, and sends N-ACTION (action type 1) listing the SEG and SR.
+UID, with a deadline, and sends N-ACTION (action type 1) listing the objects just
+stored (:func:`dicom_node.send.result_files`: the SEG and SR, or a classifier's SR alone).
 The peer answers with N-EVENT-REPORT, usually on an association it opens to our
 SCP, sometimes on the N-ACTION's own association; both go to
 :meth:`Commitments.handle_report`. Event type 1 naming every object finishes the
@@ -37,8 +38,10 @@ from dicom_node.send import (
     next_attempt_at,
     observe_send_stage,
     report_failure,
+    result_files,
     status_text,
 )
+from dicom_node.store import Spool
 from dicom_node.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -156,8 +159,12 @@ class Commitments:
         on_retry: Callable[[], None] = lambda: None,
         rng: random.Random | None = None,
         audit: AuditTrail | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self._audit = audit or AuditTrail(None, clock)
+        # Where the sent result files are, to know which objects a report must name;
+        # without it, every job is taken to have sent both a SEG and an SR.
+        self._spool = spool
         self._journal = journal
         self._metrics = metrics
         self._calling_aet = calling_aet
@@ -226,7 +233,8 @@ class Commitments:
             )
             return None
         job = self._journal.job(delivery.job_id)
-        missing = sorted({job.seg_sop_uid, job.sr_sop_uid} - report.committed - set(report.failed))
+        uids = self.requested(job)
+        missing = sorted(set(uids) - report.committed - set(report.failed))
         if report.event_type == EVENT_SUCCESS and not report.failed and not missing:
             settled = self._journal.commitment_settled(
                 report.transaction_uid, DeliveryState.SENT, self._clock()
@@ -234,7 +242,6 @@ class Commitments:
             if settled is None:
                 return None
             self._metrics.sends.labels(destination=delivery.destination, outcome="committed").inc()
-            uids = [job.seg_sop_uid, job.sr_sop_uid]
             self._audit.results_sent(delivery.destination, delivery.ae_title, uids, commitment=True)
             observe_send_stage(self._metrics, self._journal, job.id)
             log.info(
@@ -253,6 +260,12 @@ class Commitments:
             f" (transaction {report.transaction_uid})"
         )
         return self._failed(delivery, report.transaction_uid, error)
+
+    def requested(self, job: Row) -> list[str]:
+        """SOP Instance UIDs the N-ACTION listed: those of the files the sender sent."""
+        if self._spool is None:
+            return [str(job.seg_sop_uid), str(job.sr_sop_uid)]
+        return [f.sop_uid for f in result_files(self._spool, job)]
 
     def expire_overdue(self) -> int:
         """Commitments whose report did not come in time become failed attempts."""

@@ -106,7 +106,7 @@ def explain_rules(config: NodeConfig, paths: Sequence[Path]) -> int:
 
 def _print_series(config: NodeConfig, series_uid: str, entry: _SeriesFiles) -> int:
     header, count = entry.header, len(entry.sop_uids)
-    result = explain(config.routes, header, count)
+    result = explain(config.routes, header, count, config.analysis.models_path)
     description = str(header.get("SeriesDescription", "") or "")
     print(
         f"series {series_uid}: modality {header.get('Modality', '?')}, "

@@ -8,7 +8,11 @@ series (tested on one instance header of the series):
 - a mapping with one operator: ``equals``, ``one_of``, ``not`` (scalar or list),
   ``contains`` (case-insensitive substring), ``regex`` (search), ``present``.
 
-Every matching rule yields a job, provided the series can be analysed at all.
+Every matching rule yields a job, provided its pipeline can analyse the series
+(:func:`skip_reason` with the pipeline's :class:`Needs`): the built-in ``ct-chest``
+needs an axial volume of at least three slices; a model package declares what it
+accepts in its ``model.yaml`` (modalities, body parts, slice counts, 2-D or 3-D),
+so a 2-D package takes a single radiograph without Image Plane geometry.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
+from dicom_node.analysis.packages import PackageError, load_spec, package_names
+from dicom_node.analysis.pipelines import PIPELINE_NAMES
 from dicom_node.config import Condition, Route, Scalar
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,56 @@ MIN_SLICES = 3
 # |cos| of the angle between the slice normal and the patient's z axis; 0.9 allows
 # about 25 degrees of gantry tilt or oblique reconstruction.
 AXIAL_MIN_COSINE = 0.9
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a pipeline needs of a series, checked before a job is made for it.
+
+    The checks every pipeline shares (an image, not a secondary capture, localizer,
+    dose report or multi-frame object) always apply; these add to them.
+    """
+
+    geometry: bool = True  # Image Orientation (Patient): slices of a volume
+    axial: bool = True  # slice normal within ~25 degrees of the patient's z axis
+    min_slices: int = MIN_SLICES
+    max_slices: int | None = None
+    modalities: tuple[str, ...] = ()  # empty: any
+    body_parts: tuple[str, ...] = ()  # BodyPartExamined; empty, or absent in the header: any
+
+
+#: The built-in pipelines' needs (``ct-chest``: an axial CT volume).
+VOLUME = Needs()
+#: A pipeline whose needs are unknown here (a package read without ``models_path``):
+#: only the shared checks; the package itself refuses what it does not accept.
+ANY_IMAGE = Needs(geometry=False, axial=False, min_slices=1)
+
+
+def pipeline_needs(pipeline: str, models_path: Path | None) -> Needs:
+    """The needs of ``pipeline``: a built-in's, or those a package's model.yaml declares.
+
+    A package with ``input.dimensions: 2`` needs no geometry (a radiograph has none);
+    a 3-D one needs at least two slices with geometry, and axial slices unless it
+    reorients (``input.orientation``). Reads YAML only (no torch).
+    """
+    if pipeline in PIPELINE_NAMES:
+        return VOLUME
+    if models_path is None or pipeline not in package_names(models_path):
+        return ANY_IMAGE
+    try:
+        spec = load_spec(models_path / pipeline)
+    except PackageError as exc:  # the job will fail with it, visibly
+        log.warning("package %s: cannot read what it accepts: %s", pipeline, exc)
+        return ANY_IMAGE
+    accepts, volume = spec.accepts, spec.input.dimensions == 3
+    return Needs(
+        geometry=volume,
+        axial=volume and spec.input.orientation is None,
+        min_slices=max(accepts.min_slices, 2 if volume else 1),
+        max_slices=accepts.max_slices,
+        modalities=tuple(accepts.modalities),
+        body_parts=tuple(part.upper() for part in accepts.body_parts),
+    )
 
 
 @dataclass(frozen=True)
@@ -61,20 +118,30 @@ class PlannedJob:
 
 
 def plan_jobs(
-    routes: Sequence[Route], series: Iterable[SeriesInfo], previous: Sequence[PreviousJob]
+    routes: Sequence[Route],
+    series: Iterable[SeriesInfo],
+    previous: Sequence[PreviousJob],
+    models_path: Path | None = None,
 ) -> list[PlannedJob]:
-    """Jobs for every (series, matching route) that is analysable and not already done."""
+    """Jobs for every (series, matching route) that the route's pipeline can analyse and
+    that is not already done. ``models_path`` (``analysis.models_path``) is where the
+    packages' model.yaml say what they accept; without it packages get the shared checks."""
     planned = []
+    needs: dict[str, Needs] = {}
     for info in series:
         matching = [route for route in routes if rule_matches(route.when, info.header)]
         if not matching:
             log.info("series %d: no route matches", info.series_id)
             continue
-        reason = skip_reason(info.header, info.instance_count)
-        if reason is not None:
-            log.info("series %d: not analysed: %s", info.series_id, reason)
-            continue
         for route in matching:
+            if route.pipeline not in needs:
+                needs[route.pipeline] = pipeline_needs(route.pipeline, models_path)
+            reason = skip_reason(info.header, info.instance_count, needs[route.pipeline])
+            if reason is not None:
+                log.info(
+                    "series %d: not analysed: %s (route %r)", info.series_id, reason, route.name
+                )
+                continue
             if _already_done(info, route, previous):
                 log.info("series %d: unchanged since its last %r job", info.series_id, route.name)
                 continue
@@ -100,8 +167,8 @@ def _already_done(info: SeriesInfo, route: Route, previous: Sequence[PreviousJob
     )
 
 
-def skip_reason(header: Dataset, instance_count: int) -> str | None:
-    """Why a series cannot be analysed as a volume, or None if it can."""
+def skip_reason(header: Dataset, instance_count: int, needs: Needs = VOLUME) -> str | None:
+    """Why a pipeline with ``needs`` cannot analyse the series, or None if it can."""
     modality = str(header.get("Modality", ""))
     sop_class = str(header.get("SOPClassUID", ""))
     image_type = [str(v).upper() for v in _values(header.get("ImageType", []))]
@@ -115,14 +182,30 @@ def skip_reason(header: Dataset, instance_count: int) -> str | None:
         return "dose report"
     if int(header.get("NumberOfFrames", 1) or 1) > 1:
         return "multi-frame images are not supported yet"
+    if needs.modalities and modality not in needs.modalities:
+        return f"Modality {modality} is not one the pipeline accepts {list(needs.modalities)}"
+    body_part = str(header.get("BodyPartExamined", "") or "").strip().upper()
+    if needs.body_parts and body_part and body_part not in needs.body_parts:
+        return f"BodyPartExamined {body_part!r} is not one of {list(needs.body_parts)}"
+    if needs.geometry:
+        reason = _volume_geometry(header, needs.axial)
+        if reason is not None:
+            return reason
+    if instance_count < needs.min_slices:
+        what = "a volume" if needs.geometry else "the pipeline"
+        return f"too few slices for {what} ({instance_count} < {needs.min_slices})"
+    if needs.max_slices is not None and instance_count > needs.max_slices:
+        return f"too many images for the pipeline ({instance_count} > {needs.max_slices})"
+    return None
+
+
+def _volume_geometry(header: Dataset, axial: bool) -> str | None:
     orientation = header.get("ImageOrientationPatient")
     if orientation is None or len(orientation) != 6:
         return "no ImageOrientationPatient"
     normal = np.cross(np.array(orientation[:3], float), np.array(orientation[3:], float))
-    if abs(normal[2]) < AXIAL_MIN_COSINE:
+    if axial and abs(normal[2]) < AXIAL_MIN_COSINE:
         return f"not axial (slice normal {np.round(normal, 2).tolist()})"
-    if instance_count < MIN_SLICES:
-        return f"too few slices for a volume ({instance_count} < {MIN_SLICES})"
     return None
 
 
@@ -194,7 +277,9 @@ class SeriesExplanation:
 
     verdicts: tuple[RouteVerdict, ...]
     matching: tuple[Route, ...]
-    skip: str | None  # why the series is not analysable, or None
+    # why the matching routes' pipelines cannot analyse it: the reason when all refuse
+    # it for one reason, else "route NAME: reason; ..."; None if all of them can
+    skip: str | None
     jobs: tuple[str, ...]  # names of the routes that would create a job
 
     @property
@@ -206,15 +291,26 @@ class SeriesExplanation:
         return f"nothing (not analysed: {self.skip})"
 
 
-def explain(routes: Sequence[Route], header: Dataset, instance_count: int) -> SeriesExplanation:
-    """Explain routing for one series, using the very tests :func:`rule_matches` uses.
+def explain(
+    routes: Sequence[Route],
+    header: Dataset,
+    instance_count: int,
+    models_path: Path | None = None,
+) -> SeriesExplanation:
+    """Explain routing for one series, using the very tests :func:`plan_jobs` uses.
 
     Ignores jobs already done for the series (``plan_jobs``' ``previous``).
     """
     verdicts = tuple(_route_verdict(route, header) for route in routes)
     matching = tuple(route for route, v in zip(routes, verdicts, strict=True) if v.matches)
-    skip = skip_reason(header, instance_count)
-    jobs = tuple(route.name for route in matching) if skip is None else ()
+    skips = {
+        route.name: skip_reason(header, instance_count, pipeline_needs(route.pipeline, models_path))
+        for route in matching
+    }
+    jobs = tuple(route.name for route in matching if skips[route.name] is None)
+    reasons = {reason for reason in skips.values() if reason is not None}
+    refused = [f"route {name}: {reason}" for name, reason in skips.items() if reason is not None]
+    skip = reasons.pop() if len(reasons) == 1 and not jobs else "; ".join(refused) or None
     return SeriesExplanation(verdicts, matching, skip, jobs)
 
 

@@ -2,7 +2,8 @@
 
 :func:`store_files` is the plain sender used by the CLI and by deliveries.
 :class:`Sender` drives pending deliveries from the journal: each attempt sends
-the job's SEG and SR; a failure is retried with exponential backoff and jitter
+the job's result files (:func:`result_files`: the SEG, unless the pipeline is a
+classifier, and the SR); a failure is retried with exponential backoff and jitter
 until ``sending.max_attempts``, then the delivery is dead-lettered. For a
 destination with ``storage_commitment`` a stored delivery is handed to
 :mod:`dicom_node.commit` (COMMITTING) instead of being SENT.
@@ -315,6 +316,31 @@ def report_failure(
     )
 
 
+@dataclass(frozen=True)
+class ResultFile:
+    """One result object of a job as it is sent: the file and its SOP Instance UID."""
+
+    path: Path
+    sop_uid: str
+
+
+def result_files(spool: Spool, job: Row) -> list[ResultFile]:
+    """What a delivery of ``job`` sends: its SEG, when its pipeline segmented, and its SR.
+
+    A classifier's job has no SEG (the worker writes ``sr.dcm`` only), so the SEG is
+    sent when its file exists; the SR is always written, so its absence is an error
+    (:class:`SendError`: a failed attempt, not a silent partial send). Storage
+    commitment lists the same files (:mod:`dicom_node.commit`).
+    """
+    seg = spool.path(spool.result_relpath(job.id, "seg"))
+    sr_relpath = spool.result_relpath(job.id, "sr")
+    sr = spool.path(sr_relpath)
+    if not sr.is_file():
+        raise SendError(f"job {job.id}: result {sr_relpath} is missing from the spool")
+    files = [ResultFile(seg, str(job.seg_sop_uid))] if seg.is_file() else []
+    return [*files, ResultFile(sr, str(job.sr_sop_uid))]
+
+
 class Sender:
     """Sends due deliveries; sleeps until the next one is due or it is woken."""
 
@@ -398,14 +424,14 @@ class Sender:
         """One attempt for one delivery; records SENT, COMMITTING, a retry time or DEAD."""
         with log_context(job_id=delivery.job_id):
             job = self._journal.job(delivery.job_id)
-            paths = [
-                self._spool.path(self._spool.result_relpath(job.id, kind)) for kind in ("seg", "sr")
-            ]
             tls = self._tls.get(delivery.destination)
             peer = Peer(delivery.ae_title, delivery.host, delivery.port, tls)
-            uids = [job.seg_sop_uid, job.sr_sop_uid]
+            paths: list[Path] = []
+            uids = [job.seg_sop_uid, job.sr_sop_uid]  # audited as the job's if listing fails
             try:
                 self._check_configured(delivery.destination)
+                files = result_files(self._spool, job)
+                paths, uids = [f.path for f in files], [f.sop_uid for f in files]
                 store_files(self._calling_aet, peer, paths, timeout=self._settings.timeout_seconds)
             except Exception as exc:
                 self._audit.results_sent(delivery.destination, peer.ae_title, uids, str(exc))

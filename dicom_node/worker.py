@@ -1,5 +1,8 @@
 """Drives queued jobs through analysis: load -> pipeline -> SEG + SR -> deliveries.
 
+A pipeline that segments nothing (a classifier) gives an SR only; the sender
+sends whichever result files a job has (:func:`dicom_node.send.result_files`).
+
 :meth:`Worker.run_job` is the one boundary where an analysis failure becomes
 the job's FAILED state with a reason; nothing inside it logs patient data.
 
@@ -34,7 +37,7 @@ from dicom_node.analysis.device import (
     release_cached,
 )
 from dicom_node.analysis.types import AnalysisResult, Pipeline, Volume
-from dicom_node.analysis.volume import load_series
+from dicom_node.analysis.volume import load_images
 from dicom_node.config import SOURCE_DESTINATION, Destination
 from dicom_node.domain import DeliveryState
 from dicom_node.encode.seg import build_seg
@@ -158,19 +161,32 @@ class Worker:
         _, study, _ = self._journal.job_context(job.id)
         paths = [self._spool.path(p) for p in self._journal.instance_relpaths(job.series_id)]
         started = time.monotonic()
-        volume = load_series(paths)
+        volume = load_images(paths)  # a series of slices, or one image (DX, CR)
         result = self._run(job, volume)
         analysed = time.monotonic()
-        uids = ResultUIDs(job.seg_series_uid, job.seg_sop_uid, job.sr_series_uid, job.sr_sop_uid)
-        seg = build_seg(result, uids, self._equipment)
-        sr = build_sr(result, seg, uids, self._equipment, predecessor=self._predecessor(job))
-        self._spool.write_atomic(self._spool.result_relpath(job.id, "seg"), _encode(seg))
-        self._spool.write_atomic(self._spool.result_relpath(job.id, "sr"), _encode(sr))
+        self._write_results(job, result)
         timings = (analysed - started, time.monotonic() - analysed)
         self._metrics.stage_seconds.labels(stage="analyse").observe(timings[0])
         self._metrics.stage_seconds.labels(stage="encode").observe(timings[1])
         specs = [self._delivery(name, study.calling_aet) for name in job.send_to]
         self._journal.job_analysed(job.id, specs, self._clock(), timings)
+
+    def _write_results(self, job: Row, result: AnalysisResult) -> None:
+        """Encode and store the SEG (when there are segments) and the SR.
+
+        A result without segments (a classifier) has no SEG: only ``sr.dcm`` is
+        written, and a SEG left by an earlier run of the same job is removed, so
+        that the sender, which sends the files that exist, sends the SR alone.
+        """
+        uids = ResultUIDs(job.seg_series_uid, job.seg_sop_uid, job.sr_series_uid, job.sr_sop_uid)
+        seg = build_seg(result, uids, self._equipment) if result.segments else None
+        sr = build_sr(result, seg, uids, self._equipment, predecessor=self._predecessor(job))
+        seg_relpath = self._spool.result_relpath(job.id, "seg")
+        if seg is not None:
+            self._spool.write_atomic(seg_relpath, _encode(seg))
+        else:
+            self._spool.remove(seg_relpath)
+        self._spool.write_atomic(self._spool.result_relpath(job.id, "sr"), _encode(sr))
 
     def _run(self, job: Row, volume: Volume) -> AnalysisResult:
         """Run the job's pipeline on the worker's device, or on the CPU if the GPU cannot."""

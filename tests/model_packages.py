@@ -76,6 +76,71 @@ def example_spec() -> dict[str, Any]:
     return yaml.safe_load(EXAMPLE_YAML.read_text(encoding="utf-8"))
 
 
+FINDING = {"value": "121071", "scheme": "DCM", "meaning": "Finding"}
+NORMAL = {"value": "17621005", "scheme": "SCT", "meaning": "Normal"}
+PNEUMOTHORAX = {"value": "36118008", "scheme": "SCT", "meaning": "Pneumothorax"}
+CHEST = {"value": "51185008", "scheme": "SCT", "meaning": "Thorax"}
+PRIVATE = "99TESTAI"
+PNEUMOTHORAX_PROBABILITY = {
+    "value": "PNXP",
+    "scheme": PRIVATE,
+    "meaning": "Pneumothorax probability",
+}
+
+
+class HalfContrast(torch.nn.Module):
+    """A 2-D 'classifier': class 1 when the left half of the image is brighter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        difference = (x[..., :half].mean(dim=(1, 2, 3)) - x[..., half:].mean(dim=(1, 2, 3))) * 4
+        return torch.stack([-difference, difference], dim=1)
+
+
+def classifier_spec(name: str) -> dict[str, Any]:
+    """A chest radiograph classifier package (no segmentation): Normal or Pneumothorax,
+    with the pneumothorax probability as a private-code NUM (the network: HalfContrast)."""
+    spec = base_spec(
+        name,
+        accepts={"modalities": ["DX", "CR"], "max_slices": 1},
+        procedure=CHEST_XRAY,
+        input={"dimensions": 2, "size": [64, 64], "normalise": "zscore"},
+        classification={
+            "activation": "softmax",
+            "concept": FINDING,
+            "finding": CHEST,
+            "label": "Chest radiograph",
+            "classes": [
+                {"index": 0, "code": NORMAL},
+                {"index": 1, "code": PNEUMOTHORAX, "probability": PNEUMOTHORAX_PROBABILITY},
+            ],
+        },
+    )
+    del spec["segmentation"]
+    return spec
+
+
+def bright_region_spec(name: str) -> dict[str, Any]:
+    """A 2-D DX segmentation package: each bright region (1500..2500) its own finding
+    with its area (the network: HuRanges([(1500, 2500)]))."""
+    spec = base_spec(
+        name,
+        accepts={"modalities": ["DX"], "max_slices": 1},
+        procedure=CHEST_XRAY,
+        input={"dimensions": 2, "spacing": [1.0, 1.0]},
+    )
+    label = spec["segmentation"]["labels"][0]
+    label.update(key="bright", label="Bright region", measurements=["area"], split=True)
+    return spec
+
+
+def chest_image() -> np.ndarray:
+    """128 x 96 pixels of 1000 with a brighter (2000) block in the left half."""
+    pixels = np.full((128, 96), 1000, dtype=np.uint16)
+    pixels[20:100, 8:40] = 2000
+    return pixels
+
+
 def write_dx(path: Path, pixels: np.ndarray, monochrome1: bool = False) -> Path:
     """A synthetic DX For Presentation chest image: no patient position or orientation."""
     ds = Dataset()

@@ -17,7 +17,7 @@ from pydicom import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 from test_assemble import Clock, Harness
-from test_send import job_with_results
+from test_send import job_with_results, make_sender
 from test_worker import send
 
 from dicom_node.app import Node
@@ -39,7 +39,9 @@ ROUTE = {"name": "chest", "when": {"Modality": "CT"}, "pipeline": "ct-chest", "s
 # --------------------------------------------------------------------------- journal + policy
 
 
-def commitments_for(harness: Harness, max_attempts: int = 2) -> Commitments:
+def commitments_for(
+    harness: Harness, max_attempts: int = 2, with_spool: bool = False
+) -> Commitments:
     settings = SendingSection(
         max_attempts=max_attempts,
         backoff_initial_seconds=2,
@@ -48,7 +50,13 @@ def commitments_for(harness: Harness, max_attempts: int = 2) -> Commitments:
     )
     pacs = Destination(ae_title="P", host=LOCALHOST, port=104, storage_commitment=True)
     return Commitments(
-        harness.journal, Metrics(), "AINODE", {"pacs": pacs}, settings, harness.clock
+        harness.journal,
+        Metrics(),
+        "AINODE",
+        {"pacs": pacs},
+        settings,
+        harness.clock,
+        spool=harness.spool if with_spool else None,
     )
 
 
@@ -122,6 +130,34 @@ def test_success_report_must_name_every_object(tmp_path: Path) -> None:
     assert commitments.settle(partial) is DeliveryState.PENDING
     (delivery,) = harness.journal.job_deliveries(job.id)
     assert f"{job.sr_sop_uid} (not in the report)" in delivery.last_error
+
+
+def test_a_job_without_a_seg_commits_its_sr_alone(tmp_path: Path) -> None:
+    """A classifier's job: the N-ACTION lists what was stored, the SR, and a report
+    naming the SR alone confirms the delivery."""
+    harness = Harness(tmp_path / "var", Clock())
+    fake = FakeCommitmentScp(free_port(), [None])  # answers the N-ACTION; we settle below
+    try:
+        job_id = job_with_results(harness, fake.port, kinds=("sr",))
+        commitments = commitments_for(harness, with_spool=True)
+        sender = make_sender(harness, max_attempts=2, commitments=commitments)
+        assert sender.send_due() == 1
+    finally:
+        fake.stop()
+    job = harness.journal.job(job_id)
+    (action,) = fake.actions
+    assert [str(r.ReferencedSOPInstanceUID) for r in action.ReferencedSOPSequence] == [
+        job.sr_sop_uid
+    ]
+    assert fake.stored == [job.sr_sop_uid]
+    (delivery,) = harness.journal.job_deliveries(job_id)
+    assert delivery.state == DeliveryState.COMMITTING
+    report = Report(delivery.commit_transaction_uid, EVENT_SUCCESS, frozenset({job.sr_sop_uid}))
+    # without the spool a job is taken to have a SEG too, which this report leaves out
+    unaware = commitments_for(harness)
+    assert unaware.requested(job) == [job.seg_sop_uid, job.sr_sop_uid]
+    assert commitments.settle(report) is DeliveryState.SENT
+    assert harness.journal.job(job_id).state == JobState.DONE
 
 
 def test_parse_report() -> None:

@@ -190,3 +190,4 @@ def test_sr_with_candidate_groups_is_valid(phantom, tmp_path):
             if item.ValueType == "NUM"
         }
         assert {("Volume", "mm3"), ("Long Axis", "mm")} <= units
+        assert ("Volume", "ml") not in units  # one Volume per candidate, not two

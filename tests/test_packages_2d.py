@@ -1,10 +1,9 @@
-"""Model packages beyond CT volumes: 2-D radiographs (DX), study classifiers, classifiers of
-each finding, and a package named by a route of the real node (SEG + SR arrive)."""
+"""Model packages beyond CT volumes: 2-D radiographs (DX), study classifiers and classifiers
+of each finding (the running node with packages: test_packages_node.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +12,19 @@ import pytest
 import torch
 from dciodvfy import dciodvfy_errors
 from model_packages import (
-    ANATOMY,
     CHEST_XRAY,
-    LUNG,
-    aerated_network,
+    PNEUMOTHORAX,
+    PRIVATE,
+    HalfContrast,
     base_spec,
+    bright_region_spec,
+    chest_image,
+    classifier_spec,
     write_dx,
     write_package,
 )
-from nodes import node_settings, running_node
-from peers import GE_3SLICE, LOCALHOST, Storescp, require_tools
+from peers import GE_3SLICE
 from pydicom.uid import generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.analysis.examples import HuRanges, save_torchscript
 from dicom_node.analysis.pipelines import build_pipeline
@@ -37,22 +36,6 @@ from dicom_node.encode.types import Equipment, ResultUIDs
 
 CPU = torch.device("cpu")
 EQUIPMENT = Equipment(device_serial_number="TEST-0003", device_observer_uid=generate_uid())
-FINDING = {"value": "121071", "scheme": "DCM", "meaning": "Finding"}
-NORMAL = {"value": "17621005", "scheme": "SCT", "meaning": "Normal"}
-PNEUMOTHORAX = {"value": "36118008", "scheme": "SCT", "meaning": "Pneumothorax"}
-CHEST = {"value": "51185008", "scheme": "SCT", "meaning": "Thorax"}
-PRIVATE = "99TESTAI"
-SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-class HalfContrast(torch.nn.Module):
-    """A 2-D 'classifier': class 1 when the left half of the image is brighter."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        difference = (x[..., :half].mean(dim=(1, 2, 3)) - x[..., half:].mean(dim=(1, 2, 3))) * 4
-        return torch.stack([-difference, difference], dim=1)
 
 
 class Brightest(torch.nn.Module):
@@ -84,14 +67,8 @@ def _content(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
     return found
 
 
-def _chest_image() -> np.ndarray:
-    pixels = np.full((128, 96), 1000, dtype=np.uint16)
-    pixels[20:100, 8:40] = 2000  # left half brighter
-    return pixels
-
-
 def test_dx_image_loads_as_a_one_slice_volume(tmp_path: Path) -> None:
-    pixels = _chest_image()
+    pixels = chest_image()
     volume = load_images([write_dx(tmp_path / "dx.dcm", pixels)])
     assert volume.hu.shape == (1, 128, 96)
     assert volume.spacing[1:] == (0.5, 0.5)  # ImagerPixelSpacing
@@ -101,33 +78,9 @@ def test_dx_image_loads_as_a_one_slice_volume(tmp_path: Path) -> None:
 
 
 def test_chest_radiograph_classifier_reports_evaluation_and_probability(tmp_path: Path) -> None:
-    spec = base_spec(
-        "cxr-pneumothorax",
-        accepts={"modalities": ["DX", "CR"], "max_slices": 1},
-        procedure=CHEST_XRAY,
-        input={"dimensions": 2, "size": [64, 64], "normalise": "zscore"},
-        classification={
-            "activation": "softmax",
-            "concept": FINDING,
-            "finding": CHEST,
-            "label": "Chest radiograph",
-            "classes": [
-                {"index": 0, "code": NORMAL},
-                {
-                    "index": 1,
-                    "code": PNEUMOTHORAX,
-                    "probability": {
-                        "value": "PNXP",
-                        "scheme": PRIVATE,
-                        "meaning": "Pneumothorax probability",
-                    },
-                },
-            ],
-        },
-    )
-    del spec["segmentation"]
+    spec = classifier_spec("cxr-pneumothorax")
     write_package(tmp_path, spec, HalfContrast())
-    volume = load_images([write_dx(tmp_path / "dx.dcm", _chest_image())])
+    volume = load_images([write_dx(tmp_path / "dx.dcm", chest_image())])
     result = build_pipeline("cxr-pneumothorax", CPU, tmp_path).run(volume)
     assert result.segments == ()
     (group,) = result.groups
@@ -150,15 +103,7 @@ def test_chest_radiograph_classifier_reports_evaluation_and_probability(tmp_path
 
 
 def test_dx_segmentation_gives_valid_seg_and_planar_sr(tmp_path: Path) -> None:
-    spec = base_spec(
-        "cxr-bright",
-        accepts={"modalities": ["DX"]},
-        procedure=CHEST_XRAY,
-        input={"dimensions": 2, "spacing": [1.0, 1.0]},
-    )
-    label = spec["segmentation"]["labels"][0]
-    label.update(key="bright", label="Bright region", measurements=["area"], split=True)
-    write_package(tmp_path, spec, HuRanges([(1500.0, 2500.0)]))
+    write_package(tmp_path, bright_region_spec("cxr-bright"), HuRanges([(1500.0, 2500.0)]))
     pixels = np.full((128, 96), 1000, dtype=np.uint16)
     pixels[10:30, 10:30] = 2000
     pixels[80:90, 60:70] = 2000
@@ -166,7 +111,7 @@ def test_dx_segmentation_gives_valid_seg_and_planar_sr(tmp_path: Path) -> None:
     result = build_pipeline("cxr-bright", CPU, tmp_path).run(load_images([source]))
     assert [s.key for s in result.segments] == ["bright_1", "bright_2"]  # largest first
     big, small = result.segments
-    assert math.isnan(big.volume_ml) and math.isnan(big.mean_hu)  # not reported for DX
+    assert big.volume_ml is None and big.mean_hu is None  # not reported for DX
     assert big.measurements[0].value == pytest.approx(400 * 0.25, rel=0.15)  # mm2
     assert small.measurements[0].value == pytest.approx(100 * 0.25, rel=0.25)
     uids = _uids()
@@ -221,54 +166,3 @@ def test_each_finding_is_classified(tmp_path: Path) -> None:
     sr = _written_ok(build_sr(result, seg, uids, EQUIPMENT), tmp_path / "sr.dcm")
     codes = [i.ConceptCodeSequence[0].CodeValue for i in _content(sr) if i.ValueType == "CODE"]
     assert codes.count("LIKELY") == 1
-
-
-def _send(port: int, datasets: list[pydicom.Dataset]) -> list[int]:
-    ae = AE(ae_title="SCANNER")
-    ae.add_requested_context(CTImageStorage, [str(datasets[0].file_meta.TransferSyntaxUID)])
-    assoc = ae.associate(LOCALHOST, port, ae_title="AINODE")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
-
-
-@pytest.mark.slow
-def test_node_routes_a_study_to_a_package_and_sends_seg_and_sr(tmp_path: Path) -> None:
-    require_tools("storescp", "echoscu", "dciodvfy")
-    models = tmp_path / "models"
-    write_package(models, base_spec("lungs-test"), aerated_network())
-    ge = [pydicom.dcmread(p) for p in sorted(GE_3SLICE.glob("*.dcm"))]
-    with Storescp(tmp_path / "scp") as scp:
-        settings = node_settings(
-            tmp_path / "var",
-            destinations={"archive": {"ae_title": scp.aet, "host": LOCALHOST, "port": scp.port}},
-            routes=[
-                {
-                    "name": "lungs",
-                    "when": {"Modality": "CT"},
-                    "pipeline": "lungs-test",
-                    "send_to": ["archive"],
-                }
-            ],
-            analysis={"device": "cpu", "models_path": str(models)},
-        )
-        with running_node(settings) as node:
-            assert _send(node.receiver.address[1], ge) == [0, 0, 0]
-            files = scp.wait_for_files(2, timeout=120)
-    by_class = {str(pydicom.dcmread(p).SOPClassUID): p for p in files}
-    assert set(by_class) == {SEG_STORAGE, COMPREHENSIVE_3D_SR}
-    for path in by_class.values():
-        assert dciodvfy_errors(path) == []
-    seg = pydicom.dcmread(by_class[SEG_STORAGE])
-    assert seg.SegmentSequence[0].SegmentLabel == "Aerated lung"
-    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == LUNG["value"]
-    assert (
-        seg.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodeValue
-        == (ANATOMY["value"])
-    )
-    device_uids = [i.DeviceUID for i in seg.ContributingEquipmentSequence if "DeviceUID" in i]
-    assert device_uids == ["2.25.1002"]
-    sr = pydicom.dcmread(by_class[COMPREHENSIVE_3D_SR])
-    assert sr.SeriesDescription == "lungs-test measurements"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
@@ -12,6 +12,7 @@ import pytest
 from peers import GE_3SLICE, LOCALHOST, Storescp, free_port, require_tools
 from test_assemble import Clock, Harness
 
+from dicom_node.commit import Commitments
 from dicom_node.config import SendingSection
 from dicom_node.domain import DeliveryState, JobState
 from dicom_node.journal import DeliverySpec
@@ -19,20 +20,27 @@ from dicom_node.send import Sender
 from dicom_node.web.metrics import Metrics
 
 
-def job_with_results(harness: Harness, port: int) -> int:
-    """A job whose SEG/SR stand-ins (two real CT files) are on disk, with one delivery."""
+def job_with_results(harness: Harness, port: int, kinds: Sequence[str] = ("seg", "sr")) -> int:
+    """A job whose result stand-ins are on disk, with one delivery: real CT files given
+    the job's SEG and SR SOP Instance UIDs. ``kinds=("sr",)``: a classifier's job."""
     job = harness.claimed_job()
-    for kind, source in zip(("seg", "sr"), sorted(GE_3SLICE.glob("*.dcm")), strict=False):
+    sources = dict(zip(("seg", "sr"), sorted(GE_3SLICE.glob("*.dcm")), strict=False))
+    uids = {"seg": job.seg_sop_uid, "sr": job.sr_sop_uid}
+    for kind in kinds:
+        stand_in = pydicom.dcmread(sources[kind])
+        stand_in.SOPInstanceUID = stand_in.file_meta.MediaStorageSOPInstanceUID = uids[kind]
         target = harness.spool.path(harness.spool.result_relpath(job.id, kind))
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
+        stand_in.save_as(target, enforce_file_format=True)
     harness.journal.job_analysed(
         job.id, [DeliverySpec("pacs", "STORESCP", LOCALHOST, port)], harness.clock.now
     )
     return int(job.id)
 
 
-def make_sender(harness: Harness, max_attempts: int, timeout: float = 5) -> Sender:
+def make_sender(
+    harness: Harness, max_attempts: int, timeout: float = 5, commitments: Commitments | None = None
+) -> Sender:
     settings = SendingSection(
         max_attempts=max_attempts,
         backoff_initial_seconds=2,
@@ -47,6 +55,7 @@ def make_sender(harness: Harness, max_attempts: int, timeout: float = 5) -> Send
         settings,
         harness.clock,
         rng=random.Random(7),
+        commitments=commitments,
     )
 
 
@@ -75,7 +84,35 @@ def test_retries_with_backoff_until_the_peer_answers(tmp_path: Path) -> None:
     assert delivery.state == DeliveryState.SENT and delivery.attempts == 3
     assert harness.journal.job(job_id).state == JobState.DONE
     sent = {pydicom.dcmread(p).SOPInstanceUID for p in received}
-    assert sent == {pydicom.dcmread(p).SOPInstanceUID for p in sorted(GE_3SLICE.glob("*.dcm"))[:2]}
+    job = harness.journal.job(job_id)
+    assert sent == {job.seg_sop_uid, job.sr_sop_uid}
+
+
+def test_a_job_without_a_seg_sends_its_sr_alone(tmp_path: Path) -> None:
+    """A classifier package's job: the worker wrote sr.dcm only."""
+    require_tools("storescp", "echoscu")
+    harness = Harness(tmp_path / "var", Clock())
+    with Storescp(tmp_path / "scp") as scp:
+        job_id = job_with_results(harness, scp.port, kinds=("sr",))
+        assert make_sender(harness, max_attempts=2).send_due() == 1
+        (delivery,) = harness.journal.job_deliveries(job_id)
+        received = scp.wait_for_files(1)
+    assert delivery.state == DeliveryState.SENT and delivery.last_error is None
+    assert [pydicom.dcmread(p).SOPInstanceUID for p in received] == [
+        harness.journal.job(job_id).sr_sop_uid
+    ]
+
+
+def test_a_missing_sr_is_a_failed_attempt_not_a_partial_send(tmp_path: Path) -> None:
+    harness = Harness(tmp_path / "var", Clock())
+    job_id = job_with_results(harness, free_port(), kinds=("seg",))
+    assert make_sender(harness, max_attempts=2).send_due() == 1
+    (delivery,) = harness.journal.job_deliveries(job_id)
+    assert delivery.state == DeliveryState.PENDING and delivery.attempts == 1
+    assert (
+        delivery.last_error
+        == f"job {job_id}: result results/{job_id}/sr.dcm is missing from the spool"
+    )
 
 
 def test_dead_letter_after_the_attempt_limit(

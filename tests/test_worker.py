@@ -7,14 +7,27 @@ import copy
 from pathlib import Path
 
 import pydicom
+from dciodvfy import dciodvfy_errors
 from nodes import node_settings, running_node
 from peers import GE_3SLICE, LOCALHOST, Storescp, patch_siemens_copy, require_tools, wait_until
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from test_assemble import Clock, Harness
 
+from dicom_node.analysis.types import (
+    AnalysisResult,
+    Code,
+    Evaluation,
+    SegmentGroup,
+    Volume,
+)
 from dicom_node.app import Node
+from dicom_node.config import Destination
 from dicom_node.domain import JobState
+from dicom_node.encode.types import Equipment
+from dicom_node.web.metrics import Metrics
+from dicom_node.worker import Worker
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -147,3 +160,46 @@ def test_failure_reasons_keep_third_party_messages_out() -> None:
     except ValueError as exc:
         ours = describe_failure(exc)
     assert ours.startswith("ValueError: ") and "(details in the DEBUG log)" not in ours
+
+
+class StudyClassifier:
+    """A pipeline without segments (as a classifier package is): one TID 1501 group."""
+
+    name = "classifier"
+    version = "1.0"
+
+    def run(self, volume: Volume) -> AnalysisResult:
+        thorax = Code("51185008", "SCT", "Thorax")
+        finding = Evaluation(Code("121071", "DCM", "Finding"), Code("17621005", "SCT", "Normal"))
+        group = SegmentGroup("study", "Study", thorax, (), (), evaluations=(finding,))
+        return AnalysisResult(self.name, "Classifier", self.version, volume, (), (group,))
+
+
+def test_a_result_without_segments_is_written_as_an_sr_alone(tmp_path: Path) -> None:
+    """No SEG is built; a SEG left by an earlier run of the job is removed, so the
+    sender (which sends the files that exist) sends the SR alone."""
+    harness = Harness(tmp_path / "var", Clock())
+    job = harness.claimed_job()
+    stale = harness.spool.write_atomic(harness.spool.result_relpath(job.id, "seg"), b"old")
+    equipment = Equipment(device_serial_number="TEST", device_observer_uid=generate_uid())
+    worker = Worker(
+        harness.journal,
+        harness.spool,
+        Metrics(),
+        {"pacs": Destination(ae_title="P", host=LOCALHOST, port=104)},
+        equipment,
+        lambda name, device: StudyClassifier(),
+        harness.clock,
+        on_results=lambda: None,
+    )
+    worker.run_job(job)
+    assert harness.journal.job(job.id).state == JobState.SENDING, harness.journal.job(job.id).error
+    assert not stale.exists()
+    sr_path = harness.spool.path(harness.spool.result_relpath(job.id, "sr"))
+    assert dciodvfy_errors(sr_path) == []
+    sr = pydicom.dcmread(sr_path)
+    assert sr.SOPInstanceUID == job.sr_sop_uid
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert len(evidence) == 1  # the CT series only: no SEG
+    (delivery,) = harness.journal.job_deliveries(job.id)
+    assert delivery.destination == "pacs"

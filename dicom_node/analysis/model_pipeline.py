@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from dicom_node.analysis.attributed import AttributedResult
 from dicom_node.analysis.bundle import apply_bundle, read_bundle
 from dicom_node.analysis.inference import (
     Network,
@@ -41,6 +39,7 @@ from dicom_node.analysis.packages import (
 from dicom_node.analysis.preprocess import Prepared, preprocess
 from dicom_node.analysis.types import (
     AnalysisError,
+    AnalysisResult,
     Code,
     Evaluation,
     Measurement,
@@ -88,40 +87,38 @@ class ModelPackagePipeline:
             if label.classifier is not None
         }
 
-    def run(self, volume: Volume) -> AttributedResult:
+    def run(self, volume: Volume) -> AnalysisResult:
         check_accepts(self.spec.accepts, volume)
         prepared = preprocess(volume, self.spec.input)
-        segments: list[tuple[Segment, LabelSpec]] = []
+        segments: tuple[Segment, ...] = ()
         groups: tuple[SegmentGroup, ...] = ()
         if self.spec.segmentation is not None:
-            segments = self._segments(self.spec.segmentation, volume, prepared)
+            segments = tuple(self._segments(self.spec.segmentation, volume, prepared))
             if not segments:
                 raise AnalysisError(f"{self.name} found none of its labels in this series")
         else:
             groups = (self._study_group(prepared),)
-        colors = tuple((s.key, label.color) for s, label in segments if label.color is not None)
-        return AttributedResult(
+        return AnalysisResult(
             pipeline=self.name,
             algorithm_name=self.spec.algorithm_name or self.name,
             algorithm_version=self.version,
             volume=volume,
-            segments=tuple(segment for segment, _ in segments),
+            segments=segments,
             groups=groups,
             algorithm_family=self.spec.family.code(),
             procedure=self.spec.procedure.code() if self.spec.procedure else None,
             manufacturer=self.spec.manufacturer,
             device_uid=self.spec.device_uid,
-            colors=colors,
         )
 
     # -- segmentation ----------------------------------------------------------------------
 
     def _segments(
         self, spec: SegmentationSpec, volume: Volume, prepared: Prepared
-    ) -> list[tuple[Segment, LabelSpec]]:
-        """(segment, its label) for every label found, components largest first."""
+    ) -> list[Segment]:
+        """A segment for every label found (one per component with ``split``, largest first)."""
         scores = self._dense(prepared.array)
-        segments: list[tuple[Segment, LabelSpec]] = []
+        segments: list[Segment] = []
         for label in spec.labels:
             mask = label_mask(spec, label, scores)
             if label.split:
@@ -142,7 +139,7 @@ class ModelPackagePipeline:
                 segment = self._segment(label, volume, source_mask, suffix)
                 if label.classifier is not None:
                     segment = self._classify_finding(label, segment, prepared, ids == number)
-                segments.append((segment, label))
+                segments.append(segment)
         return segments
 
     def _dense(self, array: np.ndarray) -> np.ndarray:
@@ -183,9 +180,10 @@ class ModelPackagePipeline:
         if "area" in label.measurements and single:
             area = count * volume.spacing[1] * volume.spacing[2]
             measurements = (Measurement(AREA, area, SQUARE_MILLIMETER),)
-        volume_ml = count * voxel_ml if "volume" in label.measurements and not single else math.nan
+        # None: not reported (a single image has no volume, only CT has Hounsfield units)
+        volume_ml = count * voxel_ml if "volume" in label.measurements and not single else None
         wants_mean = "mean" in label.measurements and is_ct
-        mean = float(volume.hu[mask].mean(dtype=np.float64)) if wants_mean else math.nan
+        mean = float(volume.hu[mask].mean(dtype=np.float64)) if wants_mean else None
         return Segment(
             key=label.key if number is None else f"{label.key}_{number}",
             label=text if number is None else f"{text} {number}",
@@ -196,6 +194,7 @@ class ModelPackagePipeline:
             volume_ml=volume_ml,
             mean_hu=mean,
             measurements=measurements,
+            color=label.color,
         )
 
     def _classify_finding(

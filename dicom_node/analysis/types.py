@@ -82,13 +82,17 @@ class Segment:
     type: Code  # CID 7151..., e.g. Lung
     laterality: Code | None  # Left / Right, or None
     mask: np.ndarray  # bool, same shape as Volume.hu
-    volume_ml: float
-    mean_hu: float
+    # None: not reported (e.g. a radiograph has no volume, a non-CT image no HU); the SR
+    # then leaves the measurement out.
+    volume_ml: float | None
+    mean_hu: float | None
     measurements: tuple[Measurement, ...] = ()  # beyond volume and mean HU
     evaluations: tuple[Evaluation, ...] = ()  # qualitative findings about this segment
     # Where the finding lies when that is not the segmented structure itself (e.g. a
     # nodule's site is "Upper lobe of left lung"); None: the site is ``type``.
     finding_site: Code | None = None
+    # sRGB (0-255) display colour: the SEG's Recommended Display CIELab Value; None: none.
+    color: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,11 @@ class AnalysisResult:
     algorithm_family: Code | None = None
     # CID 100 procedure reported in the SR; None: CT of chest.
     procedure: Code | None = None
+    # The algorithm as Contributing Equipment (IHE AI Results): its maker (None: the
+    # node's manufacturer) and the Device UID (0018,1002) of this algorithm version
+    # (None: derived from algorithm name and version, so it changes with the version).
+    manufacturer: str | None = None
+    device_uid: str | None = None
 
 
 class Pipeline(Protocol):

@@ -1,5 +1,9 @@
 """Load one series of single-frame CT/MR images into a :class:`Volume` in HU.
 
+:func:`load_images` is what the worker calls: a series of slices goes to
+:func:`load_series`, a single file (a DX/CR radiograph without Image Plane
+geometry, or one slice) to :func:`load_image_2d`.
+
 Geometry follows the Image Plane Module (PS3.3 C.7.6.2): slices are ordered
 by the projection of ImagePositionPatient (0020,0032) on the slice normal,
 the cross product of the row and column direction cosines of

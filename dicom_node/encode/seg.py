@@ -22,7 +22,6 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.analysis.attributed import AttributedResult
 from dicom_node.analysis.types import AnalysisResult, Code, Segment
 from dicom_node.encode.types import AlgorithmEquipment, Equipment, ResultUIDs, derived_device_uid
 
@@ -92,7 +91,7 @@ def segment_descriptions(
             algorithm_identification=algorithm,
             tracking_uid=tracking_uid(uids, segment),
             tracking_id=segment.label,
-            display_color=_color(result, segment.key),
+            display_color=_color(segment.color),
         )
         if segment.laterality is not None:
             type_item = description.SegmentedPropertyTypeCodeSequence[0]
@@ -105,12 +104,11 @@ def segment_descriptions(
 
 def algorithm_equipment(result: AnalysisResult, equipment: Equipment) -> AlgorithmEquipment:
     """The algorithm's maker and Device UID: declared by a model package, else derived."""
-    attributed = result if isinstance(result, AttributedResult) else None
     return AlgorithmEquipment(
-        manufacturer=(attributed and attributed.manufacturer) or equipment.manufacturer,
+        manufacturer=result.manufacturer or equipment.manufacturer,
         model_name=result.algorithm_name,
         software_version=result.algorithm_version,
-        device_uid=(attributed and attributed.device_uid)
+        device_uid=result.device_uid
         or derived_device_uid(result.algorithm_name, result.algorithm_version),
     )
 
@@ -209,8 +207,7 @@ def _code(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
-def _color(result: AnalysisResult, key: str) -> hd.color.CIELabColor | None:
-    rgb = result.color_of(key) if isinstance(result, AttributedResult) else None
+def _color(rgb: tuple[int, int, int] | None) -> hd.color.CIELabColor | None:
     return hd.color.CIELabColor.from_rgb(*rgb) if rgb is not None else None
 
 

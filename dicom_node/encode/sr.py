@@ -11,8 +11,8 @@ scheme (designator "99...") are declared in the CodingSchemeIdentificationSequen
 The evidence lists the SEG and every source image.
 
 Model packages add: a segment of a single image (a radiograph) is a TID 1410
-Planar ROI group referencing its SEG frame; volume or mean HU that a package
-does not report (NaN) are left out; per-finding classifications are the
+Planar ROI group referencing its SEG frame; volume or mean HU that a pipeline
+does not report (None) are left out; per-finding classifications are the
 segment's qualitative evaluations and probability NUMs; a classifier without
 segments gives an SR without SEG (``seg=None``), its result a TID 1501 group.
 The algorithm is Contributing Equipment with its Device UID (IHE AI Results).
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TypeGuard
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -195,9 +196,18 @@ def _segment_group(
 def _segment_measurements(
     segment: Segment, algorithm: hd.sr.AlgorithmIdentification
 ) -> list[hd.sr.Measurement]:
-    """Volume and mean HU when reported (not NaN), then the segment's own measurements."""
+    """Volume and mean HU when reported, then the segment's own measurements.
+
+    None means not reported; NaN is read the same way (nothing to report either). A
+    segment that reports its own Volume (a nodule candidate's, in mm3) gets no second
+    one in mL: a reader would see the same quantity twice.
+    """
     measurements = []
-    if math.isfinite(segment.volume_ml):
+    own_volume = any(
+        (m.name.value, m.name.scheme) == (codes.SCT.Volume.value, "SCT")
+        for m in segment.measurements
+    )
+    if _reported(segment.volume_ml) and not own_volume:
         measurements.append(
             hd.sr.Measurement(
                 name=codes.SCT.Volume,
@@ -206,7 +216,7 @@ def _segment_measurements(
                 algorithm_id=algorithm,
             )
         )
-    if math.isfinite(segment.mean_hu):
+    if _reported(segment.mean_hu):
         measurements.append(
             hd.sr.Measurement(
                 name=codes.DCM.AttenuationCoefficient,
@@ -217,6 +227,10 @@ def _segment_measurements(
             )
         )
     return measurements + [_measurement(m, algorithm) for m in segment.measurements]
+
+
+def _reported(value: float | None) -> TypeGuard[float]:
+    return value is not None and math.isfinite(value)
 
 
 def _frame_reference_only(group: Iterable[Dataset]) -> None:
@@ -234,9 +248,15 @@ def _frame_reference_only(group: Iterable[Dataset]) -> None:
 
 
 def _frame_of_segment(seg: Dataset, number: int) -> int:
-    """The SEG frame (1-based) holding segment ``number`` of a single-image source."""
+    """The SEG frame (1-based) holding segment ``number`` of a single-image source.
+
+    The Segment Identification of a frame is per frame, or shared by every frame
+    (highdicom shares it when the SEG holds a single segment).
+    """
+    shared = seg.SharedFunctionalGroupsSequence[0].get("SegmentIdentificationSequence")
     for index, group in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
-        if int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number:
+        identification = group.get("SegmentIdentificationSequence") or shared
+        if identification and int(identification[0].ReferencedSegmentNumber) == number:
             return index
     raise ValueError(f"segment {number} has no frame in the SEG")
 
