@@ -7,7 +7,7 @@ CONFIG ?= config/node.yaml
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test peers lint typecheck bench clean
+.PHONY: run test install install-test peers lint typecheck bench bench-analysis clean
 
 run: $(VENV)/.installed
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
@@ -54,9 +54,14 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(VENV)/bin/mypy dicom_node
 
-# Throughput against dcmtk storescp / storescu and Orthanc (bench/README.md); a few minutes.
+# Throughput against dcmtk storescp / storescu and Orthanc, study latency / memory / scaling
+# (bench/README.md); about 10 minutes.
 bench: $(VENV)/.installed-test
-	$(PY) bench/receive.py && $(PY) bench/send.py
+	$(PY) bench/receive.py && $(PY) bench/send.py && $(PY) bench/study.py
+
+# ct-chest stage times and peak memory (issue #3): phantom and the real Philips CT.
+bench-analysis: $(VENV)/.installed-test
+	$(PY) bench/analysis.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from rich.console import Console
@@ -376,3 +377,53 @@ def targets_table(targets: Sequence[Target]) -> Table:
         verdict = "[green]PASS[/]" if target.passed else "[red]FAIL[/]"
         table.add_row(target.label, f"{target.ratio:.2f}x", f">= {target.factor}x", verdict)
     return table
+
+
+# --------------------------------------------------------------------------- studies
+
+
+def restamp_series(sources: Sequence[Path], folder: Path, seed: str) -> list[Path]:
+    """Copies of ``sources`` in ``folder`` as a new study: new Study, Series, Frame of
+    Reference and SOP Instance UIDs (derived from ``seed``), everything else unchanged.
+
+    The node treats a known SOP Instance UID as a duplicate and a known Study Instance UID
+    as more of that study, so every study a benchmark sends must be new in this sense.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    study = generate_uid(entropy_srcs=[seed, "study"])
+    series = generate_uid(entropy_srcs=[seed, "series"])
+    frame = generate_uid(entropy_srcs=[seed, "frame"])
+    written = []
+    for index, source in enumerate(sources):
+        ds = pydicom.dcmread(source)
+        sop = generate_uid(entropy_srcs=[seed, "instance", str(index)])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
+        if "FrameOfReferenceUID" in ds:
+            ds.FrameOfReferenceUID = frame
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        target = folder / f"IM{index + 1:05d}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        written.append(target)
+    return written
+
+
+def ct_studies(count: int, slices: int, cache_root: Path = CACHE_ROOT) -> list[list[Path]]:
+    """``count`` distinct studies of ``slices`` synthetic CT slices each (the pixels of
+    :func:`ct_series`, new UIDs per study); generated once into the cache, then reused."""
+    if count < 1:
+        raise ValueError(f'count must be at least 1, got "{count}"')
+    base = ct_series(slices, cache_root)
+    folder = cache_root / f"studies-{count}x{slices}-v{SERIES_VERSION}"
+    if not (folder / ".complete").exists():
+        partial = cache_root / f".partial-studies-{count}x{slices}-{time.time_ns()}"
+        for number in range(count):
+            seed = f"dicom_node bench study {number} of {count} x {slices} v{SERIES_VERSION}"
+            restamp_series(base, partial / f"study-{number + 1:03d}", seed)
+        (partial / ".complete").touch()
+        if folder.exists():
+            subprocess.run(["rm", "-rf", str(folder)], check=True)
+        partial.rename(folder)
+    studies = [dicom_files(path) for path in sorted(folder.glob("study-*"))]
+    if len(studies) != count or any(len(files) != slices for files in studies):
+        raise RuntimeError(f"cache {folder} does not hold {count} studies of {slices} slices")
+    return studies

@@ -1,4 +1,4 @@
-"""The benchmarks still run end to end: quick runs of bench/receive.py and bench/send.py.
+"""The benchmarks still run end to end: quick runs of bench/receive.py, send.py and study.py.
 
 Correctness only (every receiver stored every instance, the tables are printed); the
 timings of a quick run mean nothing and are not checked.
@@ -67,3 +67,35 @@ def test_send_quick_stores_all_from_both_senders() -> None:
         assert f"{name:<15}: stored all 20/20" in out
         assert len(_table_rows(out, name)) == 1
     assert len(_verdicts(out, "send: node vs storescu")) == 1
+
+
+@pytest.mark.timeout(150)
+def test_study_quick_stores_results_and_every_instance() -> None:
+    require_tools("storescu", "storescp", "echoscu")
+    out = _run_quick(BENCH / "study.py")
+    assert re.search(r"latency round 1/1: SEG \+ SR stored \d+\.\d+ s after", out)
+    assert re.search(r"^\W+median\W+\d+\.\d+\W+1\.00\W", out, flags=re.MULTILINE)  # idle 1 s
+    for level in (1, 2):
+        assert f"receive x{level}: stored all in" in out
+        assert re.search(rf"analyse x{level}: stored all in .* every job done, SEG \+ SR", out)
+        assert re.search(rf"^\W+{level} x 5 slices\W+{5 * level}\W.*MiB", out, flags=re.MULTILINE)
+    for slices in (10, 40):
+        assert re.search(rf"^ +{slices} slices: stored all in", out, flags=re.MULTILINE)
+    for target in (
+        "latency: median slack over idle + analysis",
+        "memory (receive): peak RSS at 2 studies",
+        "memory (receive): peak 2 / peak 1 studies",
+        "memory (analyse): peak RSS at 2 studies",
+        "memory (analyse): peak 2 / peak 1 studies",
+        "scaling: s/slice at 40 / at 10 slices",
+    ):
+        assert len(_verdicts(out, target)) == 1
+
+
+def test_analysis_quick_prints_the_stage_split() -> None:
+    """bench/analysis.py --quick: a small phantom and the Philips CT through ct-chest + encode."""
+    out = _run_quick(BENCH / "analysis.py")
+    for stage in ("load", "preprocess", "infer", "postprocess", "encode", "peak RSS"):
+        assert stage in out
+    assert "phantom" in out and "Philips" in out
+    assert re.search(r"ct-chest \+ encode on (cpu|cuda)", out)
