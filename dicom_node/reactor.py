@@ -14,12 +14,16 @@ Here both loops block on what they wait for instead:
   to, so a received PDU or a queued response is handled at once.
 * :func:`serve_association` replaces the association reactor: it waits on the DIMSE
   message queue's condition (without taking the message, so the pause/checkpoint
-  protocol that ``send_*`` and ``release`` rely on is unchanged). It is used for the
-  associations we request (``dicom_node.send``), where ``send_c_store`` otherwise waits
-  up to 1 ms per instance for the reactor to pause. The receiver keeps pynetdicom's
-  own association loop: there it gained about 5 % in our measurements, and with it
-  the hostile-peer fuzz test (tests/test_hostile.py) reached ``max_associations``
-  with associations still winding down - a difference not understood yet.
+  protocol that ``send_*`` and ``release`` rely on is unchanged). The receiver uses it
+  (``dicom_node.transport``), and so do the associations we request
+  (``dicom_node.send``), where ``send_c_store`` otherwise waits up to 1 ms per
+  instance for the reactor to pause.
+
+Going faster exposed two faults that the polling had hidden, both fixed here: a DUL
+that had ended could still write a wake-up byte to its closed pipe, whose descriptor
+number the kernel had by then given to a new connection; and an acceptor whose peer
+was cut off before its A-ASSOCIATE-RQ held an association slot until acse_timeout,
+so a burst of bad connections could fill ``max_associations``.
 
 Both still wake at least every :data:`TICK_SECONDS` to check timers and flags, as
 the originals do on every turn.

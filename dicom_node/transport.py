@@ -18,6 +18,7 @@ without bound and spends two threads on every accepted socket. Here:
 from __future__ import annotations
 
 import copy
+import functools
 import ipaddress
 import logging
 import socket
@@ -39,7 +40,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from pynetdicom.utils import make_target
 
 from dicom_node.config import NodeSection
-from dicom_node.reactor import EventDrivenDUL
+from dicom_node.reactor import EventDrivenDUL, serve_association
 
 if TYPE_CHECKING:
     from pynetdicom import AE
@@ -319,6 +320,7 @@ class HardenedRequestHandler(RequestHandler):
         dul = HardenedDUL(assoc, limits)
         dul.socket, dul.event_queue = stock.socket, stock.event_queue  # Evt5 is queued there
         assoc.dul = dul
+        assoc._run_reactor = functools.partial(serve_association, assoc)  # type: ignore[method-assign]
         # the setters arm the new DUL's timers: ARTIM (no A-ASSOCIATE-RQ) and idle
         assoc.acse_timeout = min(assoc.acse_timeout or limits.idle_timeout, limits.idle_timeout)
         assoc.network_timeout = limits.idle_timeout
