@@ -222,7 +222,7 @@ class CtChestPipeline:
         """Low-HU voxels in the body not connected to the air around the patient."""
         air = (hu < LUNG_MAX_HU).cpu().numpy()
         labels, _ = components(air)
-        touches_outside = np.bincount(labels[~body].ravel(), minlength=labels.max() + 1) > 0
+        touches_outside = np.bincount(labels[~body].ravel(), minlength=int(labels.max()) + 1) > 0
         return air & ~touches_outside[labels]
 
     def _airways(self, internal: np.ndarray, body: np.ndarray, volume: Volume) -> np.ndarray:
