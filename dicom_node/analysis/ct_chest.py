@@ -307,19 +307,21 @@ def _grow_airways(
     image = sitk.GetImageFromArray(np.where(internal, hu, outside).astype(np.float32))
     best: np.ndarray | None = None
     best_ml = 0.0
+    # The seed voxels once; each threshold keeps those below it (no full-volume pass).
+    seeds = np.argwhere(seed & internal)
+    seed_hu = hu[tuple(seeds.T)]
     for threshold in AIRWAY_THRESHOLDS_HU:
-        starts = np.argwhere(seed & internal & (hu < threshold))
+        starts = seeds[seed_hu < threshold]
         if not len(starts):
             continue
-        grown = sitk.GetArrayFromImage(
-            sitk.ConnectedThreshold(
-                image,
-                seedList=[(int(x), int(y), int(z)) for z, y, x in starts],
-                lower=-1.0e30,
-                upper=float(np.nextafter(np.float32(threshold), np.float32(-np.inf))),
-            )
-        ).astype(bool)
-        grown_ml = float(grown.sum()) * voxel_ml
+        region = sitk.ConnectedThreshold(
+            image,
+            seedList=[(int(x), int(y), int(z)) for z, y, x in starts],
+            lower=-1.0e30,
+            upper=float(np.nextafter(np.float32(threshold), np.float32(-np.inf))),
+        )
+        view = sitk.GetArrayViewFromImage(region)  # counted in place; copied only if kept
+        grown_ml = float(np.count_nonzero(view)) * voxel_ml
         growth = grown_ml - best_ml
         leaks = best is not None and growth > max(
             AIRWAY_LEAK_MIN_ML, (AIRWAY_LEAK_RATIO - 1.0) * best_ml
@@ -328,7 +330,7 @@ def _grow_airways(
             log.info("ct-chest: airways leak at %.0f HU (%.0f ml)", threshold, grown_ml)
             break
         if grown_ml > 0:
-            best, best_ml = grown, grown_ml
+            best, best_ml = view.astype(bool), grown_ml
     return best
 
 

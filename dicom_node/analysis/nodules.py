@@ -321,8 +321,7 @@ def longest_axial_diameter(mask: np.ndarray, spacing: tuple[float, float, float]
 
 def _lobe(points: np.ndarray, lung: np.ndarray, side: str, volume: Volume) -> Code:
     """Approximate lobe from the candidate's centre in its lung's box (see module docstring)."""
-    sample = np.argwhere(lung)[::17]
-    lung_points = volume.voxel_to_patient(sample) if len(sample) else np.zeros((1, 3))
+    lung_points = _box_corners(lung, volume)
     centre = volume.voxel_to_patient(points.mean(axis=0, keepdims=True))[0]
     low, high = lung_points.min(axis=0), lung_points.max(axis=0)
     extent = np.maximum(high - low, 1e-6)
@@ -334,6 +333,23 @@ def _lobe(points: np.ndarray, lung: np.ndarray, side: str, volume: Volume) -> Co
     if side == "right" and height < MIDDLE_LOBE_TOP and back < 0.5:
         return LUNG_LOBES[(side, "middle")]
     return LUNG_LOBES[(side, "upper")]
+
+
+def _box_corners(mask: np.ndarray, volume: Volume) -> np.ndarray:
+    """The 8 corners of ``mask``'s voxel bounding box in patient coordinates (LPS mm).
+
+    Their min and max are the mask's extent along each patient axis (exactly for axial
+    slices; a little more for oblique ones), from three projections instead of a list
+    of every voxel.
+    """
+    ranges = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not len(hit):
+            return np.zeros((1, 3))
+        ranges.append((hit[0], hit[-1]))
+    corners = np.array(np.meshgrid(*ranges, indexing="ij")).reshape(3, -1).T
+    return volume.voxel_to_patient(corners)
 
 
 def candidate_segment(number: int, candidate: Candidate, voxel_mm3: float) -> Segment:
