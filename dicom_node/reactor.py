@@ -74,6 +74,15 @@ class EventDrivenDUL(DULServiceProvider):
         self._wake()
 
     def _process_recv_primitive(self) -> bool:
+        wrapper = cast(AssociationSocket, self.socket)
+        if self.state_machine.current_state == "Sta1" and (
+            wrapper is None or wrapper.socket is None
+        ):
+            # The connection is gone (e.g. a response the handler finished after the peer
+            # hung up): nothing queued can be sent, and re-posting it would spin.
+            with self.to_provider_queue.mutex:
+                self.to_provider_queue.queue.clear()  # type: ignore[attr-defined]
+            return False
         # Sta6 + P-DATA request (Evt9) is DT-1: send a P-DATA-TF PDU, stay in Sta6. A
         # dataset leaves as one primitive per peer PDU size (32 of them for a CT slice
         # to a 16 KiB peer); here the queued run of them goes out in one send.
@@ -157,6 +166,12 @@ class EventDrivenDUL(DULServiceProvider):
                 self._wait_for_work()
                 continue
             self.state_machine.do_action(event)
+            if self.to_user_queue.queue:  # type: ignore[attr-defined]
+                # A-RELEASE / A-ABORT for the association thread: it waits on the DIMSE
+                # queue (serve_association), so wake it there, or it sees them a tick late.
+                messages = self.assoc.dimse.msg_queue
+                with messages.not_empty:
+                    messages.not_empty.notify_all()
 
     def _wait_for_work(self) -> None:
         """Block until the socket is readable, a primitive is queued, or a tick passes."""

@@ -19,7 +19,6 @@ from typing import Any, cast
 
 import pydicom
 from pydicom import uid
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -176,50 +175,58 @@ def reindex_orphans(spool: Spool, journal: Journal) -> int:
     """
     indexed = 0
     for relpath in spool.orphans(journal.all_instance_relpaths()):
-        path = spool.path(relpath)
         try:
-            data = path.read_bytes()
-            meta = read_file_meta(data)
-            header = parse_header(data, meta.sop_class_uid, meta.sop_instance_uid)
-        except (OSError, ValueError, InvalidDicomError, Rejected) as exc:
-            reason = exc.reason if isinstance(exc, Rejected) else type(exc).__name__
-            target = spool.quarantine(relpath)
+            indexed += _reindex(spool, journal, relpath)
+        except Exception as exc:  # one bad file must not keep the node from starting
             log.error(
-                "instance file %s cannot be indexed (%s); moved to %s", relpath, reason, target
-            )
-            continue
-        received = ReceivedInstance(
-            sop_uid=header.sop_uid,
-            sop_class_uid=header.sop_class_uid,
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            modality=header.modality,
-            relpath=relpath,
-            transfer_syntax=meta.transfer_syntax,
-            size=len(data),
-            calling_aet=meta.source_aet,
-            received_at=path.stat().st_mtime,
-            study_details=header.study_details,
-            series_details=header.series_details,
-        )
-        try:
-            recorded = journal.record_instance(received)
-        except UIDConflict as exc:
-            target = spool.quarantine(relpath)
-            log.error(
-                "instance file %s conflicts with the journal (%s); moved to %s",
+                "instance file %s could not be indexed or quarantined (%s)",
                 relpath,
-                exc,
-                target,
+                type(exc).__name__,
             )
-            continue
-        if recorded.duplicate:  # the same SOP instance is stored under another file
-            spool.remove(relpath)
-            continue
-        indexed += 1
     if indexed:
         log.warning("indexed %d instance file(s) that the journal had lost", indexed)
     return indexed
+
+
+def _reindex(spool: Spool, journal: Journal, relpath: str) -> int:
+    """Index one orphan file (1), or quarantine it (0)."""
+    path = spool.path(relpath)
+    try:
+        data = path.read_bytes()
+        meta = read_file_meta(data)
+        header = parse_header(data, meta.sop_class_uid, meta.sop_instance_uid)
+        received_at = path.stat().st_mtime
+    except Exception as exc:  # whatever a damaged file makes the parser raise
+        reason = exc.reason if isinstance(exc, Rejected) else type(exc).__name__
+        target = spool.quarantine(relpath)
+        log.error("instance file %s cannot be indexed (%s); moved to %s", relpath, reason, target)
+        return 0
+    received = ReceivedInstance(
+        sop_uid=header.sop_uid,
+        sop_class_uid=header.sop_class_uid,
+        study_uid=header.study_uid,
+        series_uid=header.series_uid,
+        modality=header.modality,
+        relpath=relpath,
+        transfer_syntax=meta.transfer_syntax,
+        size=len(data),
+        calling_aet=meta.source_aet,
+        received_at=received_at,
+        study_details=header.study_details,
+        series_details=header.series_details,
+    )
+    try:
+        recorded = journal.record_instance(received)
+    except UIDConflict as exc:
+        target = spool.quarantine(relpath)
+        log.error(
+            "instance file %s conflicts with the journal (%s); moved to %s", relpath, exc, target
+        )
+        return 0
+    if recorded.duplicate:  # the same SOP instance is stored under another file
+        spool.remove(relpath)
+        return 0
+    return 1
 
 
 class Receiver:

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
 # Statuses that mean the peer has the object (PS3.4 B.2.3: success and warnings).
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
@@ -229,6 +231,8 @@ def _store_one(
     the peer accepted another transfer syntax (e.g. implicit VR only), the decoded
     dataset goes through ``send_c_store``, which converts it.
     """
+    if not assoc.is_established:  # the peer released or aborted after the last response
+        raise SendError(f"association ended before {path.name} could be sent")
     meta, offset = split_dataset(path)
     sop_class = str(meta.MediaStorageSOPClassUID)
     context_id = exact.get((sop_class, str(meta.TransferSyntaxUID)))
@@ -337,8 +341,22 @@ def result_files(spool: Spool, job: Row) -> list[ResultFile]:
     sr = spool.path(sr_relpath)
     if not sr.is_file():
         raise SendError(f"job {job.id}: result {sr_relpath} is missing from the spool")
-    files = [ResultFile(seg, str(job.seg_sop_uid))] if seg.is_file() else []
-    return [*files, ResultFile(sr, str(job.sr_sop_uid))]
+    if seg.is_file():
+        return [ResultFile(seg, str(job.seg_sop_uid)), ResultFile(sr, str(job.sr_sop_uid))]
+    if _references_a_seg(sr):  # a segmenting job whose SEG was lost: never send half
+        raise SendError(f"job {job.id}: the SR refers to a SEG that is missing from the spool")
+    return [ResultFile(sr, str(job.sr_sop_uid))]
+
+
+def _references_a_seg(sr_path: Path) -> bool:
+    """Whether the SR's evidence lists a Segmentation (a classifier's SR lists none)."""
+    sr = pydicom.dcmread(sr_path, stop_before_pixels=True)
+    return any(
+        str(instance.ReferencedSOPClassUID) == SEGMENTATION_STORAGE
+        for study in sr.get("CurrentRequestedProcedureEvidenceSequence", [])
+        for series in study.get("ReferencedSeriesSequence", [])
+        for instance in series.get("ReferencedSOPSequence", [])
+    )
 
 
 class Sender:

@@ -35,6 +35,13 @@ class Spool:
     def create(self) -> None:
         for folder in (self.root, self.instances, self.results, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
+        # All 256 instance folders up front, made durable once: otherwise the first
+        # instance into a new folder could be acknowledged by a second thread (which saw
+        # the folder and fsynced only it) before the folder's own entry was synced.
+        for index in range(256):
+            (self.instances / f"{index:02x}").mkdir(exist_ok=True)
+        _fsync_dir(self.instances)
+        _fsync_dir(self.root)
 
     def clear_tmp(self) -> int:
         """Remove partial files left by a crash; they were never acknowledged."""

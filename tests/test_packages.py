@@ -241,6 +241,25 @@ def test_package_refuses_series_it_does_not_accept(tmp_path: Path, ge_volume: Vo
         build_pipeline("mr-only", CPU, tmp_path).run(ge_volume)
 
 
+def test_accepted_modalities_and_body_parts_are_not_case_sensitive(
+    tmp_path: Path, ge_volume: Volume
+) -> None:
+    """ "ct" in a model.yaml means CT: DICOM code strings are upper case."""
+    spec = base_spec("lower-case", accepts={"modalities": ["ct "], "body_parts": ["Chest"]})
+    folder = write_package(tmp_path, spec, aerated_network())
+    accepts = load_spec(folder).accepts
+    assert (accepts.modalities, accepts.body_parts) == (["CT"], ["CHEST"])
+    assert build_pipeline("lower-case", CPU, tmp_path).run(ge_volume).segments
+
+
+def test_a_version_with_a_backslash_is_refused(tmp_path: Path) -> None:
+    """It would become two values of SoftwareVersions in the SEG and SR."""
+    spec = base_spec("slash", version="1.0\\2", device_uids={"1.0\\2": "2.25.1003"})
+    folder = write_package(tmp_path, spec, aerated_network())
+    with pytest.raises(PackageError, match="version"):
+        load_spec(folder)
+
+
 # -- ONNX and MONAI bundles -----------------------------------------------------------------
 
 

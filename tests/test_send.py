@@ -115,6 +115,30 @@ def test_a_missing_sr_is_a_failed_attempt_not_a_partial_send(tmp_path: Path) -> 
     )
 
 
+def test_a_segmenting_job_whose_seg_is_lost_sends_nothing(tmp_path: Path) -> None:
+    """The SR's evidence names a SEG that is not in the spool: sending the SR alone would
+    leave the destination with a report about a segmentation it never receives."""
+    from pydicom.dataset import Dataset
+
+    harness = Harness(tmp_path / "var", Clock())
+    job_id = job_with_results(harness, free_port(), kinds=("sr",))
+    sr_path = harness.spool.path(harness.spool.result_relpath(job_id, "sr"))
+    sr = pydicom.dcmread(sr_path)
+    instance, series, study = Dataset(), Dataset(), Dataset()
+    instance.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    instance.ReferencedSOPInstanceUID = harness.journal.job(job_id).seg_sop_uid
+    series.ReferencedSOPSequence = [instance]
+    study.ReferencedSeriesSequence = [series]
+    sr.CurrentRequestedProcedureEvidenceSequence = [study]
+    sr.save_as(sr_path, enforce_file_format=True)
+    assert make_sender(harness, max_attempts=2).send_due() == 1
+    (delivery,) = harness.journal.job_deliveries(job_id)
+    assert delivery.state == DeliveryState.PENDING and delivery.attempts == 1
+    assert delivery.last_error == (
+        f"job {job_id}: the SR refers to a SEG that is missing from the spool"
+    )
+
+
 def test_dead_letter_after_the_attempt_limit(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -64,6 +64,12 @@ class Accepts(_Strict):
     min_slices: Annotated[int, Field(ge=1)] = 1
     max_slices: Annotated[int, Field(ge=1)] | None = None
 
+    @field_validator("modalities", "body_parts")
+    @classmethod
+    def _upper(cls, values: list[str]) -> list[str]:
+        # DICOM code strings are upper case; "ct" or "Chest" in a yaml mean CT, CHEST
+        return [value.strip().upper() for value in values]
+
 
 class CurvatureFlow(_Strict):
     filter: Literal["CurvatureFlow"]
@@ -221,7 +227,8 @@ class ModelSpec(_Strict):
     """The contents of one ``model.yaml``."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
-    version: Annotated[str, Field(min_length=1, max_length=64)]
+    # no backslash: in SoftwareVersions (LO) it would split the value in two
+    version: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\\]+$")]
     device_uids: dict[str, str]  # version -> Device UID (IHE AIR); a new version, a new UID
     manufacturer: Annotated[str, Field(min_length=1, max_length=64)]
     algorithm_name: Label | None = None  # None: the name
