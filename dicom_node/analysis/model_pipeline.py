@@ -131,10 +131,13 @@ class ModelPackagePipeline:
                 ids = mask.astype(np.int32)
             on_source = prepared.to_source(ids)
             count = int(ids.max())
+            # Sizes on the source grid in one pass: a noisy output with thousands of
+            # specks must not cost a full-volume comparison per speck.
+            sizes = np.bincount(on_source.ravel(), minlength=count + 1)
             for number in range(1, count + 1):
-                source_mask = on_source == number
-                if int(source_mask.sum()) < max(1, label.min_voxels):
+                if int(sizes[number]) < max(1, label.min_voxels):
                     continue
+                source_mask = on_source == number
                 suffix = number if label.split else None
                 segment = self._segment(label, volume, source_mask, suffix)
                 if label.classifier is not None:
