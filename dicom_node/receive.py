@@ -91,6 +91,25 @@ class Header:
     study_details: dict[str, str] = field(default_factory=dict)
     series_details: dict[str, str] = field(default_factory=dict)
 
+    def instance(
+        self, relpath: str, transfer_syntax: str, size: int, calling_aet: str, received_at: float
+    ) -> ReceivedInstance:
+        """The journal's record of this instance, stored at ``relpath``."""
+        return ReceivedInstance(
+            sop_uid=self.sop_uid,
+            sop_class_uid=self.sop_class_uid,
+            study_uid=self.study_uid,
+            series_uid=self.series_uid,
+            modality=self.modality,
+            relpath=relpath,
+            transfer_syntax=transfer_syntax,
+            size=size,
+            calling_aet=calling_aet,
+            received_at=received_at,
+            study_details=self.study_details,
+            series_details=self.series_details,
+        )
+
 
 # Shown on the dashboard and the REST API (never logged): untrusted text, kept short.
 STUDY_DETAILS = ("PatientName", "PatientID", "AccessionNumber", "StudyDescription", "StudyDate")
@@ -201,19 +220,8 @@ def _reindex(spool: Spool, journal: Journal, relpath: str) -> int:
         target = spool.quarantine(relpath)
         log.error("instance file %s cannot be indexed (%s); moved to %s", relpath, reason, target)
         return 0
-    received = ReceivedInstance(
-        sop_uid=header.sop_uid,
-        sop_class_uid=header.sop_class_uid,
-        study_uid=header.study_uid,
-        series_uid=header.series_uid,
-        modality=header.modality,
-        relpath=relpath,
-        transfer_syntax=meta.transfer_syntax,
-        size=len(data),
-        calling_aet=meta.source_aet,
-        received_at=received_at,
-        study_details=header.study_details,
-        series_details=header.series_details,
+    received = header.instance(
+        relpath, meta.transfer_syntax, len(data), meta.source_aet, received_at
     )
     try:
         recorded = journal.record_instance(received)
@@ -362,19 +370,8 @@ class Receiver:
             self._spool.write_atomic(relpath, data)
         except OSError as exc:
             raise Rejected(OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror}") from exc
-        received = ReceivedInstance(
-            sop_uid=header.sop_uid,
-            sop_class_uid=header.sop_class_uid,
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            modality=header.modality,
-            relpath=relpath,
-            transfer_syntax=str(event.context.transfer_syntax),
-            size=len(data),
-            calling_aet=calling,
-            received_at=self._clock(),
-            study_details=header.study_details,
-            series_details=header.series_details,
+        received = header.instance(
+            relpath, str(event.context.transfer_syntax), len(data), calling, self._clock()
         )
         try:
             recorded = self._journal.record_instance(received)

@@ -41,7 +41,13 @@ from dicom_node.analysis.morphology import (
     image,
     largest_component,
 )
-from dicom_node.analysis.nodules import Candidate, candidate_segment, find_candidates
+from dicom_node.analysis.nodules import (  # laterality codes: one definition for both
+    LEFT,
+    RIGHT,
+    Candidate,
+    candidate_segment,
+    find_candidates,
+)
 from dicom_node.analysis.types import (
     AnalysisError,
     AnalysisResult,
@@ -82,8 +88,6 @@ PERCENTILE = 15.0  # Perc15
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
 ENTIRE_BODY = Code("38266002", "SCT", "Entire body")
 LUNG = Code("39607008", "SCT", "Lung")
-LEFT = Code("7771000", "SCT", "Left")
-RIGHT = Code("24028007", "SCT", "Right")
 TRACHEA_AND_BRONCHUS = Code("110726009", "SCT", "Trachea and bronchus")  # CID 7151
 
 VOLUME = Code("118565006", "SCT", "Volume")

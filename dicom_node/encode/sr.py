@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -150,9 +150,18 @@ def _segment_group(
         anatomic_location=_code(segment.finding_site or segment.type),
         laterality=_code(segment.laterality) if segment.laterality is not None else None,
     )
-    tracking = hd.sr.TrackingIdentifier(uid=tracking_uid(uids, segment), identifier=segment.label)
-    measurements = _segment_measurements(segment, algorithm)
-    evaluations = _evaluations(segment.evaluations)
+    # the same content in either template; only the segment reference differs
+    content: dict[str, Any] = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(
+            uid=tracking_uid(uids, segment), identifier=segment.label
+        ),
+        "finding_type": _code(segment.type),
+        "finding_category": _code(segment.category),
+        "algorithm_id": algorithm,
+        "finding_sites": [site],
+        "measurements": _segment_measurements(segment, algorithm),
+        "qualitative_evaluations": _evaluations(segment.evaluations),
+    }
     if len(result.volume.datasets) == 1:
         frame = hd.sr.ReferencedSegmentationFrame(
             sop_class_uid=seg.SOPClassUID,
@@ -164,14 +173,7 @@ def _segment_group(
             ),
         )
         planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            referenced_segment=frame,
-            finding_type=_code(segment.type),
-            finding_category=_code(segment.category),
-            algorithm_id=algorithm,
-            finding_sites=[site],
-            measurements=measurements,
-            qualitative_evaluations=evaluations,
+            referenced_segment=frame, **content
         )
         _frame_reference_only(planar)
         return planar
@@ -182,14 +184,7 @@ def _segment_group(
         source_series=hd.sr.SourceSeriesForSegmentation(referenced_source_series(seg)),
     )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        referenced_segment=referenced,
-        finding_type=_code(segment.type),
-        finding_category=_code(segment.category),
-        algorithm_id=algorithm,
-        finding_sites=[site],
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
+        referenced_segment=referenced, **content
     )
 
 
