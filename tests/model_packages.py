@@ -168,3 +168,16 @@ def write_dx(path: Path, pixels: np.ndarray, monochrome1: bool = False) -> Path:
 
 def read(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path)
+
+
+def sr_content(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """Every content item of an SR, depth first."""
+    found: list[pydicom.Dataset] = []
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            found.append(item)
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return found

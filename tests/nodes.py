@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import yaml
 from peers import LOCALHOST, free_port, wait_until
 from pynetdicom import AE
@@ -142,3 +143,17 @@ class NodeProcess:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+
+
+def send(node: Node, datasets: Sequence[pydicom.Dataset], calling: str = "SCANNER") -> list[int]:
+    """C-STORE ``datasets`` to the node over one association, as a modality would; the
+    statuses. Each SOP class is proposed in the first dataset's transfer syntax."""
+    ae = AE(ae_title=calling)
+    for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
+        ae.add_requested_context(sop_class, [str(datasets[0].file_meta.TransferSyntaxUID)])
+    assoc = ae.associate(LOCALHOST, node.receiver.address[1], ae_title="AINODE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()

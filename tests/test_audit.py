@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from nodes import echo_ok, node_settings, running_node
+from nodes import echo_ok, node_settings, running_node, send
 from peers import GE_3SLICE, LOCALHOST, Storescp, require_tools, wait_until
-from test_worker import send
 
 NAME, PATIENT_ID, BIRTH_DATE = "Privacy^Probe^Zz", "PID-7f3a9", "19450101"
 

@@ -8,17 +8,17 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
-from nodes import node_settings, pacs_destination, running_node
+from nodes import node_settings, pacs_destination, running_node, send
 from peers import GE_3SLICE, LOCALHOST, Orthanc, free_port, require_tools, wait_until
 from pydicom import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 from test_assemble import Clock, Harness
 from test_send import job_with_results, make_sender
-from test_worker import send
 
 from dicom_node.app import Node
 from dicom_node.commit import (
@@ -249,8 +249,9 @@ class FakeCommitmentScp:
 
 @contextmanager
 def node_with_fake_pacs(
-    tmp_path: Path, reports: list[str | None]
+    tmp_path: Path, reports: list[str | None], **sections: Any
 ) -> Iterator[tuple[Node, FakeCommitmentScp]]:
+    """A node whose "pacs" asks for storage commitment; ``sections`` as for node_settings."""
     node_port = free_port()
     fake = FakeCommitmentScp(node_port, reports)
     settings = node_settings(
@@ -264,8 +265,11 @@ def node_with_fake_pacs(
                 "storage_commitment": True,
             }
         },
-        routes=[ROUTE],
-        sending={"max_attempts": 2, "commitment_timeout_seconds": 1.0},
+        **{
+            "routes": [ROUTE],
+            "sending": {"max_attempts": 2, "commitment_timeout_seconds": 1.0},
+            **sections,
+        },
     )
     try:
         with running_node(settings) as node:

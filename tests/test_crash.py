@@ -99,9 +99,8 @@ def test_instance_files_missing_from_the_journal_are_indexed_again(tmp_path: Pat
     """
     import sqlite3
 
-    from nodes import running_node
+    from nodes import running_node, send
     from peers import GE_3SLICE
-    from test_worker import send
 
     settings = node_settings(tmp_path / "var")
     datasets = [pydicom.dcmread(path) for path in sorted(GE_3SLICE.glob("*.dcm"))[:2]]

@@ -12,10 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pydicom
-from nodes import node_settings, running_node
+from nodes import node_settings, running_node, send
 from peers import GE_3SLICE, LOCALHOST, REPO_ROOT, Storescp, require_tools, tool_path, wait_until
 from pydicom.uid import generate_uid
-from test_worker import send
 
 ARTIFACTS = REPO_ROOT / ".artifacts"
 HOSTILE_NAME = "<script>document.title='pwned'</script>"

@@ -20,6 +20,7 @@ from model_packages import (
     bright_region_spec,
     chest_image,
     classifier_spec,
+    sr_content,
     write_dx,
     write_package,
 )
@@ -55,18 +56,6 @@ def _written_ok(dataset: pydicom.Dataset, path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path)
 
 
-def _content(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
-    found: list[pydicom.Dataset] = []
-
-    def walk(items: pydicom.Sequence) -> None:
-        for item in items:
-            found.append(item)
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
-    return found
-
-
 def test_dx_image_loads_as_a_one_slice_volume(tmp_path: Path) -> None:
     pixels = chest_image()
     volume = load_images([write_dx(tmp_path / "dx.dcm", pixels)])
@@ -89,11 +78,13 @@ def test_chest_radiograph_classifier_reports_evaluation_and_probability(tmp_path
     (probability,) = group.measurements
     assert 0.5 < probability.value < 1.0
     sr = _written_ok(build_sr(result, None, _uids(), EQUIPMENT), tmp_path / "sr.dcm")
-    procedure = next(i for i in _content(sr) if i.ConceptNameCodeSequence[0].CodeValue == "121058")
+    procedure = next(
+        i for i in sr_content(sr) if i.ConceptNameCodeSequence[0].CodeValue == "121058"
+    )
     assert procedure.ConceptCodeSequence[0].CodeValue == CHEST_XRAY["value"]
-    values = {i.ConceptCodeSequence[0].CodeValue for i in _content(sr) if i.ValueType == "CODE"}
+    values = {i.ConceptCodeSequence[0].CodeValue for i in sr_content(sr) if i.ValueType == "CODE"}
     assert PNEUMOTHORAX["value"] in values
-    numbers = [i for i in _content(sr) if i.ValueType == "NUM"]
+    numbers = [i for i in sr_content(sr) if i.ValueType == "NUM"]
     assert [float(n.MeasuredValueSequence[0].NumericValue) for n in numbers] == [
         pytest.approx(probability.value, abs=1e-3)
     ]
@@ -118,9 +109,9 @@ def test_dx_segmentation_gives_valid_seg_and_planar_sr(tmp_path: Path) -> None:
     seg = _written_ok(build_seg(result, uids, EQUIPMENT), tmp_path / "seg.dcm")
     assert "FrameOfReferenceUID" not in seg and seg.PatientOrientation == ["L", "F"]
     sr = _written_ok(build_sr(result, seg, uids, EQUIPMENT), tmp_path / "sr.dcm")
-    templates = [i for i in _content(sr) if i.ConceptNameCodeSequence[0].CodeValue == "125007"]
+    templates = [i for i in sr_content(sr) if i.ConceptNameCodeSequence[0].CodeValue == "125007"]
     assert len(templates) == 2
-    frames = [i for i in _content(sr) if i.ValueType == "IMAGE"]
+    frames = [i for i in sr_content(sr) if i.ValueType == "IMAGE"]
     assert {str(f.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for f in frames} >= {
         str(seg.SOPInstanceUID)
     }
@@ -164,5 +155,5 @@ def test_each_finding_is_classified(tmp_path: Path) -> None:
     uids = _uids()
     seg = _written_ok(build_seg(result, uids, EQUIPMENT), tmp_path / "seg.dcm")
     sr = _written_ok(build_sr(result, seg, uids, EQUIPMENT), tmp_path / "sr.dcm")
-    codes = [i.ConceptCodeSequence[0].CodeValue for i in _content(sr) if i.ValueType == "CODE"]
+    codes = [i.ConceptCodeSequence[0].CodeValue for i in sr_content(sr) if i.ValueType == "CODE"]
     assert codes.count("LIKELY") == 1

@@ -8,7 +8,6 @@ a classifier package gives an SR alone, with its evaluation and probability.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,13 @@ from model_packages import (
     bright_region_spec,
     chest_image,
     classifier_spec,
+    sr_content,
     write_dx,
     write_package,
 )
-from nodes import node_settings, running_node
+from nodes import node_settings, running_node, send
 from peers import GE_3SLICE, LOCALHOST, Storescp, free_port, require_tools, wait_until
-from pynetdicom import AE
-from test_commitment import FakeCommitmentScp, finished_job
+from test_commitment import finished_job, node_with_fake_pacs
 
 from dicom_node.analysis.examples import HuRanges
 from dicom_node.app import Node
@@ -47,19 +46,6 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 DEVICE_UID = "2.25.1002"  # base_spec's Device UID of version 2.0.0
 
 pytestmark = pytest.mark.slow
-
-
-def _send(node: Node, datasets: Sequence[pydicom.Dataset]) -> list[int]:
-    """C-STORE ``datasets`` to the node as a modality would; the statuses."""
-    ae = AE(ae_title="MODALITY")
-    for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
-        ae.add_requested_context(sop_class, [str(datasets[0].file_meta.TransferSyntaxUID)])
-    assoc = ae.associate(LOCALHOST, node.receiver.address[1], ae_title="AINODE")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
 
 
 def _settings(tmp_path: Path, scp: Storescp, modality: str, pipeline: str) -> dict[str, Any]:
@@ -99,20 +85,8 @@ def _results(node: Node, scp: Storescp) -> dict[str, pydicom.Dataset]:
     return by_class
 
 
-def _content(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
-    found: list[pydicom.Dataset] = []
-
-    def walk(items: pydicom.Sequence) -> None:
-        for item in items:
-            found.append(item)
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
-    return found
-
-
 def _named(sr: pydicom.Dataset, code_value: str) -> list[pydicom.Dataset]:
-    return [i for i in _content(sr) if i.ConceptNameCodeSequence[0].CodeValue == code_value]
+    return [i for i in sr_content(sr) if i.ConceptNameCodeSequence[0].CodeValue == code_value]
 
 
 def _evidence(sr: pydicom.Dataset) -> set[str]:
@@ -134,7 +108,7 @@ def test_a_ct_study_routed_to_a_package_gives_seg_and_sr(tmp_path: Path) -> None
     ge = [pydicom.dcmread(p) for p in sorted(GE_3SLICE.glob("*.dcm"))]
     with Storescp(tmp_path / "scp") as scp:
         with running_node(_settings(tmp_path, scp, "CT", "lungs-test")) as node:
-            assert _send(node, ge) == [0, 0, 0]
+            assert send(node, ge, calling="MODALITY") == [0, 0, 0]
             results = _results(node, scp)
     assert set(results) == {SEG_STORAGE, COMPREHENSIVE_3D_SR}
     seg, sr = results[SEG_STORAGE], results[COMPREHENSIVE_3D_SR]
@@ -155,7 +129,7 @@ def test_a_dx_image_routed_to_a_2d_package_gives_seg_and_planar_sr(tmp_path: Pat
     assert "ImagePositionPatient" not in dx and "ImageOrientationPatient" not in dx
     with Storescp(tmp_path / "scp") as scp:
         with running_node(_settings(tmp_path, scp, "DX", "cxr-bright")) as node:
-            assert _send(node, [dx]) == [0]
+            assert send(node, [dx], calling="MODALITY") == [0]
             results = _results(node, scp)
     assert set(results) == {SEG_STORAGE, COMPREHENSIVE_3D_SR}
     seg, sr = results[SEG_STORAGE], results[COMPREHENSIVE_3D_SR]
@@ -169,10 +143,10 @@ def test_a_dx_image_routed_to_a_2d_package_gives_seg_and_planar_sr(tmp_path: Pat
     assert _device_uids(seg) == _device_uids(sr) == [DEVICE_UID]
     (procedure,) = _named(sr, "121058")
     assert procedure.ConceptCodeSequence[0].CodeValue == CHEST_XRAY["value"]
-    (area,) = [i for i in _content(sr) if i.ValueType == "NUM"]
+    (area,) = [i for i in sr_content(sr) if i.ValueType == "NUM"]
     assert area.ConceptNameCodeSequence[0].CodeValue == "42798000"  # Area, in mm2
     assert float(area.MeasuredValueSequence[0].NumericValue) == pytest.approx(100, rel=0.15)
-    frames = [i for i in _content(sr) if i.ValueType == "IMAGE"]
+    frames = [i for i in sr_content(sr) if i.ValueType == "IMAGE"]
     referenced = {str(f.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for f in frames}
     assert str(seg.SOPInstanceUID) in referenced  # TID 1410: the segment's SEG frame
     assert _evidence(sr) == {str(seg.SOPInstanceUID), str(dx.SOPInstanceUID)}
@@ -184,7 +158,7 @@ def test_a_classifier_package_sends_an_sr_alone(tmp_path: Path) -> None:
     dx = pydicom.dcmread(write_dx(tmp_path / "dx.dcm", chest_image()))
     with Storescp(tmp_path / "scp") as scp:
         with running_node(_settings(tmp_path, scp, "DX", "cxr-pneumothorax")) as node:
-            assert _send(node, [dx]) == [0]
+            assert send(node, [dx], calling="MODALITY") == [0]
             results = _results(node, scp)
             (job,) = node.journal.recent_jobs()
             (delivery,) = node.journal.job_deliveries(job.id)
@@ -221,7 +195,7 @@ def test_routing_refuses_what_a_package_does_not_accept(
     )
     dx = pydicom.dcmread(write_dx(tmp_path / "dx.dcm", chest_image()))
     with running_node(settings) as node:
-        assert _send(node, [dx]) == [0]
+        assert send(node, [dx], calling="MODALITY") == [0]
         wait_until(lambda: "complete (1 series" in caplog.text, 30, 0.1, "the study to complete")
         assert node.journal.recent_jobs() == []
     assert "not analysed: Modality DX is not one the pipeline accepts ['CT']" in caplog.text
@@ -230,32 +204,17 @@ def test_routing_refuses_what_a_package_does_not_accept(
 def test_a_classifier_sr_alone_is_committed(tmp_path: Path) -> None:
     """Storage commitment lists what was sent: the SR alone."""
     write_package(tmp_path / "models", classifier_spec("cxr"), HalfContrast())
-    node_port = free_port()
-    fake = FakeCommitmentScp(node_port, ["ok"])
-    settings = node_settings(
-        tmp_path / "var",
-        node={"port": node_port},
-        destinations={
-            "pacs": {
-                "ae_title": "FAKEPACS",
-                "host": LOCALHOST,
-                "port": fake.port,
-                "storage_commitment": True,
-            }
-        },
-        routes=[
-            {"name": "cxr", "when": {"Modality": "DX"}, "pipeline": "cxr", "send_to": ["pacs"]}
-        ],
-        analysis={"device": "cpu", "models_path": str(tmp_path / "models")},
-    )
     dx = pydicom.dcmread(write_dx(tmp_path / "dx.dcm", chest_image()))
-    try:
-        with running_node(settings) as node:
-            assert _send(node, [dx]) == [0]
-            (job,) = finished_job(node, JobState.DONE)  # type: ignore[misc]
-            (delivery,) = node.journal.job_deliveries(job.id)
-    finally:
-        fake.stop()
+    route = {"name": "cxr", "when": {"Modality": "DX"}, "pipeline": "cxr", "send_to": ["pacs"]}
+    with node_with_fake_pacs(
+        tmp_path,
+        ["ok"],
+        routes=[route],
+        analysis={"device": "cpu", "models_path": str(tmp_path / "models")},
+    ) as (node, fake):
+        assert send(node, [dx], calling="MODALITY") == [0]
+        (job,) = finished_job(node, JobState.DONE)  # type: ignore[misc]
+        (delivery,) = node.journal.job_deliveries(job.id)
     assert delivery.state == DeliveryState.SENT and delivery.committed_at is not None
     (action,) = fake.actions
     refs = [str(r.ReferencedSOPInstanceUID) for r in action.ReferencedSOPSequence]

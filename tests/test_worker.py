@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pydicom
 from dciodvfy import dciodvfy_errors
-from nodes import node_settings, running_node
+from nodes import node_settings, running_node, send
 from peers import GE_3SLICE, LOCALHOST, Storescp, patch_siemens_copy, require_tools, wait_until
 from pydicom.uid import generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from test_assemble import Clock, Harness
 
 from dicom_node.analysis.types import (
@@ -22,7 +20,6 @@ from dicom_node.analysis.types import (
     SegmentGroup,
     Volume,
 )
-from dicom_node.app import Node
 from dicom_node.config import Destination
 from dicom_node.domain import JobState
 from dicom_node.encode.types import Equipment
@@ -31,17 +28,6 @@ from dicom_node.worker import Worker
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-def send(node: Node, datasets: list[pydicom.Dataset], calling: str = "SCANNER") -> list[int]:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(CTImageStorage, [str(datasets[0].file_meta.TransferSyntaxUID)])
-    assoc = ae.associate(LOCALHOST, node.receiver.address[1], ae_title="AINODE")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
 
 
 def settings_to(tmp_path: Path, scp: Storescp, send_to: list[str]) -> dict:
