@@ -7,7 +7,7 @@ CONFIG ?= config/node.yaml
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test peers lint typecheck bench bench-analysis clean
+.PHONY: run test install install-test peers lint typecheck bench bench-analysis bench-workers clean
 
 run: $(VENV)/.installed
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
@@ -32,12 +32,15 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 # dcmtk (storescu, storescp, echoscu, findscu) and Orthanc are the real peers of the tests;
-# headless chromium loads the dashboard as a person would.
+# headless chromium loads the dashboard as a person would; PostgreSQL and redis-server
+# run the scale-out tests (each test starts its own on free ports, never the system service).
 peers:
 	@missing=""; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	{ command -v Orthanc >/dev/null 2>&1 || test -x /usr/sbin/Orthanc; } || missing="$$missing orthanc"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing test peers:$$missing"; \
@@ -58,6 +61,10 @@ typecheck: $(VENV)/.installed-test
 # (bench/README.md); about 10 minutes.
 bench: $(VENV)/.installed-test
 	$(PY) bench/receive.py && $(PY) bench/send.py && $(PY) bench/study.py
+
+# Analysis throughput with one and with two `dicom-node worker` processes (scale-out).
+bench-workers: $(VENV)/.installed-test peers
+	$(PY) bench/workers.py
 
 # ct-chest stage times and peak memory (issue #3): phantom and the real Philips CT.
 bench-analysis: $(VENV)/.installed-test

@@ -8,12 +8,15 @@ Everything unfinished is in the journal and resumes on the next start.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
+import sqlalchemy as sa
 import torch
 
 from dicom_node import __version__
@@ -22,10 +25,13 @@ from dicom_node.analysis.pipelines import build_pipeline
 from dicom_node.analysis.types import Pipeline
 from dicom_node.assemble import Assembler, SchedulerTimers
 from dicom_node.audit import AuditTrail
+from dicom_node.broker import Publisher, celery_app
 from dicom_node.commit import Commitments
 from dicom_node.config import NodeConfig
+from dicom_node.dispatch import Dispatcher
 from dicom_node.encode.types import Equipment
 from dicom_node.journal import Journal, JournalSchemaError
+from dicom_node.leases import LeaseKeeper
 from dicom_node.receive import Receiver, reindex_orphans
 from dicom_node.send import Sender
 from dicom_node.store import Spool
@@ -49,10 +55,12 @@ class Node:
     timers: SchedulerTimers
     assembler: Assembler
     receiver: Receiver
-    worker: Worker
+    worker: Worker | None  # None: analysis runs on `dicom-node worker` processes
     sender: Sender
     web: WebServer | None
     audit: AuditTrail
+    dispatcher: Dispatcher | None = None  # with a shared journal (docs/scale-out.md)
+    leases: LeaseKeeper | None = None
 
     def start(self) -> None:
         """Open the journal, resume unfinished work, then start listening."""
@@ -60,14 +68,20 @@ class Node:
         self.audit.application("start", self.config.node.ae_title)
         self.spool.clear_tmp()
         reindex_orphans(self.spool, self.journal)
-        resumed = self.journal.resume(time.time())
-        if resumed:
-            log.info("resuming %d job(s) interrupted during analysis", resumed)
+        if not self.journal.shared:  # shared: other processes' jobs; expired leases tell
+            resumed = self.journal.resume(time.time())
+            if resumed:
+                log.info("resuming %d job(s) interrupted during analysis", resumed)
         self.timers.start()
         open_studies = self.assembler.resume()
         if open_studies:
             log.info("resuming %d open stud(y/ies)", open_studies)
-        self.worker.start()
+        if self.leases is not None:
+            self.leases.start()
+        if self.worker is not None:
+            self.worker.start()
+        if self.dispatcher is not None:
+            self.dispatcher.start()
         self.sender.start()
         if self.web is not None:
             self.web.start()
@@ -79,39 +93,38 @@ class Node:
         deadline = time.monotonic() + timeout
         self.receiver.stop(timeout)  # associations in progress may finish
         self.timers.stop()
-        self.worker.stop(max(0.0, deadline - time.monotonic()))
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
+        if self.worker is not None:
+            self.worker.stop(max(0.0, deadline - time.monotonic()))
+        if self.leases is not None:
+            self.leases.stop()
         self.sender.stop(max(0.0, deadline - time.monotonic()))
         if self.web is not None:
             self.web.stop()
         self.journal.close()
+        self.spool.release()
         self.audit.application("stop", self.config.node.ae_title)
         self.audit.close()
         log.info("stopped")
 
 
 def build_node(config: NodeConfig) -> Node:
-    spool = Spool(config.storage.path, config.storage.min_free_bytes)
+    cluster = config.cluster
+    name = cluster.name() if cluster.enabled else None
+    spool = Spool(config.storage.path, config.storage.min_free_bytes, name=name)
     spool.create()
-    journal = Journal(spool.journal_path)
+    journal = Journal(cluster.journal_location(spool.journal_path))
     journal.create()
+    if cluster.enabled:
+        log.info("cluster: node %s, journal %s, storage %s", name, journal.path, spool.root)
     metrics = Metrics()
     metrics.watch_journal(journal.state_counts)
     metrics.watch_gpu()
-    device = select_device(config.analysis.device)
-    log.info("analysis device: %s", device)
-
-    def pipeline_factory(name: str, device: torch.device) -> Pipeline:
-        return build_pipeline(name, device, config.analysis.models_path)
-
-    node_uid = journal.meta_value("node_uid", _new_uid)
-    equipment = Equipment(
-        device_serial_number=node_uid.rsplit(".", 1)[-1][:16],
-        device_observer_uid=node_uid,
-        software_version=__version__,
-    )
     audit_path = None
     if config.audit.enabled:
-        audit_path = config.audit.path or spool.root / "audit.jsonl"
+        default = "audit.jsonl" if name is None else f"audit-{name}.jsonl"
+        audit_path = config.audit.path or spool.root / default
     audit = AuditTrail(audit_path, time.time)
     commitments = Commitments(
         journal,
@@ -136,20 +149,22 @@ def build_node(config: NodeConfig) -> Node:
         audit=audit,
         destinations=config.destinations,
     )
-    worker = Worker(
-        journal,
-        spool,
-        metrics,
-        config.destinations,
-        equipment,
-        pipeline_factory,
-        time.time,
-        on_results=sender.wake,
-        threads=config.analysis.workers,
-        device=device,
-        warm_up=[route.pipeline for route in config.routes] if config.analysis.warm_up else [],
-    )
+    leases = None
+    worker = None
+    if cluster.broker_url is None:  # analysis in this process
+        if journal.shared:
+            owner = f"{name}:{os.getpid()}"
+            leases = LeaseKeeper(journal, owner, cluster.lease_seconds, time.time)
+        worker = build_worker(config, journal, spool, metrics, sender.wake, leases=leases)
     timers = SchedulerTimers()
+    dispatcher: Dispatcher | None = None
+
+    def on_jobs(_ids: list[int]) -> None:
+        if dispatcher is not None:
+            dispatcher.wake()
+        if worker is not None:
+            worker.wake()
+
     assembler = Assembler(
         journal,
         spool,
@@ -157,10 +172,26 @@ def build_node(config: NodeConfig) -> Node:
         config.completion.study_idle_seconds,
         time.time,
         timers,
-        on_jobs=lambda _ids: worker.wake(),
+        on_jobs=on_jobs,
         metrics=metrics,
         models_path=config.analysis.models_path,
     )
+    if journal.shared:
+        publisher = None
+        if cluster.broker_url is not None:
+            broker = celery_app(cluster.broker_url.get_secret_value(), cluster.lease_seconds)
+            publisher = Publisher(broker)
+        wake = [sender.wake] + ([worker.wake] if worker is not None else [])
+        dispatcher = Dispatcher(
+            journal,
+            cluster,
+            assembler,
+            config.completion.study_idle_seconds,
+            time.time,
+            metrics,
+            publisher,
+            wake,
+        )
     receiver = Receiver(
         config.node,
         spool,
@@ -179,14 +210,64 @@ def build_node(config: NodeConfig) -> Node:
         )
 
         def on_retry() -> None:
-            worker.wake()
+            on_jobs([])
             sender.wake()
 
         web = WebServer(
             config, journal, metrics, monitor, lambda: receiver.running, on_retry, time.time
         )
     return Node(
-        config, spool, journal, metrics, timers, assembler, receiver, worker, sender, web, audit
+        config,
+        spool,
+        journal,
+        metrics,
+        timers,
+        assembler,
+        receiver,
+        worker,
+        sender,
+        web,
+        audit,
+        dispatcher,
+        leases,
+    )
+
+
+def build_worker(
+    config: NodeConfig,
+    journal: Journal,
+    spool: Spool,
+    metrics: Metrics,
+    on_results: Callable[[], None],
+    threads: int | None = None,
+    leases: LeaseKeeper | None = None,
+) -> Worker:
+    """The analysis worker of ``serve`` (one node) or of ``dicom-node worker`` (scale-out)."""
+    device = select_device(config.analysis.device)
+    log.info("analysis device: %s", device)
+
+    def pipeline_factory(name: str, device: torch.device) -> Pipeline:
+        return build_pipeline(name, device, config.analysis.models_path)
+
+    node_uid = journal.meta_value("node_uid", _new_uid)
+    equipment = Equipment(
+        device_serial_number=node_uid.rsplit(".", 1)[-1][:16],
+        device_observer_uid=node_uid,
+        software_version=__version__,
+    )
+    return Worker(
+        journal,
+        spool,
+        metrics,
+        config.destinations,
+        equipment,
+        pipeline_factory,
+        time.time,
+        on_results=on_results,
+        threads=threads or config.analysis.workers,
+        device=device,
+        warm_up=[route.pipeline for route in config.routes] if config.analysis.warm_up else [],
+        leases=leases,
     )
 
 
@@ -211,6 +292,9 @@ def run(config: NodeConfig) -> int:
     # web port in use, storage not writable, CUDA device missing, ...
     except (OSError, JournalSchemaError, DeviceUnavailable) as exc:
         log.error("cannot start: %s", exc)
+        return 1
+    except sa.exc.OperationalError as exc:  # the journal's database server is unreachable
+        log.error("cannot start: journal database unreachable: %s", exc.orig)
         return 1
     try:
         node.start()

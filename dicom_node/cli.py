@@ -1,4 +1,4 @@
-"""Command line: ``dicom-node serve | check-config | echo | send | rules | status | retry``.
+"""Command line: ``dicom-node serve | worker | check-config | echo | send | status | ...``.
 
 ``dicom-node evaluate`` (site acceptance testing) needs no config.
 
@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("destination")
     send.add_argument("paths", nargs="+", type=Path)
     _ops_commands(sub)
+    _cluster_commands(sub)
     _evaluate_command(sub)
     return parser
 
@@ -78,6 +79,19 @@ def _ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     retry.add_argument("job_ids", nargs="*", type=int, metavar="JOB_ID")
     retry.add_argument("--dead-letter", action="store_true", help="every dead-letter job")
     retry.add_argument("--failed", action="store_true", help="every failed job")
+
+
+def _cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    worker = with_config(
+        sub, "worker", "run analysis jobs from the broker until SIGTERM (docs/scale-out.md)"
+    )
+    worker.add_argument(
+        "--name", help="worker name in the shared storage (default: HOST-worker, numbered)"
+    )
+    worker.add_argument(
+        "--concurrency", type=int, help="jobs at once (default: analysis.workers; one per GPU)"
+    )
+    with_config(sub, "migrate", "create or upgrade the journal's tables, then exit")
 
 
 def _evaluate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -147,6 +161,12 @@ def _dispatch(args: argparse.Namespace, config: NodeConfig) -> int:
         from dicom_node.app import run
 
         return run(config)
+    if args.command == "worker":
+        from dicom_node.cluster_worker import run_worker
+
+        return run_worker(config, args.name, args.concurrency)
+    if args.command == "migrate":
+        return ops.migrate(config)
     if args.command == "echo":
         return _echo(config, args.destination)
     if args.command == "rules":

@@ -193,6 +193,75 @@ class AnalysisSection(_Section):
     workers: Annotated[int, Field(ge=1, le=16)] = 1
 
 
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class ClusterSection(_Section):
+    """Scale-out (docs/scale-out.md): a shared journal, a broker and ``dicom-node worker``s.
+
+    Nothing set (the default): one process, a SQLite journal in ``storage.path`` and
+    analysis inside ``serve``.
+    """
+
+    # PostgreSQL shared by every receiver and worker; ``storage.path`` must then be one
+    # shared folder (NFS or similar) mounted at the same path on every host.
+    journal_url: SecretStr | None = None  # postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB
+    # Celery broker: analysis runs on `dicom-node worker` processes instead of in `serve`.
+    broker_url: SecretStr | None = None  # redis://HOST:PORT/N
+    # Names this process's folders in the shared storage; unique per receiver.
+    node_name: str | None = None  # default: the host name
+    lease_seconds: Annotated[float, Field(ge=2, le=3600)] = 60.0  # a worker's hold on a job
+    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0  # look for others' work this often
+    # a job handed to the broker this long ago and still queued (message lost) is handed again
+    redispatch_seconds: Annotated[float, Field(ge=10, le=86400)] = 600.0
+
+    @field_validator("node_name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NODE_NAME.match(value):
+            raise ValueError("1-63 letters, digits, '.', '_' or '-', starting with a letter/digit")
+        return value
+
+    @field_validator("journal_url")
+    @classmethod
+    def _check_journal(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ("postgresql://", "postgresql+psycopg://")
+        ):
+            raise ValueError("must be a postgresql+psycopg:// URL")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ("redis://", "rediss://", "amqp://", "amqps://")
+        ):
+            raise ValueError("must be a redis:// (or amqp://) URL")
+        return value
+
+    @model_validator(mode="after")
+    def _broker_needs_journal(self) -> ClusterSection:
+        if self.broker_url is not None and self.journal_url is None:
+            raise ValueError("broker_url needs journal_url: workers on other hosts share it")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.journal_url is not None
+
+    def journal_location(self, sqlite_path: Path) -> Path | str:
+        if self.journal_url is None:
+            return sqlite_path
+        url = self.journal_url.get_secret_value()
+        return url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+    def name(self) -> str:
+        import socket
+
+        return self.node_name or socket.gethostname().split(".")[0]
+
+
 class BasicAuth(_Section):
     username: Annotated[str, Field(min_length=1)]
     password: Annotated[SecretStr, Field(min_length=1)]
@@ -226,6 +295,7 @@ class NodeConfig(_Section):
     audit: AuditSection = AuditSection()
     analysis: AnalysisSection = AnalysisSection()
     web: WebSection = WebSection()
+    cluster: ClusterSection = ClusterSection()
 
     @model_validator(mode="after")
     def _references(self) -> NodeConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.engine import Connection
 
@@ -52,42 +53,84 @@ class Recorded:
     opened: bool  # the study is new or re-opened: completion must be (re)scheduled
 
 
-_KNOWN = (
-    "SELECT series.study_id FROM instances JOIN series ON series.id = instances.series_id"
-    " WHERE instances.sop_uid = ?"
-)
-_STUDY = "SELECT id, state, generation, last_received_at FROM studies WHERE study_uid = ?"
-_NEW_STUDY = (
-    "INSERT INTO studies (study_uid, state, calling_aet, first_received_at, last_received_at,"
-    " generation, details) VALUES (?, ?, ?, ?, ?, 1, ?)"
-)
-_TOUCH_STUDY = "UPDATE studies SET last_received_at = ? WHERE id = ?"
-_REOPEN_STUDY = (
-    "UPDATE studies SET last_received_at = ?, state = ?, generation = ?, completed_at = NULL"
-    " WHERE id = ?"
-)
-_SERIES = "SELECT id, study_id FROM series WHERE series_uid = ?"
-_NEW_SERIES = (
-    "INSERT INTO series (study_id, series_uid, modality, instance_count, details)"
-    " VALUES (?, ?, ?, 1, ?)"
-)
-_COUNT_SERIES = "UPDATE series SET instance_count = instance_count + 1 WHERE id = ?"
-_NEW_INSTANCE = (
-    "INSERT INTO instances (sop_uid, sop_class_uid, series_id, relpath, transfer_syntax, size,"
-    " calling_aet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-HAS_INSTANCE = "SELECT 1 FROM instances WHERE sop_uid = ?"
+@dataclass(frozen=True)
+class Statements:
+    """The intake's SQL in one database's dialect (placeholders, row ids, row locks)."""
+
+    known: str
+    study: str
+    new_study: str
+    touch_study: str
+    reopen_study: str
+    series: str
+    new_series: str
+    count_series: str
+    new_instance: str
+    has_instance: str
+    returning: bool  # inserts return the new id as a row (else: the cursor's lastrowid)
 
 
-def record(conn: Connection, inst: ReceivedInstance) -> Recorded:
+_SQLITE = Statements(
+    known=(
+        "SELECT series.study_id FROM instances JOIN series ON series.id = instances.series_id"
+        " WHERE instances.sop_uid = ?"
+    ),
+    study="SELECT id, state, generation, last_received_at FROM studies WHERE study_uid = ?",
+    new_study=(
+        "INSERT INTO studies (study_uid, state, calling_aet, first_received_at,"
+        " last_received_at, generation, details) VALUES (?, ?, ?, ?, ?, 1, ?)"
+    ),
+    touch_study="UPDATE studies SET last_received_at = ? WHERE id = ?",
+    reopen_study=(
+        "UPDATE studies SET last_received_at = ?, state = ?, generation = ?,"
+        " completed_at = NULL WHERE id = ?"
+    ),
+    series="SELECT id, study_id FROM series WHERE series_uid = ?",
+    new_series=(
+        "INSERT INTO series (study_id, series_uid, modality, instance_count, details)"
+        " VALUES (?, ?, ?, 1, ?)"
+    ),
+    count_series="UPDATE series SET instance_count = instance_count + 1 WHERE id = ?",
+    new_instance=(
+        "INSERT INTO instances (sop_uid, sop_class_uid, series_id, relpath, transfer_syntax,"
+        " size, calling_aet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    ),
+    has_instance="SELECT 1 FROM instances WHERE sop_uid = ?",
+    returning=False,
+)
+
+
+def statements(dialect: str) -> Statements:
+    """The statements for ``dialect`` ("sqlite" or "postgresql").
+
+    On PostgreSQL several receivers record at once: the study row is locked
+    (``FOR UPDATE``) so that a completion or re-opening elsewhere is seen, and
+    inserts return their id.
+    """
+    if dialect == "sqlite":
+        return _SQLITE
+    if dialect != "postgresql":
+        raise ValueError(f"no intake statements for the {dialect} dialect")
+    fields = {
+        name: getattr(_SQLITE, name).replace("?", "%s")
+        for name in Statements.__dataclass_fields__
+        if name != "returning"
+    }
+    fields["study"] += " FOR UPDATE"
+    for name in ("new_study", "new_series"):
+        fields[name] += " RETURNING id"
+    return Statements(**fields, returning=True)
+
+
+def record(conn: Connection, inst: ReceivedInstance, sql: Statements = _SQLITE) -> Recorded:
     """Insert ``inst`` (and its study and series when new) in the open transaction."""
-    known = conn.exec_driver_sql(_KNOWN, (inst.sop_uid,)).first()
+    known = conn.exec_driver_sql(sql.known, (inst.sop_uid,)).first()
     if known is not None:
         return Recorded(int(known[0]), duplicate=True, reopened=False, opened=False)
-    study_id, reopened, opened = _touch_study(conn, inst)
-    series_id = _touch_series(conn, study_id, inst)
+    study_id, reopened, opened = _touch_study(conn, inst, sql)
+    series_id = _touch_series(conn, study_id, inst, sql)
     conn.exec_driver_sql(
-        _NEW_INSTANCE,
+        sql.new_instance,
         (
             inst.sop_uid,
             inst.sop_class_uid,
@@ -102,12 +145,14 @@ def record(conn: Connection, inst: ReceivedInstance) -> Recorded:
     return Recorded(study_id, duplicate=False, reopened=reopened, opened=opened)
 
 
-def _touch_study(conn: Connection, inst: ReceivedInstance) -> tuple[int, bool, bool]:
+def _touch_study(
+    conn: Connection, inst: ReceivedInstance, sql: Statements
+) -> tuple[int, bool, bool]:
     """Insert or refresh the study row; returns (id, reopened, opened)."""
-    row = conn.exec_driver_sql(_STUDY, (inst.study_uid,)).first()
+    row = conn.exec_driver_sql(sql.study, (inst.study_uid,)).first()
     if row is None:
         result = conn.exec_driver_sql(
-            _NEW_STUDY,
+            sql.new_study,
             (
                 inst.study_uid,
                 StudyState.OPEN.value,
@@ -117,34 +162,36 @@ def _touch_study(conn: Connection, inst: ReceivedInstance) -> tuple[int, bool, b
                 json.dumps(inst.study_details),
             ),
         )
-        return _last_id(result), False, True
+        return _new_id(result, sql), False, True
     study_id, state, generation, last_received_at = row
     latest = max(float(last_received_at), inst.received_at)
     if state != StudyState.COMPLETE:
-        conn.exec_driver_sql(_TOUCH_STUDY, (latest, study_id))
+        conn.exec_driver_sql(sql.touch_study, (latest, study_id))
         return int(study_id), False, False
     check_study(StudyState(state), StudyState.OPEN)
     conn.exec_driver_sql(
-        _REOPEN_STUDY, (latest, StudyState.OPEN.value, int(generation) + 1, study_id)
+        sql.reopen_study, (latest, StudyState.OPEN.value, int(generation) + 1, study_id)
     )
     return int(study_id), True, True
 
 
-def _touch_series(conn: Connection, study_id: int, inst: ReceivedInstance) -> int:
-    row = conn.exec_driver_sql(_SERIES, (inst.series_uid,)).first()
+def _touch_series(conn: Connection, study_id: int, inst: ReceivedInstance, sql: Statements) -> int:
+    row = conn.exec_driver_sql(sql.series, (inst.series_uid,)).first()
     if row is not None and int(row[1]) != study_id:
         raise UIDConflict("SeriesInstanceUID already belongs to another study")
     if row is None:
         result = conn.exec_driver_sql(
-            _NEW_SERIES,
+            sql.new_series,
             (study_id, inst.series_uid, inst.modality, json.dumps(inst.series_details)),
         )
-        return _last_id(result)
-    conn.exec_driver_sql(_COUNT_SERIES, (row[0],))
+        return _new_id(result, sql)
+    conn.exec_driver_sql(sql.count_series, (row[0],))
     return int(row[0])
 
 
-def _last_id(result: object) -> int:
+def _new_id(result: Any, sql: Statements) -> int:
+    if sql.returning:
+        return int(result.scalar_one())
     rowid = getattr(result, "lastrowid", None)
     if rowid is None:
         raise RuntimeError("the journal did not report the new row's id")

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
 from dicom_node import intake
+from dicom_node.database import create_engines, describe, migrate
 from dicom_node.domain import (
     DeliveryState,
     IllegalTransition,
@@ -31,18 +32,16 @@ from dicom_node.domain import (
 from dicom_node.intake import ReceivedInstance as ReceivedInstance
 from dicom_node.intake import Recorded as Recorded
 from dicom_node.intake import UIDConflict as UIDConflict
+from dicom_node.leases import JournalLeases
 from dicom_node.reports import JournalReports
 from dicom_node.schema import (
     PRIORITIES,
-    SCHEMA_VERSION,
     deliveries,
     instances,
     jobs,
     meta_table,
-    metadata,
     series,
     studies,
-    upgrade,
 )
 from dicom_node.schema import JournalSchemaError as JournalSchemaError  # re-exported for app
 
@@ -79,42 +78,25 @@ class StudySnapshot:
     jobs: tuple[Row, ...]
 
 
-class Journal(JournalReports):
+class Journal(JournalReports, JournalLeases):
     """SQLite journal. ``now`` values are passed in so tests control time."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._engine: Engine = sa.create_engine(
-            f"sqlite:///{path}",
-            connect_args={"check_same_thread": False, "timeout": 30},
-            hide_parameters=True,  # errors must not quote rows (display details)
-            pool_size=8,
-            max_overflow=8,
-        )
-        sa.event.listen(self._engine, "connect", _configure_connection)
-        # Recording a received instance does not sync the WAL: the instance file itself
+    def __init__(self, location: Path | str) -> None:
+        """``location``: a SQLite file, or a ``postgresql+psycopg://`` URL (docs/scale-out.md)."""
+        self.location = location
+        self.path = describe(location)  # for messages: never the password
+        # Recording a received instance in SQLite does not sync the WAL: the instance file
         # is fsynced before the success status, and a row lost to a power failure is
         # written again from the file at start (dicom_node.receive.reindex_orphans).
         # Every other commit stays synchronous=FULL, which also syncs these rows.
-        self._receive_engine: Engine = sa.create_engine(
-            f"sqlite:///{path}",
-            connect_args={"check_same_thread": False, "timeout": 30},
-            hide_parameters=True,
-            pool_size=8,
-            max_overflow=8,
-        )
-        sa.event.listen(self._receive_engine, "connect", _configure_receive_connection)
+        self._engine, self._receive_engine = create_engines(location)
+        self.shared = self._engine.dialect.name != "sqlite"  # other processes write too
+        self._intake = intake.statements(self._engine.dialect.name)
         self._write_lock = threading.Lock()
 
     def create(self) -> None:
-        """Create the tables of a new journal, upgrade an older one (see :func:`upgrade`)."""
-        metadata.create_all(self._engine)
-        with self._write() as conn:
-            found = conn.scalar(sa.select(meta_table.c.value).where(meta_table.c.key == "schema"))
-            if found is None:
-                conn.execute(meta_table.insert().values(key="schema", value=str(SCHEMA_VERSION)))
-            elif found != str(SCHEMA_VERSION):
-                upgrade(conn, found, self.path)  # raises JournalSchemaError if it cannot
+        """Create the tables of a new journal, upgrade an older one (see :mod:`database`)."""
+        migrate(self._engine, self.location)
 
     def close(self) -> None:
         self._receive_engine.dispose()
@@ -145,12 +127,20 @@ class Journal(JournalReports):
 
     def record_instance(self, inst: ReceivedInstance) -> Recorded:
         """Record a stored instance; a known SOP Instance UID is a duplicate."""
-        with self._write_lock, self._receive_engine.begin() as conn:
-            return intake.record(conn, inst)
+        for attempt in range(3):
+            try:
+                with self._write_lock, self._receive_engine.begin() as conn:
+                    return intake.record(conn, inst, self._intake)
+            except sa.exc.IntegrityError:
+                # Another receiver inserted the same new study, series or instance between
+                # our look-up and our insert (PostgreSQL); the next try finds its row.
+                if attempt == 2 or not self.shared:
+                    raise
+        raise AssertionError("unreachable")
 
     def has_instance(self, sop_uid: str) -> bool:
         with self._receive_engine.connect() as conn:
-            return conn.exec_driver_sql(intake.HAS_INSTANCE, (sop_uid,)).first() is not None
+            return conn.exec_driver_sql(self._intake.has_instance, (sop_uid,)).first() is not None
 
     # -- completion ---------------------------------------------------------
 
@@ -194,7 +184,9 @@ class Journal(JournalReports):
         instance after the snapshot the caller planned from.
         """
         with self._write() as conn:
-            study = conn.execute(sa.select(studies).where(studies.c.id == study_id)).one()
+            # locked: another receiver may record an instance of this study right now
+            query = sa.select(studies).where(studies.c.id == study_id).with_for_update()
+            study = conn.execute(query).one()
             if study.state != StudyState.OPEN or study.last_received_at != seen_last_received_at:
                 return None
             check_study(StudyState(study.state), StudyState.COMPLETE)
@@ -211,9 +203,13 @@ class Journal(JournalReports):
             query = sa.select(instances.c.relpath).where(instances.c.series_id == series_id)
             return list(conn.scalars(query.order_by(instances.c.id)))
 
-    def all_instance_relpaths(self) -> set[str]:
+    def all_instance_relpaths(self, prefix: str = "") -> set[str]:
+        """The relative paths of the recorded instances (those starting with ``prefix``)."""
         with self._read() as conn:
-            return set(conn.scalars(sa.select(instances.c.relpath)))
+            query = sa.select(instances.c.relpath)
+            if prefix:
+                query = query.where(instances.c.relpath.startswith(prefix, autoescape=True))
+            return set(conn.scalars(query))
 
     # -- jobs ---------------------------------------------------------------
 
@@ -225,8 +221,13 @@ class Journal(JournalReports):
                 _set_job_state(conn, row, JobState.QUEUED, now)
             return len(rows)
 
-    def claim_job(self, now: float) -> Row | None:
-        """Take the next queued job, urgent before normal, then oldest first; mark it analysing."""
+    def claim_job(
+        self, now: float, owner: str | None = None, until: float | None = None
+    ) -> Row | None:
+        """Take the next queued job, urgent before normal, then oldest first; mark it analysing.
+
+        ``owner`` and ``until``: the lease, when other processes share the journal.
+        """
         rank = sa.case({p: i for i, p in enumerate(PRIORITIES)}, value=jobs.c.priority)
         with self._write() as conn:
             row = conn.execute(
@@ -234,10 +235,17 @@ class Journal(JournalReports):
                 .where(jobs.c.state == JobState.QUEUED)
                 .order_by(rank, jobs.c.id)
                 .limit(1)
+                .with_for_update(skip_locked=True)  # PostgreSQL: other nodes' claims
             ).one_or_none()
             if row is None:
                 return None
             _set_job_state(conn, row, JobState.ANALYSING, now)
+            if owner is not None:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == row.id)
+                    .values(lease_owner=owner, lease_until=until)
+                )
             return conn.execute(sa.select(jobs).where(jobs.c.id == row.id)).one()
 
     def job(self, job_id: int) -> Row:
@@ -258,14 +266,17 @@ class Journal(JournalReports):
         specs: list[DeliverySpec],
         now: float,
         timings: tuple[float, float] | None = None,
+        owner: str | None = None,
     ) -> None:
         """Results are on disk: move to SENDING and create one delivery per destination.
 
-        ``timings`` are the (analysis, encode) durations in seconds.
+        ``timings`` are the (analysis, encode) durations in seconds. ``owner``: the
+        worker's lease, checked first (:class:`dicom_node.leases.LeaseLost`).
         """
         with self._write() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
+            row = self.check_lease(conn, job_id, owner)
             _set_job_state(conn, row, JobState.SENDING, now)
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(lease_until=None))
             if timings is not None:
                 conn.execute(
                     jobs.update()
@@ -289,10 +300,11 @@ class Journal(JournalReports):
                 )
             _settle_job(conn, job_id, now)
 
-    def job_failed(self, job_id: int, error: str, now: float) -> None:
+    def job_failed(self, job_id: int, error: str, now: float, owner: str | None = None) -> None:
         with self._write() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
+            row = self.check_lease(conn, job_id, owner)
             _set_job_state(conn, row, JobState.FAILED, now, error=error)
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(lease_until=None))
 
     def retry_job(self, job_id: int, now: float) -> str:
         """Operator retry: a FAILED job is analysed again, a DEAD_LETTER job resent.
@@ -453,19 +465,6 @@ class Journal(JournalReports):
             )
             _settle_job(conn, row.job_id, now)
             return conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
-
-
-def _configure_connection(dbapi_connection: Any, _record: Any, synchronous: str = "FULL") -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA synchronous={synchronous}")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
-
-
-def _configure_receive_connection(dbapi_connection: Any, record: Any) -> None:
-    _configure_connection(dbapi_connection, record, synchronous="NORMAL")
 
 
 def _insert_job(

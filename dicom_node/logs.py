@@ -26,7 +26,9 @@ from typing import Any, TextIO
 LOG_FORMATS = ("text", "json")
 LOG_FORMAT_ENV_VAR = "DICOM_NODE_LOG_FORMAT"
 CONTEXT_KEYS = ("study_id", "job_id", "calling_aet")
-QUIET_LOGGERS = ("pynetdicom", "apscheduler")
+# pynetdicom logs every PDU, APScheduler every timer, highdicom every module it copies,
+# Celery every task and Alembic its context at INFO: their warnings and errors are kept.
+QUIET_LOGGERS = ("pynetdicom", "apscheduler", "highdicom", "celery", "kombu", "alembic")
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 _TEXT_LABELS = {"study_id": "study", "job_id": "job", "calling_aet": "aet"}
@@ -123,6 +125,5 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     if not isinstance(numeric, int):
         raise ValueError(f"log level {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
     logging.basicConfig(level=numeric, handlers=[make_handler(fmt)], force=True)
-    # pynetdicom logs every PDU and APScheduler every timer at INFO: keep their warnings.
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, numeric))

@@ -23,8 +23,9 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import NodeConfig
+from dicom_node.database import head_revision
 from dicom_node.domain import IllegalTransition, JobState
-from dicom_node.journal import Journal, Row
+from dicom_node.journal import Journal, JournalSchemaError, Row
 from dicom_node.logs import log_context
 from dicom_node.route import explain
 from dicom_node.store import Spool
@@ -129,13 +130,30 @@ def _print_series(config: NodeConfig, series_uid: str, entry: _SeriesFiles) -> i
 
 def _open_journal(config: NodeConfig) -> Journal | None:
     """The existing journal, or None (and a message) when there is none."""
-    path = Spool(config.storage.path).journal_path
-    if not path.is_file():
-        print(f"no journal at {path}", file=sys.stderr)
+    location = config.cluster.journal_location(Spool(config.storage.path).journal_path)
+    if isinstance(location, Path) and not location.is_file():
+        print(f"no journal at {location}", file=sys.stderr)
         return None
-    journal = Journal(path)
+    journal = Journal(location)
     journal.create()  # upgrades a journal written by an older version, as serve would
     return journal
+
+
+def migrate(config: NodeConfig) -> int:
+    """``dicom-node migrate``: bring the journal to this version's tables (or create them)."""
+    location = config.cluster.journal_location(Spool(config.storage.path).journal_path)
+    if isinstance(location, Path):
+        location.parent.mkdir(parents=True, exist_ok=True)
+    journal = Journal(location)
+    try:
+        journal.create()
+    except (JournalSchemaError, sa.exc.OperationalError) as exc:
+        print(f"cannot migrate {journal.path}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        journal.close()
+    print(f"journal {journal.path}: at revision {head_revision()}")
+    return EXIT_OK
 
 
 def _iso(timestamp: float | None) -> str | None:

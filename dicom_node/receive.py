@@ -193,7 +193,7 @@ def reindex_orphans(spool: Spool, journal: Journal) -> int:
     as DICOM is moved to ``quarantine/``, never deleted.
     """
     indexed = 0
-    for relpath in spool.orphans(journal.all_instance_relpaths()):
+    for relpath in spool.orphans(journal.all_instance_relpaths(spool.instances_prefix)):
         try:
             indexed += _reindex(spool, journal, relpath)
         except Exception as exc:  # one bad file must not keep the node from starting
@@ -359,7 +359,14 @@ class Receiver:
         header = parse_header(
             data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
         )
-        if self._journal.has_instance(header.sop_uid):  # a resend: nothing to write
+        try:
+            known = self._journal.has_instance(header.sop_uid)
+        except Exception as exc:  # the journal's database is away: the sender will retry
+            log.debug("journal error", exc_info=True)
+            raise Rejected(
+                OUT_OF_RESOURCES, f"cannot reach the journal ({type(exc).__name__})"
+            ) from exc
+        if known:  # a resend: nothing to write
             return self._duplicate(calling)
         try:
             self._spool.ensure_space(len(data))

@@ -91,6 +91,11 @@ jobs = sa.Table(
     sa.Column("finished_at", sa.Float),
     sa.Column("analysis_seconds", sa.Float),
     sa.Column("encode_seconds", sa.Float),
+    # scale-out (docs/scale-out.md): when the job was last handed to the broker, and
+    # which worker holds it until when (renewed while it runs; expired: queued again)
+    sa.Column("dispatched_at", sa.Float),
+    sa.Column("lease_owner", sa.String(128)),
+    sa.Column("lease_until", sa.Float),
 )
 deliveries = sa.Table(
     "deliveries",
@@ -113,7 +118,7 @@ deliveries = sa.Table(
 )
 
 
-def upgrade(conn: Connection, found: str, path: Path) -> None:
+def upgrade(conn: Connection, found: str, path: Path | str) -> None:
     """Migrate a journal of version ``found`` to :data:`SCHEMA_VERSION`, keeping every row.
 
     Each step is idempotent (a crash between a step and the version update only

@@ -20,21 +20,36 @@ class LowSpace(Exception):
     """Free space in the spool is below the configured watermark."""
 
 
-class Spool:
-    """The storage folder: ``instances/``, ``results/``, ``tmp/`` and the journal."""
+class NameInUse(OSError):
+    """Another running process uses the same node name on this storage."""
 
-    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+
+class Spool:
+    """The storage folder: ``instances/``, ``results/``, ``tmp/`` and the journal.
+
+    Shared by several processes (docs/scale-out.md), each has a ``name``: its
+    received instances go to ``instances/<name>/`` and its partial files to
+    ``tmp/<name>/``, so that one process's start-up clean-up and re-indexing never
+    touch another's files. Results are written by whichever worker ran the job.
+    """
+
+    def __init__(self, root: Path, min_free_bytes: int = 0, name: str | None = None) -> None:
         self.root = root.resolve()
         self.min_free_bytes = min_free_bytes
+        self.name = name
         self._low = False
-        self.instances = self.root / "instances"
+        self._instances_rel = "instances" if name is None else f"instances/{name}"
+        self.instances = self.root / self._instances_rel
         self.results = self.root / "results"
-        self.tmp = self.root / "tmp"
+        self.tmp = self.root / "tmp" if name is None else self.root / "tmp" / name
         self.journal_path = self.root / "journal.sqlite"
+        self._lock_fd: int | None = None
 
     def create(self) -> None:
         for folder in (self.root, self.instances, self.results, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
+        if self.name is not None:
+            self._lock_name()
         # All 256 instance folders up front, made durable once: otherwise the first
         # instance into a new folder could be acknowledged by a second thread (which saw
         # the folder and fsynced only it) before the folder's own entry was synced.
@@ -43,10 +58,34 @@ class Spool:
         _fsync_dir(self.instances)
         _fsync_dir(self.root)
 
+    def _lock_name(self) -> None:
+        """Hold ``nodes/<name>.lock`` while running: a second process of that name fails."""
+        import fcntl
+
+        path = self.root / "nodes" / f"{self.name}.lock"
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise NameInUse(
+                f"another running process uses the name {self.name!r} in {self.root}"
+                " (cluster.node_name must be unique per receiver)"
+            ) from None
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def clear_tmp(self) -> int:
         """Remove partial files left by a crash; they were never acknowledged."""
         removed = 0
         for leftover in self.tmp.iterdir():
+            if leftover.is_dir():  # another process's tmp/<name>/ on a shared storage
+                continue
             leftover.unlink(missing_ok=True)
             removed += 1
         if removed:
@@ -79,9 +118,9 @@ class Spool:
             )
 
     def new_instance_relpath(self) -> str:
-        """A fresh relative path for a received instance: ``instances/ab/<uuid>.dcm``."""
+        """A fresh relative path for a received instance: ``instances/[<name>/]ab/<uuid>.dcm``."""
         name = uuid.uuid4().hex
-        return f"instances/{name[:2]}/{name}.dcm"
+        return f"{self._instances_rel}/{name[:2]}/{name}.dcm"
 
     def path(self, relpath: str) -> Path:
         return self.root / relpath
@@ -124,10 +163,15 @@ class Spool:
             if not folder.is_dir():
                 continue
             for entry in os.scandir(folder.path):
-                relpath = f"instances/{folder.name}/{entry.name}"
+                relpath = f"{self._instances_rel}/{folder.name}/{entry.name}"
                 if entry.name.endswith(".dcm") and relpath not in known:
                     found.append((entry.stat().st_mtime, relpath))
         return [relpath for _, relpath in sorted(found)]
+
+    @property
+    def instances_prefix(self) -> str:
+        """The relative paths of this spool's own instance files start with this."""
+        return f"{self._instances_rel}/"
 
     def quarantine(self, relpath: str) -> Path:
         """Move a file that cannot be indexed out of ``instances/``, keeping it."""

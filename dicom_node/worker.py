@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from io import BytesIO
 
 import pydicom
@@ -44,6 +45,7 @@ from dicom_node.encode.seg import build_seg
 from dicom_node.encode.sr import build_sr
 from dicom_node.encode.types import Equipment, ResultUIDs
 from dicom_node.journal import DeliverySpec, Journal, Row
+from dicom_node.leases import LeaseKeeper, LeaseLost
 from dicom_node.logs import log_context
 from dicom_node.store import Spool
 from dicom_node.web.metrics import Metrics
@@ -78,6 +80,7 @@ class Worker:
         warm_up: Sequence[str] = (),
         memory_probe: MemoryProbe = cuda_memory,
         admission_wait: float = ADMISSION_WAIT_SECONDS,
+        leases: LeaseKeeper | None = None,
     ) -> None:
         self._journal = journal
         self._spool = spool
@@ -95,18 +98,25 @@ class Worker:
         self._warm_up_names = tuple(dict.fromkeys(warm_up))
         self._memory_probe = memory_probe
         self._admission_wait = admission_wait
+        # Several processes share the journal: jobs are held under renewed leases.
+        self._leases = leases
+        self._owner = None if leases is None else leases.owner
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         """Start the analysis threads, and the warm-up beside them (start never waits for it)."""
-        if self._warm_up_names:
-            thread = threading.Thread(target=self._warm_up, name="analysis-warm-up", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self.start_warm_up()
         for index in range(self._thread_count):
             thread = threading.Thread(target=self._loop, name=f"analysis-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def start_warm_up(self) -> None:
+        """Load the routes' pipelines in the background (jobs come from a broker instead)."""
+        if self._warm_up_names:
+            thread = threading.Thread(target=self._warm_up, name="analysis-warm-up", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -134,22 +144,46 @@ class Worker:
 
     def run_next(self) -> bool:
         """Claim and run one queued job; False if there was none."""
-        job = self._journal.claim_job(self._clock())
+        until = None if self._leases is None else self._leases.until()
+        job = self._journal.claim_job(self._clock(), self._owner, until)
         if job is None:
             return False
         self.run_job(job)
         return True
 
+    def run_claimed(self, job_id: int) -> bool:
+        """Claim job ``job_id`` (named by a broker message) and run it; False if not queued.
+
+        A job that is not queued was finished already, or is held by another
+        worker whose lease is running: the message is a duplicate.
+        """
+        assert self._leases is not None, "a broker's worker holds its jobs under leases"
+        job = self._journal.claim_job_by_id(
+            job_id, self._leases.owner, self._clock(), self._leases.until()
+        )
+        if job is None:
+            log.info("job %d is not queued (done, or held elsewhere): message skipped", job_id)
+            return False
+        self.run_job(job)
+        return True
+
     def run_job(self, job: Row) -> None:
-        with log_context(job_id=job.id, study_id=job.study_id):
+        with log_context(job_id=job.id, study_id=job.study_id), self._holding(job.id):
             started = time.monotonic()
             try:
                 self._analyse(job)
+            except LeaseLost:
+                log.warning("job %d: taken over by another worker; this result is dropped", job.id)
+                return
             except Exception as exc:
                 reason = describe_failure(exc)
                 log.error("job %d (%s): analysis failed: %s", job.id, job.pipeline, reason)
                 log.debug("job %d traceback", job.id, exc_info=True)
-                self._journal.job_failed(job.id, reason, self._clock())
+                try:
+                    self._journal.job_failed(job.id, reason, self._clock(), self._owner)
+                except LeaseLost:
+                    log.warning("job %d: taken over by another worker meanwhile", job.id)
+                    return
                 self._metrics.jobs_finished.labels(pipeline=job.pipeline, outcome="failed").inc()
                 return
             elapsed = time.monotonic() - started
@@ -169,7 +203,10 @@ class Worker:
         self._metrics.stage_seconds.labels(stage="analyse").observe(timings[0])
         self._metrics.stage_seconds.labels(stage="encode").observe(timings[1])
         specs = [self._delivery(name, study.calling_aet) for name in job.send_to]
-        self._journal.job_analysed(job.id, specs, self._clock(), timings)
+        self._journal.job_analysed(job.id, specs, self._clock(), timings, self._owner)
+
+    def _holding(self, job_id: int) -> AbstractContextManager[None]:
+        return nullcontext() if self._leases is None else self._leases.holding(job_id)
 
     def _write_results(self, job: Row, result: AnalysisResult) -> None:
         """Encode and store the SEG (when there are segments) and the SR.

@@ -192,3 +192,24 @@ def test_dockerfile_torch_matches_the_makefile() -> None:
     docker_arg = [a for a in _dockerfile("ARG") if a.startswith("TORCH_VERSION=")]
     assert make_spec is not None and docker_arg
     assert docker_arg[0] == f"TORCH_VERSION={make_spec.group(1)}"
+
+
+def test_the_cluster_compose_runs_two_receivers_and_two_workers_on_one_valid_config() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose-cluster.yaml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    commands = {name: service.get("command", []) for name, service in services.items()}
+    receivers = [name for name, command in commands.items() if command[:1] == ["serve"]]
+    workers = [name for name, command in commands.items() if command[:1] == ["worker"]]
+    assert len(receivers) == 2 and len(workers) == 2
+    # each receiver is named after its host name, which must differ
+    assert len({services[name]["hostname"] for name in receivers}) == 2
+    config = load_config(DEPLOY / "examples" / "cluster-node.yaml")
+    assert config.cluster.journal_url is not None and config.cluster.broker_url is not None
+    assert config.cluster.node_name is None
+    for name in receivers + workers:
+        mounts = services[name]["volumes"]
+        assert "./examples/cluster-node.yaml:/etc/dicom-node/node.yaml:ro" in mounts
+        assert any(m.endswith(f":{config.storage.path}") for m in mounts), name
+    assert {"postgres", "redis"} <= services.keys()
+    journal_host = config.cluster.journal_url.get_secret_value().split("@")[1].split(":")[0]
+    assert journal_host in services

@@ -66,6 +66,16 @@ class Metrics:
             ["pipeline", "reason"],
             registry=r,
         )
+        self.jobs_dispatched = Counter(
+            "dicom_node_jobs_dispatched",
+            "Jobs handed to the broker for `dicom-node worker` processes (scale-out)",
+            registry=r,
+        )
+        self.jobs_requeued = Counter(
+            "dicom_node_jobs_requeued",
+            "Jobs queued again because their worker's lease ran out (scale-out)",
+            registry=r,
+        )
         self.sends = Counter(
             "dicom_node_send_attempts",
             "C-STORE send attempts of results, by destination and outcome",

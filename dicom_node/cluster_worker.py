@@ -1,0 +1,117 @@
+"""``dicom-node worker``: analysis on any host, jobs from the broker (docs/scale-out.md).
+
+One process per GPU (or per group of CPU cores). It loads the routes' pipelines
+at start and keeps them (warm), runs ``--concurrency`` jobs at once (default
+``analysis.workers``: one), and for each message:
+
+1. claims the job in the shared journal under a lease (a duplicate is skipped);
+2. reads the series from the shared storage, analyses it, writes SEG and SR to
+   ``results/<job>/`` there;
+3. records the deliveries in the journal (fenced by the lease), which the
+   receivers' senders pick up and send.
+
+The message is acknowledged only then. SIGTERM finishes the jobs in hand (warm
+shutdown); SIGKILL leaves them to their leases running out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from dicom_node.broker import QUEUE, TASK_ANALYSE, celery_app
+from dicom_node.config import NodeConfig
+from dicom_node.journal import Journal
+from dicom_node.leases import LeaseKeeper
+from dicom_node.store import NameInUse, Spool
+from dicom_node.web.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_WORKERS_PER_NAME = 64
+RETRY_SECONDS = 5.0  # the journal was unreachable while claiming: the message comes back
+
+
+def worker_spool(config: NodeConfig, name: str | None) -> Spool:
+    """The worker's view of the shared storage, under the first free ``<name>-N``."""
+    base = name or f"{config.cluster.name()}-worker"
+    for index in range(1, MAX_WORKERS_PER_NAME + 1):
+        spool = Spool(config.storage.path, 0, name=f"{base}-{index}")
+        try:
+            spool.create()
+        except NameInUse:
+            continue
+        return spool
+    raise NameInUse(f"{MAX_WORKERS_PER_NAME} workers named {base}-N are running already")
+
+
+def run_worker(config: NodeConfig, name: str | None = None, concurrency: int | None = None) -> int:
+    """Consume analysis jobs until SIGTERM; returns the exit code."""
+    from dicom_node.app import build_worker
+
+    cluster = config.cluster
+    if cluster.broker_url is None or cluster.journal_url is None:
+        log.error("dicom-node worker needs cluster.journal_url and cluster.broker_url")
+        return 2
+    try:
+        spool = worker_spool(config, name)
+        journal = Journal(cluster.journal_location(spool.journal_path))
+        journal.create()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except sa.exc.OperationalError as exc:
+        log.error("cannot start: journal database unreachable: %s", exc.orig)
+        return 1
+    assert spool.name is not None
+    spool.clear_tmp()
+    owner = f"{spool.name}@{socket.gethostname()}:{os.getpid()}"
+    leases = LeaseKeeper(journal, owner, cluster.lease_seconds, time.time)
+    threads = concurrency or config.analysis.workers
+    worker = build_worker(config, journal, spool, Metrics(), lambda: None, threads, leases)
+    app = celery_app(cluster.broker_url.get_secret_value(), cluster.lease_seconds)
+
+    @app.task(name=TASK_ANALYSE, bind=True, acks_late=True, max_retries=None)  # type: ignore[untyped-decorator]
+    def analyse(task: Any, job_id: int) -> None:
+        try:
+            worker.run_claimed(int(job_id))
+        except sa.exc.OperationalError as exc:
+            log.error("job %s: journal unreachable (%s); retrying", job_id, type(exc).__name__)
+            raise task.retry(countdown=RETRY_SECONDS) from None
+
+    worker.start_warm_up()
+    leases.start()
+    log.info(
+        "worker %s ready: %d job(s) at a time on %s, journal %s",
+        owner,
+        threads,
+        worker.device,
+        journal.path,
+    )
+    try:
+        consumer = app.Worker(
+            hostname=f"{spool.name}@{socket.gethostname()}",
+            pool_cls="threads" if threads > 1 else "solo",
+            concurrency=threads,
+            queues=[QUEUE],
+            without_mingle=True,
+            without_gossip=True,
+            without_heartbeat=True,
+            loglevel=logging.getLevelName(logging.getLogger("dicom_node").getEffectiveLevel()),
+            optimization="fair",
+            quiet=True,  # no banner: our own "ready" line says it
+        )
+        consumer.start()
+        code = int(getattr(consumer, "exitcode", 0) or 0)
+    finally:
+        worker.stop(5.0)
+        leases.stop()
+        journal.close()
+        spool.release()
+    log.info("worker %s stopped", owner)
+    return code

@@ -1,0 +1,226 @@
+"""Scale-out end to end: two receivers and two workers on PostgreSQL, Redis and one storage.
+
+Everything is a real process: PostgreSQL and redis-server from Debian, two
+``dicom-node serve`` receivers, two ``dicom-node worker`` processes and Orthanc
+as the PACS. Ten studies (copies of the real Philips chest CT with new UIDs) go
+to the two receivers; one worker is killed (SIGKILL) in the middle of a job. Every
+study must still come back to Orthanc with exactly one SEG and one SR.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import yaml
+from nodes import NodeProcess, chest_route, node_settings, pacs_destination, running_node, send
+from peers import GE_3SLICE, LOCALHOST, PHILIPS_L, Orthanc, dicom_files, storescu, wait_until
+from pydicom.uid import generate_uid
+from services import PostgresServer, RedisServer, require_services
+
+from dicom_node.domain import JobState
+from dicom_node.journal import Journal
+
+pytestmark = [pytest.mark.peers, pytest.mark.slow]
+
+STUDIES = 10
+LEASE_SECONDS = 4.0
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    require_services()
+    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    require_services()
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+class WorkerProcess:
+    """``dicom-node worker`` as a child process."""
+
+    def __init__(self, config_path: Path, name: str, log_path: Path) -> None:
+        self.config_path = config_path
+        self.name = name
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node", "worker", "--config", str(self.config_path),
+                 "--name", self.name],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        wait_until(self._ready, 90, interval=0.2, what=f"worker {self.name}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+        return " ready: " in self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return int(self.proc.returncode)
+
+
+def copy_as_new_study(sources: list[Path], folder: Path, number: int) -> list[Path]:
+    """The series with new Study/Series/SOP/Frame of Reference UIDs: study ``number``."""
+    folder.mkdir(parents=True)
+    study, series, frame = (generate_uid() for _ in range(3))
+    paths = []
+    for index, source in enumerate(sources):
+        ds = pydicom.dcmread(source)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientID = f"CLUSTER-{number:02d}"
+        path = folder / f"{index:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def cluster_settings(
+    shared: Path, name: str, journal_url: str, broker_url: str, pacs: Orthanc
+) -> dict[str, Any]:
+    return node_settings(
+        shared,
+        destinations=pacs_destination(pacs),
+        routes=[chest_route(["pacs"])],
+        cluster={
+            "journal_url": journal_url,
+            "broker_url": broker_url,
+            "node_name": name,
+            "lease_seconds": LEASE_SECONDS,
+            "poll_seconds": 0.5,
+        },
+        analysis={"device": "cpu", "warm_up": True},
+    )
+
+
+def test_two_receivers_two_workers_one_killed_mid_job_every_study_comes_back_once(
+    tmp_path: Path, postgres: PostgresServer, redis_server: RedisServer, orthanc: Orthanc
+) -> None:
+    journal_url = postgres.new_database()
+    shared = tmp_path / "shared"
+    sources = dicom_files(PHILIPS_L)
+    studies = [copy_as_new_study(sources, tmp_path / f"study-{n}", n) for n in range(STUDIES)]
+    study_uids = [str(pydicom.dcmread(paths[0]).StudyInstanceUID) for paths in studies]
+
+    receivers = [
+        NodeProcess(
+            cluster_settings(shared, f"rx{n}", journal_url, redis_server.url, orthanc),
+            tmp_path / f"rx{n}",
+        )
+        for n in (1, 2)
+    ]
+    worker_config = tmp_path / "worker.yaml"
+    worker_config.write_text(yaml.safe_dump(receivers[0].settings))
+    workers = [WorkerProcess(worker_config, f"w{n}", tmp_path / f"worker-{n}.log") for n in (1, 2)]
+    journal = Journal(journal_url)
+    try:
+        for receiver in receivers:
+            receiver.start()
+        for worker in workers:
+            worker.start()
+        for number, paths in enumerate(studies):  # alternate receivers, one study at a time
+            storescu(LOCALHOST, receivers[number % 2].port, "AINODE", paths)
+
+        # Kill the first worker seen analysing a job, in the middle of it.
+        def job_of_worker_one() -> Any:
+            for job in journal.jobs_in_state(JobState.ANALYSING):
+                if job.lease_owner and job.lease_owner.startswith("w1-"):
+                    return job
+            return None
+
+        killed_job = wait_until(job_of_worker_one, 120, interval=0.05, what="worker 1 busy")
+        workers[0].kill()
+
+        def all_done() -> bool:
+            jobs = journal.recent_jobs(limit=100)
+            failed = [job for job in jobs if job.state in (JobState.FAILED, "dead_letter")]
+            assert not failed, [(job.id, job.state, job.error) for job in failed]
+            return len(jobs) == STUDIES and all(job.state == JobState.DONE for job in jobs)
+
+        wait_until(all_done, 300, interval=0.5, what="every job done")
+
+        for uid in study_uids:
+            assert len(orthanc.find_instances_by_modality(uid, "SEG")) == 1, uid
+            assert len(orthanc.find_instances_by_modality(uid, "SR")) == 1, uid
+        jobs = {job.id: job for job in journal.recent_jobs(limit=100)}
+        assert jobs[killed_job.id].state == JobState.DONE
+        assert jobs[killed_job.id].lease_owner.startswith("w2-")  # finished by the other
+        for job_id in jobs:
+            (delivery,) = journal.job_deliveries(job_id)
+            assert delivery.state == "sent" and delivery.attempts == 1  # sent once, by one
+        received_by = {row.relpath.split("/")[1] for row in _instances(journal)}
+        assert received_by == {"rx1", "rx2"}
+        assert "queued again" in receivers[0].log() + receivers[1].log()
+    finally:
+        journal.close()
+        for worker in workers:
+            if worker.proc is not None:
+                worker.stop()
+        for receiver in receivers:
+            if receiver.proc is not None:
+                receiver.stop()
+
+
+def _instances(journal: Journal) -> list[Any]:
+    import sqlalchemy as sa
+
+    from dicom_node.schema import instances
+
+    with journal._read() as conn:
+        return list(conn.execute(sa.select(instances.c.relpath)))
+
+
+def test_a_receiver_refuses_with_a700_while_postgresql_is_away_and_records_again_after(
+    tmp_path: Path,
+) -> None:
+    require_services()
+    first, second, third = (pydicom.dcmread(path) for path in dicom_files(GE_3SLICE))
+    with PostgresServer(tmp_path / "pg") as server:
+        settings = node_settings(
+            tmp_path / "var", cluster={"journal_url": server.new_database(), "node_name": "rx"}
+        )
+        with running_node(settings) as node:
+            assert send(node, [first]) == [0x0000]
+            server.stop()
+            assert send(node, [second]) == [0xA700]  # not acknowledged: the sender retries
+            server.start()
+            assert send(node, [second, third]) == [0x0000, 0x0000]
+            assert node.journal.state_counts()["instances"] == {"total": 3}
+            files = sorted((tmp_path / "var" / "instances" / "rx").rglob("*.dcm"))
+            recorded = node.journal.all_instance_relpaths()
+            assert [f"instances/rx/{p.parent.name}/{p.name}" for p in files] == sorted(recorded)
