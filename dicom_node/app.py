@@ -32,6 +32,7 @@ from dicom_node.dispatch import Dispatcher
 from dicom_node.encode.types import Equipment
 from dicom_node.journal import Journal, JournalSchemaError
 from dicom_node.leases import LeaseKeeper
+from dicom_node.objects import ObjectStore
 from dicom_node.receive import Receiver, reindex_orphans
 from dicom_node.send import Sender
 from dicom_node.store import Spool
@@ -112,12 +113,14 @@ class Node:
 def build_node(config: NodeConfig) -> Node:
     cluster = config.cluster
     name = cluster.name() if cluster.enabled else None
-    spool = Spool(config.storage.path, config.storage.min_free_bytes, name=name)
+    spool = Spool(
+        config.storage.path, config.storage.min_free_bytes, name, object_store(config)
+    )
     spool.create()
     journal = Journal(cluster.journal_location(spool.journal_path))
     journal.create()
     if cluster.enabled:
-        log.info("cluster: node %s, journal %s, storage %s", name, journal.path, spool.root)
+        log.info("cluster: node %s, journal %s, folder %s", name, journal.path, spool.root)
     metrics = Metrics()
     metrics.watch_journal(journal.state_counts)
     metrics.watch_gpu()
@@ -231,6 +234,16 @@ def build_node(config: NodeConfig) -> Node:
         dispatcher,
         leases,
     )
+
+
+def object_store(config: NodeConfig) -> ObjectStore | None:
+    """The shared bucket, checked reachable (raises ObjectStoreError), or None."""
+    if config.storage.object_store is None:
+        return None
+    store = ObjectStore(config.storage.object_store)
+    store.check()
+    log.info("shared storage: %s", store.describe())
+    return store
 
 
 def build_worker(

@@ -130,8 +130,9 @@ class Assembler:
     def _series(self, snapshot: StudySnapshot) -> list[SeriesInfo]:
         infos = []
         for row in snapshot.series:
-            path = self._spool.path(snapshot.first_relpath[row.id])
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            relpath = snapshot.first_relpath[row.id]
+            header = pydicom.dcmread(self._spool.fetch(relpath), stop_before_pixels=True)
+            self._spool.evict([relpath])
             infos.append(SeriesInfo(row.id, header, row.instance_count))
         return infos
 

@@ -39,9 +39,12 @@ RETRY_SECONDS = 5.0  # the journal was unreachable while claiming: the message c
 
 def worker_spool(config: NodeConfig, name: str | None) -> Spool:
     """The worker's view of the shared storage, under the first free ``<name>-N``."""
+    from dicom_node.app import object_store
+
     base = name or f"{config.cluster.name()}-worker"
+    objects = object_store(config)
     for index in range(1, MAX_WORKERS_PER_NAME + 1):
-        spool = Spool(config.storage.path, 0, name=f"{base}-{index}")
+        spool = Spool(config.storage.path, 0, f"{base}-{index}", objects)
         try:
             spool.create()
         except NameInUse:

@@ -100,11 +100,26 @@ class NodeSection(_Section):
         return [_check_ae_title(v) for v in values]
 
 
+class ObjectStoreSection(_Section):
+    """An S3-compatible bucket shared by receivers and workers (docs/scale-out.md)."""
+
+    bucket: Annotated[str, Field(min_length=3, max_length=63)]
+    endpoint_url: str | None = None  # e.g. http://minio:9000; None: AWS S3
+    region: str | None = None
+    prefix: str = ""  # key prefix inside the bucket, e.g. "site-a/"
+    # None: boto3's usual sources (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, roles)
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 30.0
+
+
 class StorageSection(_Section):
     path: Path = Path("./var")
     # Below this much free space new instances are refused with 0xA700 (out of resources),
     # before the disk is full; accepted again by itself once space returns.
     min_free_bytes: Annotated[int, Field(ge=0)] = 1024 * MiB
+    # Shared by every receiver and worker instead of `path` (then each one's own folder).
+    object_store: ObjectStoreSection | None = None
 
 
 class CompletionSection(_Section):
@@ -300,6 +315,10 @@ class NodeConfig(_Section):
     @model_validator(mode="after")
     def _references(self) -> NodeConfig:
         problems = reference_problems(self.model_dump(by_alias=True))
+        if self.storage.object_store is not None and not self.cluster.enabled:
+            problems.append(
+                "storage.object_store: needs cluster.journal_url (it is shared storage)"
+            )
         if self.sending.backoff_max_seconds < self.sending.backoff_initial_seconds:
             problems.append("sending.backoff_max_seconds: smaller than backoff_initial_seconds")
         if problems:

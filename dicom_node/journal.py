@@ -518,6 +518,8 @@ def _set_job_state(
     values: dict[str, Any] = {"state": new, "updated_at": now}
     if error is not None:
         values["error"] = error
+    if new == JobState.QUEUED:  # (again): to be handed to a worker afresh
+        values.update(dispatched_at=None, lease_owner=None, lease_until=None)
     if new == JobState.ANALYSING:
         values["started_at"] = now
     elif new == JobState.SENDING and row.state == JobState.ANALYSING:

@@ -223,6 +223,7 @@ def _reindex(spool: Spool, journal: Journal, relpath: str) -> int:
     received = header.instance(
         relpath, meta.transfer_syntax, len(data), meta.source_aet, received_at
     )
+    spool.share(relpath)  # its upload may be what the crash interrupted
     try:
         recorded = journal.record_instance(received)
     except UIDConflict as exc:

@@ -12,6 +12,10 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dicom_node.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +37,17 @@ class Spool:
     touch another's files. Results are written by whichever worker ran the job.
     """
 
-    def __init__(self, root: Path, min_free_bytes: int = 0, name: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        min_free_bytes: int = 0,
+        name: str | None = None,
+        objects: ObjectStore | None = None,
+    ) -> None:
         self.root = root.resolve()
+        # With an object store, the bucket is what is shared and ``root`` is this
+        # process's own folder (see dicom_node.objects).
+        self.objects = objects
         self.min_free_bytes = min_free_bytes
         self.name = name
         self._low = False
@@ -143,10 +156,49 @@ class Spool:
         _fsync_dir(final.parent)
         if created:  # the new folder's own entry must be durable too
             _fsync_dir(final.parent.parent)
+        if self.objects is not None:
+            try:
+                self.objects.put(relpath, data)
+            except OSError:
+                final.unlink(missing_ok=True)  # not shared, so not stored
+                raise
         return final
+
+    def fetch(self, relpath: str) -> Path:
+        """The local path of ``relpath``, copied from the object store first if need be.
+
+        Without an object store (or when the object is missing there too) this is
+        just :meth:`path`: callers see a missing file as before.
+        """
+        local = self.root / relpath
+        if self.objects is None or local.exists():
+            return local
+        data = self.objects.get(relpath)
+        if data is None:
+            return local
+        temp = self.tmp / f"{uuid.uuid4().hex}.part"
+        temp.write_bytes(data)  # a cache: no fsync, the bucket has it
+        local.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, local)
+        return local
+
+    def share(self, relpath: str) -> None:
+        """Put a local file in the object store (again): one whose put a crash interrupted."""
+        if self.objects is not None:
+            self.objects.put(relpath, (self.root / relpath).read_bytes())
+
+    def evict(self, relpaths: list[str]) -> None:
+        """Drop local copies fetched from the object store (this process's own files stay)."""
+        if self.objects is None:
+            return
+        for relpath in relpaths:
+            if not relpath.startswith(self.instances_prefix):
+                (self.root / relpath).unlink(missing_ok=True)
 
     def remove(self, relpath: str) -> None:
         (self.root / relpath).unlink(missing_ok=True)
+        if self.objects is not None:
+            self.objects.delete(relpath)
 
     def result_relpath(self, job_id: int, kind: str) -> str:
         return f"results/{job_id}/{kind}.dcm"

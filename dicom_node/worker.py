@@ -193,9 +193,12 @@ class Worker:
 
     def _analyse(self, job: Row) -> None:
         _, study, _ = self._journal.job_context(job.id)
-        paths = [self._spool.path(p) for p in self._journal.instance_relpaths(job.series_id)]
+        relpaths = self._journal.instance_relpaths(job.series_id)
         started = time.monotonic()
-        volume = load_images(paths)  # a series of slices, or one image (DX, CR)
+        try:
+            volume = load_images([self._spool.fetch(p) for p in relpaths])  # slices, or a DX
+        finally:
+            self._spool.evict(relpaths)  # copies from an object store are not kept
         result = self._run(job, volume)
         analysed = time.monotonic()
         self._write_results(job, result)
@@ -317,7 +320,7 @@ class Worker:
     def _predecessor(self, job: Row) -> Dataset | None:
         if job.predecessor_id is None:
             return None
-        path = self._spool.path(self._spool.result_relpath(job.predecessor_id, "sr"))
+        path = self._spool.fetch(self._spool.result_relpath(job.predecessor_id, "sr"))
         if not path.exists():  # the earlier job failed after this one was created
             log.warning("job %d: predecessor job %d has no SR", job.id, job.predecessor_id)
             return None

@@ -12,11 +12,12 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import pytest
 from peers import LOCALHOST, PeerError, free_port, wait_until
@@ -164,6 +165,92 @@ class RedisServer:
         try:
             return bool(redis.Redis(host=LOCALHOST, port=self.port, socket_timeout=1).ping())
         except redis.exceptions.ConnectionError:
+            return False
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+class S3Server:
+    """An S3-compatible endpoint (moto's server) on a free port, with one empty bucket."""
+
+    ACCESS_KEY = "testing-access-key"
+    SECRET_KEY = "testing-secret-key"
+    REGION = "us-east-1"
+
+    def __init__(self, folder: Path, bucket: str = "dicom-node") -> None:
+        self.folder = folder
+        self.bucket = bucket
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{LOCALHOST}:{self.port}"
+
+    def settings(self) -> dict[str, str]:
+        """The node's ``storage.object_store`` section for this endpoint."""
+        return {
+            "bucket": self.bucket,
+            "endpoint_url": self.endpoint_url,
+            "region": self.REGION,
+            "access_key_id": self.ACCESS_KEY,
+            "secret_access_key": self.SECRET_KEY,
+        }
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.REGION,
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET_KEY,
+        )
+
+    def keys(self) -> list[str]:
+        paginator = self.client().get_paginator("list_objects_v2")
+        return [
+            item["Key"]
+            for page in paginator.paginate(Bucket=self.bucket)
+            for item in page.get("Contents", [])
+        ]
+
+    def __enter__(self) -> Self:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "moto.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", LOCALHOST, "-p", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        wait_until(self._answers, timeout=30, interval=0.2, what="the S3 endpoint to answer")
+        self.client().create_bucket(Bucket=self.bucket)
+        return self
+
+    def _answers(self) -> bool:
+        import urllib.error
+        import urllib.request
+
+        if self.process is not None and self.process.poll() is not None:
+            raise PeerError(f"moto server exited with {self.process.returncode}")
+        try:
+            with urllib.request.urlopen(self.endpoint_url, timeout=1):
+                return True
+        except urllib.error.HTTPError:
+            return True  # it answers
+        except OSError:
             return False
 
     def __exit__(

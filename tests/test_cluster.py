@@ -23,7 +23,7 @@ import yaml
 from nodes import NodeProcess, chest_route, node_settings, pacs_destination, running_node, send
 from peers import GE_3SLICE, LOCALHOST, PHILIPS_L, Orthanc, dicom_files, storescu, wait_until
 from pydicom.uid import generate_uid
-from services import PostgresServer, RedisServer, require_services
+from services import PostgresServer, RedisServer, S3Server, require_services
 
 from dicom_node.domain import JobState
 from dicom_node.journal import Journal
@@ -111,10 +111,15 @@ def copy_as_new_study(sources: list[Path], folder: Path, number: int) -> list[Pa
 
 
 def cluster_settings(
-    shared: Path, name: str, journal_url: str, broker_url: str, pacs: Orthanc
+    storage: Path,
+    name: str,
+    journal_url: str,
+    broker_url: str,
+    pacs: Orthanc,
+    object_store: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    return node_settings(
-        shared,
+    settings = node_settings(
+        storage,
         destinations=pacs_destination(pacs),
         routes=[chest_route(["pacs"])],
         cluster={
@@ -126,6 +131,9 @@ def cluster_settings(
         },
         analysis={"device": "cpu", "warm_up": True},
     )
+    if object_store is not None:
+        settings["storage"]["object_store"] = object_store
+    return settings
 
 
 def test_two_receivers_two_workers_one_killed_mid_job_every_study_comes_back_once(
@@ -194,6 +202,71 @@ def test_two_receivers_two_workers_one_killed_mid_job_every_study_comes_back_onc
         for receiver in receivers:
             if receiver.proc is not None:
                 receiver.stop()
+
+
+def test_with_an_object_store_receivers_and_a_worker_share_no_folder(
+    tmp_path: Path, postgres: PostgresServer, redis_server: RedisServer, orthanc: Orthanc
+) -> None:
+    """Each process has its own folder; instances and results travel through the bucket."""
+    journal_url = postgres.new_database()
+    sources = dicom_files(PHILIPS_L)
+    studies = [copy_as_new_study(sources, tmp_path / f"study-{n}", n) for n in range(2)]
+    with S3Server(tmp_path / "s3") as s3:
+        receivers = [
+            NodeProcess(
+                cluster_settings(
+                    tmp_path / f"rx{n}-own", f"rx{n}", journal_url, redis_server.url, orthanc,
+                    s3.settings(),
+                ),
+                tmp_path / f"rx{n}",
+            )
+            for n in (1, 2)
+        ]  # fmt: skip
+        worker_settings = cluster_settings(
+            tmp_path / "worker-own", "w", journal_url, redis_server.url, orthanc, s3.settings()
+        )
+        worker_config = tmp_path / "worker.yaml"
+        worker_config.write_text(yaml.safe_dump(worker_settings))
+        worker = WorkerProcess(worker_config, "w", tmp_path / "worker.log")
+        journal = Journal(journal_url)
+        try:
+            for receiver in receivers:
+                receiver.start()
+            worker.start()
+            for number, paths in enumerate(studies):
+                storescu(LOCALHOST, receivers[number].port, "AINODE", paths)
+
+            def all_done() -> bool:
+                jobs = journal.recent_jobs(limit=10)
+                finished_badly = [j for j in jobs if j.state in (JobState.FAILED, "dead_letter")]
+                assert not finished_badly, [(j.id, j.state, j.error) for j in finished_badly]
+                return len(jobs) == 2 and all(job.state == JobState.DONE for job in jobs)
+
+            wait_until(all_done, 240, interval=0.5, what="both jobs done")
+            for paths in studies:
+                uid = str(pydicom.dcmread(paths[0]).StudyInstanceUID)
+                assert len(orthanc.find_instances_by_modality(uid, "SEG")) == 1
+                assert len(orthanc.find_instances_by_modality(uid, "SR")) == 1
+            keys = s3.keys()
+            for job in journal.recent_jobs(limit=10):
+                assert {f"results/{job.id}/seg.dcm", f"results/{job.id}/sr.dcm"} <= set(keys)
+            instance_keys = {key for key in keys if key.startswith("instances/")}
+            assert instance_keys == {row.relpath for row in _instances(journal)}
+            assert {key.split("/")[1] for key in instance_keys} == {"rx1", "rx2"}
+            # the worker fetched both series and kept no copy; it wrote only results
+            assert not list((tmp_path / "worker-own" / "instances").rglob("*.dcm"))
+            # each receiver holds only what it received itself
+            for n in (1, 2):
+                own = list((tmp_path / f"rx{n}-own" / "instances").rglob("*.dcm"))
+                assert len(own) == len(sources)
+                assert all(f"instances/rx{n}/" in path.as_posix() for path in own)
+        finally:
+            journal.close()
+            if worker.proc is not None:
+                worker.stop()
+            for receiver in receivers:
+                if receiver.proc is not None:
+                    receiver.stop()
 
 
 def _instances(journal: Journal) -> list[Any]:
