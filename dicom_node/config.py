@@ -227,8 +227,10 @@ class ClusterSection(_Section):
     node_name: str | None = None  # default: the host name
     lease_seconds: Annotated[float, Field(ge=2, le=3600)] = 60.0  # a worker's hold on a job
     poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0  # look for others' work this often
-    # a job handed to the broker this long ago and still queued (message lost) is handed again
-    redispatch_seconds: Annotated[float, Field(ge=10, le=86400)] = 600.0
+    # a job handed to the broker this long ago and still queued (its message was lost with
+    # a broker restart) is handed over again; shorter than a backlog takes, it duplicates
+    # messages (harmless: a worker skips a job that is no longer queued)
+    redispatch_seconds: Annotated[float, Field(ge=10, le=86400)] = 3600.0
 
     @field_validator("node_name")
     @classmethod

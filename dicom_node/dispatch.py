@@ -27,8 +27,10 @@ from dicom_node.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# A study counts as abandoned by its receiver this long after its own idle window.
+# A study counts as abandoned by its receiver this long after its own idle window;
+# they are looked for this often (a study whose routing fails is retried by its timer).
 ADOPT_GRACE_SECONDS = 5.0
+ADOPT_INTERVAL_SECONDS = 10.0
 
 
 class Dispatcher:
@@ -55,6 +57,7 @@ class Dispatcher:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._broker_down = False
+        self._adopted_at = float("-inf")
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
@@ -88,8 +91,11 @@ class Dispatcher:
             self._metrics.jobs_requeued.inc()
         if self._publisher is not None:
             self._dispatch(now)
-        for study in self._journal.overdue_open_studies(now, self._idle + ADOPT_GRACE_SECONDS):
-            self._assembler.check(study.id)
+        if now - self._adopted_at >= ADOPT_INTERVAL_SECONDS:
+            self._adopted_at = now
+            overdue = self._journal.overdue_open_studies(now, self._idle + ADOPT_GRACE_SECONDS)
+            for study in overdue:
+                self._assembler.check(study.id)
         for wake in self._wake_others:
             wake()
 

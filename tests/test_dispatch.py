@@ -199,3 +199,40 @@ def test_a_job_whose_worker_lease_ran_out_is_queued_and_handed_over_again(
     finally:
         dispatcher.stop()
         journal.close()
+
+
+def test_a_study_left_open_by_a_receiver_that_went_away_is_completed_by_another(
+    postgres: PostgresServer, redis_server: RedisServer
+) -> None:
+    journal = Journal(postgres.new_database())
+    journal.create()
+    now = time.time()
+    stale, fresh = (
+        journal.record_instance(
+            ReceivedInstance(
+                f"1.2.{n}.1",
+                "1.2.840.10008.5.1.4.1.1.2",
+                f"1.2.{n}",
+                f"1.2.{n}.9",
+                "CT",
+                f"instances/gone/00/{n}.dcm",
+                "1.2.840.10008.1.2.1",
+                1,
+                "SCU",
+                received_at,
+            )
+        )  # fmt: skip
+        for n, received_at in ((1, now - 30), (2, now))
+    )
+    dispatcher = make_dispatcher(journal, redis_server.url)
+    try:
+        dispatcher.run_once()
+        assembler = dispatcher._assembler
+        assert isinstance(assembler, _Assembler)
+        assert assembler.checked == [stale.study_id]  # the fresh one is its receiver's
+        dispatcher.run_once()  # looked for again only after ADOPT_INTERVAL_SECONDS
+        assert assembler.checked == [stale.study_id]
+        assert fresh.study_id != stale.study_id
+    finally:
+        dispatcher.stop()
+        journal.close()
