@@ -91,6 +91,9 @@ def _cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     worker.add_argument(
         "--concurrency", type=int, help="jobs at once (default: analysis.workers; one per GPU)"
     )
+    worker.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve /metrics on web.host:PORT"
+    )
     with_config(sub, "migrate", "create or upgrade the journal's tables, then exit")
 
 
@@ -164,7 +167,7 @@ def _dispatch(args: argparse.Namespace, config: NodeConfig) -> int:
     if args.command == "worker":
         from dicom_node.cluster_worker import run_worker
 
-        return run_worker(config, args.name, args.concurrency)
+        return run_worker(config, args.name, args.concurrency, args.metrics_port)
     if args.command == "migrate":
         return ops.migrate(config)
     if args.command == "echo":

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import sqlalchemy as sa
+from prometheus_client import start_http_server
 
 from dicom_node.broker import QUEUE, TASK_ANALYSE, celery_app
 from dicom_node.config import NodeConfig
@@ -53,8 +54,17 @@ def worker_spool(config: NodeConfig, name: str | None) -> Spool:
     raise NameInUse(f"{MAX_WORKERS_PER_NAME} workers named {base}-N are running already")
 
 
-def run_worker(config: NodeConfig, name: str | None = None, concurrency: int | None = None) -> int:
-    """Consume analysis jobs until SIGTERM; returns the exit code."""
+def run_worker(
+    config: NodeConfig,
+    name: str | None = None,
+    concurrency: int | None = None,
+    metrics_port: int | None = None,
+) -> int:
+    """Consume analysis jobs until SIGTERM; returns the exit code.
+
+    ``metrics_port``: serve this worker's Prometheus metrics (jobs analysed, stage
+    times, CPU fallbacks, GPU memory) on ``web.host`` at that port.
+    """
     from dicom_node.app import build_worker
 
     cluster = config.cluster
@@ -76,7 +86,16 @@ def run_worker(config: NodeConfig, name: str | None = None, concurrency: int | N
     owner = f"{spool.name}@{socket.gethostname()}:{os.getpid()}"
     leases = LeaseKeeper(journal, owner, cluster.lease_seconds, time.time)
     threads = concurrency or config.analysis.workers
-    worker = build_worker(config, journal, spool, Metrics(), lambda: None, threads, leases)
+    metrics = Metrics()
+    metrics.watch_gpu()
+    if metrics_port is not None:
+        try:
+            start_http_server(metrics_port, config.web.host, registry=metrics.registry)
+        except OSError as exc:
+            log.error("cannot start: metrics port %d: %s", metrics_port, exc.strerror)
+            return 1
+        log.info("metrics on http://%s:%d/metrics", config.web.host, metrics_port)
+    worker = build_worker(config, journal, spool, metrics, lambda: None, threads, leases)
     app = celery_app(cluster.broker_url.get_secret_value(), cluster.lease_seconds)
 
     @app.task(name=TASK_ANALYSE, bind=True, acks_late=True, max_retries=None)  # type: ignore[untyped-decorator]

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,16 @@ import pydicom
 import pytest
 import yaml
 from nodes import NodeProcess, chest_route, node_settings, pacs_destination, running_node, send
-from peers import GE_3SLICE, LOCALHOST, PHILIPS_L, Orthanc, dicom_files, storescu, wait_until
+from peers import (
+    GE_3SLICE,
+    LOCALHOST,
+    PHILIPS_L,
+    Orthanc,
+    dicom_files,
+    free_port,
+    storescu,
+    wait_until,
+)
 from pydicom.uid import generate_uid
 from services import PostgresServer, RedisServer, S3Server, require_services
 
@@ -51,10 +61,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 class WorkerProcess:
     """``dicom-node worker`` as a child process."""
 
-    def __init__(self, config_path: Path, name: str, log_path: Path) -> None:
+    def __init__(
+        self, config_path: Path, name: str, log_path: Path, metrics_port: int | None = None
+    ) -> None:
         self.config_path = config_path
         self.name = name
         self.log_path = log_path
+        self.metrics_port = metrics_port
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
@@ -62,7 +75,8 @@ class WorkerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dicom_node", "worker", "--config", str(self.config_path),
-                 "--name", self.name],
+                 "--name", self.name,
+                 *(["--metrics-port", str(self.metrics_port)] if self.metrics_port else [])],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
         wait_until(self._ready, 90, interval=0.2, what=f"worker {self.name}")
@@ -154,7 +168,10 @@ def test_two_receivers_two_workers_one_killed_mid_job_every_study_comes_back_onc
     ]
     worker_config = tmp_path / "worker.yaml"
     worker_config.write_text(yaml.safe_dump(receivers[0].settings))
-    workers = [WorkerProcess(worker_config, f"w{n}", tmp_path / f"worker-{n}.log") for n in (1, 2)]
+    workers = [
+        WorkerProcess(worker_config, f"w{n}", tmp_path / f"worker-{n}.log", free_port())
+        for n in (1, 2)
+    ]
     journal = Journal(journal_url)
     try:
         for receiver in receivers:
@@ -194,6 +211,14 @@ def test_two_receivers_two_workers_one_killed_mid_job_every_study_comes_back_onc
         received_by = {row.relpath.split("/")[1] for row in _instances(journal)}
         assert received_by == {"rx1", "rx2"}
         assert "queued again" in receivers[0].log() + receivers[1].log()
+        url = f"http://{LOCALHOST}:{workers[1].metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            exported = response.read().decode()
+        done_by_two = sum(1 for job in jobs.values() if job.lease_owner.startswith("w2-"))
+        assert (
+            f'dicom_node_jobs_analysed_total{{outcome="ok",pipeline="ct-chest"}} {done_by_two}.0'
+            in exported
+        )
     finally:
         journal.close()
         for worker in workers:
