@@ -34,8 +34,8 @@ from dicom_node.intake import Recorded as Recorded
 from dicom_node.intake import UIDConflict as UIDConflict
 from dicom_node.leases import JournalLeases
 from dicom_node.reports import JournalReports
+from dicom_node.schema import JournalSchemaError as JournalSchemaError  # re-exported for app
 from dicom_node.schema import (
-    PRIORITIES,
     deliveries,
     instances,
     jobs,
@@ -43,7 +43,6 @@ from dicom_node.schema import (
     series,
     studies,
 )
-from dicom_node.schema import JournalSchemaError as JournalSchemaError  # re-exported for app
 
 
 @dataclass(frozen=True)
@@ -220,33 +219,6 @@ class Journal(JournalReports, JournalLeases):
             for row in rows:
                 _set_job_state(conn, row, JobState.QUEUED, now)
             return len(rows)
-
-    def claim_job(
-        self, now: float, owner: str | None = None, until: float | None = None
-    ) -> Row | None:
-        """Take the next queued job, urgent before normal, then oldest first; mark it analysing.
-
-        ``owner`` and ``until``: the lease, when other processes share the journal.
-        """
-        rank = sa.case({p: i for i, p in enumerate(PRIORITIES)}, value=jobs.c.priority)
-        with self._write() as conn:
-            row = conn.execute(
-                sa.select(jobs)
-                .where(jobs.c.state == JobState.QUEUED)
-                .order_by(rank, jobs.c.id)
-                .limit(1)
-                .with_for_update(skip_locked=True)  # PostgreSQL: other nodes' claims
-            ).one_or_none()
-            if row is None:
-                return None
-            _set_job_state(conn, row, JobState.ANALYSING, now)
-            if owner is not None:
-                conn.execute(
-                    jobs.update()
-                    .where(jobs.c.id == row.id)
-                    .values(lease_owner=owner, lease_until=until)
-                )
-            return conn.execute(sa.select(jobs).where(jobs.c.id == row.id)).one()
 
     def job(self, job_id: int) -> Row:
         with self._read() as conn:

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from dicom_node.domain import DeliveryState, JobState, StudyState, check_job
-from dicom_node.schema import deliveries, jobs, studies
+from dicom_node.schema import PRIORITIES, deliveries, jobs, studies
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,24 @@ class JournalLeases:
 
     # -- workers --------------------------------------------------------------------------
 
+    def claim_job(
+        self, now: float, owner: str | None = None, until: float | None = None
+    ) -> Row | None:
+        """Take the next queued job, urgent before normal, then oldest first; mark it analysing.
+
+        ``owner`` and ``until``: the lease, when other processes share the journal.
+        """
+        rank = sa.case({p: i for i, p in enumerate(PRIORITIES)}, value=jobs.c.priority)
+        with self._write() as conn:
+            row = conn.execute(
+                sa.select(jobs)
+                .where(jobs.c.state == JobState.QUEUED)
+                .order_by(rank, jobs.c.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)  # PostgreSQL: other nodes' claims
+            ).one_or_none()
+            return None if row is None else _claim(conn, row.id, now, owner, until)
+
     def claim_job_by_id(self, job_id: int, owner: str, now: float, until: float) -> Row | None:
         """Take job ``job_id`` if it is queued (a broker message names it); else None."""
         with self._write() as conn:
@@ -57,19 +75,7 @@ class JournalLeases:
             row = conn.execute(query).one_or_none()
             if row is None or row.state != JobState.QUEUED:
                 return None
-            check_job(JobState.QUEUED, JobState.ANALYSING)
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job_id)
-                .values(
-                    state=JobState.ANALYSING,
-                    started_at=now,
-                    updated_at=now,
-                    lease_owner=owner,
-                    lease_until=until,
-                )
-            )
-            return conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
+            return _claim(conn, job_id, now, owner, until)
 
     def renew_leases(self, owner: str, job_ids: list[int], until: float) -> set[int]:
         """Extend the leases ``owner`` still holds; returns the ids it still holds."""
@@ -188,6 +194,25 @@ class JournalLeases:
                 .values(next_attempt_at=until)
             )
             return result.rowcount == 1
+
+
+def _claim(
+    conn: Connection, job_id: int, now: float, owner: str | None, until: float | None
+) -> Row:
+    """Mark the queued job ``job_id`` analysing, under ``owner``'s lease when given."""
+    check_job(JobState.QUEUED, JobState.ANALYSING)
+    conn.execute(
+        jobs.update()
+        .where(jobs.c.id == job_id)
+        .values(
+            state=JobState.ANALYSING,
+            started_at=now,
+            updated_at=now,
+            lease_owner=owner,
+            lease_until=until,
+        )
+    )
+    return conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
 
 
 class LeaseKeeper:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from peers import Orthanc, Storescp, require_tools
+from services import PostgresServer, RedisServer, require_services
 
 
 @pytest.fixture
@@ -23,3 +24,19 @@ def storescp(tmp_path: Path) -> Iterator[Storescp]:
     require_tools("storescp", "echoscu")
     with Storescp(tmp_path / "storescp") as scp:
         yield scp
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A PostgreSQL server for a test module; each test takes a database with new_database()."""
+    require_services()
+    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server (the Celery broker) for one test."""
+    require_services()
+    with RedisServer(tmp_path / "redis") as server:
+        yield server

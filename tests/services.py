@@ -21,6 +21,7 @@ from typing import Any, Self
 
 import pytest
 from peers import LOCALHOST, PeerError, free_port, wait_until
+from peers import _terminate as terminate
 
 _POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 
@@ -174,12 +175,7 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            terminate(self.process)
 
 
 class S3Server:
@@ -260,9 +256,4 @@ class S3Server:
         tb: TracebackType | None,
     ) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            terminate(self.process)

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +41,6 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 STUDIES = 10
 LEASE_SECONDS = 4.0
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    require_services()
-    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
-        yield server
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    require_services()
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
 
 
 class WorkerProcess:

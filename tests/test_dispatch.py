@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from kombu import Connection, Queue
-from services import PostgresServer, RedisServer, require_services
+from services import PostgresServer, RedisServer
 
 from dicom_node.broker import PRIORITY, QUEUE, Publisher, celery_app
 from dicom_node.config import ClusterSection
@@ -22,20 +21,6 @@ from dicom_node.domain import JobState
 from dicom_node.journal import JobSpec, Journal, ReceivedInstance
 from dicom_node.schema import metadata
 from dicom_node.web.metrics import Metrics
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    require_services()
-    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
-        yield server
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    require_services()
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
