@@ -113,9 +113,7 @@ class Node:
 def build_node(config: NodeConfig) -> Node:
     cluster = config.cluster
     name = cluster.name() if cluster.enabled else None
-    spool = Spool(
-        config.storage.path, config.storage.min_free_bytes, name, object_store(config)
-    )
+    spool = Spool(config.storage.path, config.storage.min_free_bytes, name, object_store(config))
     spool.create()
     journal = Journal(cluster.journal_location(spool.journal_path))
     journal.create()

@@ -27,6 +27,10 @@ so a burst of bad connections could fill ``max_associations``.
 
 Both still wake at least every :data:`TICK_SECONDS` to check timers and flags, as
 the originals do on every turn.
+
+The requestor's C-STORE data phase does not go through the DUL at all: the sending
+thread borrows the socket (:meth:`EventDrivenDUL.lend_socket`, see
+:mod:`dicom_node.store_wire`) while the reactor waits, parked between two turns.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.02  # longest wait before timers and flags are looked at again
 PDATA_BATCH = 64  # P-DATA PDUs joined into one send, at most
 BACKPRESSURE_PAUSE = 0.001  # the handler is behind: wait before looking at the socket again
+_FREE, _REQUESTED, _PARKED = "free", "requested", "parked"  # EventDrivenDUL socket lease
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -64,6 +69,63 @@ class EventDrivenDUL(DULServiceProvider):
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
+        self._lease = threading.Condition()
+        self._lease_state = _FREE
+
+    def lend_socket(self, timeout: float) -> bool:
+        """Park the reactor so that the caller alone reads and writes the socket.
+
+        The reactor parks at the start of a turn once nothing is queued for it (no
+        primitive to send, no event for the state machine), so no PDU is half read or
+        half written. False when it did not park within ``timeout`` (it has ended).
+        Every True must be followed by :meth:`return_socket`.
+        """
+        with self._lease:
+            self._lease_state = _REQUESTED
+        self._wake()
+        with self._lease:
+            self._lease.wait_for(
+                lambda: self._lease_state == _PARKED or not self.is_alive(), timeout
+            )
+            if self._lease_state == _PARKED:
+                return True
+            self._lease_state = _FREE
+            return False
+
+    def return_socket(self) -> None:
+        """The reactor takes the socket back (and restarts its idle timer)."""
+        # Before the association thread runs again: it would read a lease longer than
+        # network_timeout as an idle connection and abort it.
+        self._idle_timer.restart()
+        with self._lease:
+            self._lease_state = _FREE
+            self._lease.notify_all()
+
+    def deliver_received(self, raw: bytes | bytearray) -> None:
+        """A whole PDU that the borrower read but does not handle (A-ABORT, A-RELEASE-RQ,
+        anything unexpected): queued for the state machine, as ``_read_pdu_data`` would
+        have, to be acted on once the socket is returned."""
+        try:
+            pdu, event = self._decode_pdu(bytearray(raw))
+        except Exception:
+            self.event_queue.put("Evt19")  # unrecognised or invalid PDU
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _park_if_asked(self) -> bool:
+        """Wait here while the socket is lent; True when the reactor was parked."""
+        with self._lease:
+            if self._lease_state != _REQUESTED:
+                return False
+            if not self.event_queue.empty() or not self.to_provider_queue.empty():
+                return False  # finish what is queued first
+            self._lease_state = _PARKED
+            self._lease.notify_all()
+            while self._lease_state == _PARKED and not self._kill_thread:
+                self._lease.wait(TICK_SECONDS)
+        self._idle_timer.restart()  # the borrower used the connection meanwhile
+        return True
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -124,6 +186,8 @@ class EventDrivenDUL(DULServiceProvider):
         try:
             self._event_driven_reactor()
         finally:
+            with self._lease:  # a borrower waiting for the reactor to park gives up
+                self._lease.notify_all()
             # Nothing will reach the association any more. An acceptor still waiting for
             # its A-ASSOCIATE-RQ (the peer sent garbage and was cut off) would otherwise
             # hold its slot until acse_timeout: a None reads as that timeout, at once.
@@ -149,6 +213,8 @@ class EventDrivenDUL(DULServiceProvider):
                 self.assoc._dul_ready.set()
             if self._kill_thread:
                 return
+            if self._lease_state == _REQUESTED and self._park_if_asked():
+                continue
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
             try:

@@ -1,6 +1,7 @@
-"""C-STORE SCU: send files to a peer; the delivery loop with retry and dead letter.
+"""Delivery of results: the loop with retry and dead letter, over the C-STORE SCU.
 
-:func:`store_files` is the plain sender used by the CLI and by deliveries.
+:func:`store_files` (from :mod:`dicom_node.store_scu`, like the other SCU names that
+callers import from here) is the plain sender used by the CLI and by deliveries.
 :class:`Sender` drives pending deliveries from the journal: each attempt sends
 the job's result files (:func:`result_files`: the SEG, unless the pipeline is a
 classifier, and the SR); a failure is retried with exponential backoff and jitter
@@ -11,259 +12,55 @@ destination with ``storage_commitment`` a stored delivery is handed to
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
-import socket
-import ssl
 import threading
-import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pydicom
-from pynetdicom import AE, Association
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import split_dataset
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import ClientTLS, SendingSection
 from dicom_node.domain import DeliveryState, backoff_seconds
 from dicom_node.journal import Journal, Row
 from dicom_node.logs import log_context
-from dicom_node.reactor import EventDrivenDUL, serve_association
 from dicom_node.store import Spool
-from dicom_node.tls import TLSConfigError, client_context
+from dicom_node.store_scu import (
+    STORED_STATUSES,
+    EventDrivenAE,
+    Peer,
+    SendError,
+    associate,
+    dicom_files,
+    echo,
+    keep_responses_for_the_requestor,
+    status_text,
+    store_files,
+)
 from dicom_node.web.metrics import Metrics
 
 if TYPE_CHECKING:
     from dicom_node.commit import Commitments
 
+__all__ = [  # the SCU names that other modules import from here
+    "STORED_STATUSES",
+    "EventDrivenAE",
+    "Peer",
+    "SendError",
+    "associate",
+    "dicom_files",
+    "echo",
+    "keep_responses_for_the_requestor",
+    "status_text",
+    "store_files",
+]
+
 log = logging.getLogger(__name__)
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-
-# Statuses that mean the peer has the object (PS3.4 B.2.3: success and warnings).
-STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
-
-
-class SendError(Exception):
-    """A send did not complete; the message names the peer and the reason."""
-
-
-@dataclass(frozen=True)
-class Peer:
-    ae_title: str
-    host: str
-    port: int
-    tls: ClientTLS | None = None  # DICOM TLS (destinations.NAME.tls); None: plain TCP
-
-
-def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
-    if peer.tls is None:
-        return None
-    try:
-        return client_context(peer.tls), peer.host
-    except TLSConfigError as exc:
-        raise SendError(f"TLS to {peer.ae_title}: {exc}") from exc
-
-
-def associate(
-    calling_aet: str, peer: Peer, contexts: Iterable[tuple[str, list[str]]], timeout: float
-) -> Association:
-    ae = EventDrivenAE(ae_title=calling_aet)
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    for abstract, syntaxes in contexts:
-        ae.add_requested_context(abstract, syntaxes)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_tls_args(peer))
-    if not assoc.is_established:
-        raise SendError(
-            f"association with {peer.ae_title}@{peer.host}:{peer.port} was "
-            f"{'rejected' if assoc.is_rejected else 'not established'}"
-            f"{' (over TLS)' if peer.tls else ''}"
-        )
-    transport = assoc.dul.socket
-    if transport is not None and transport.socket is not None:
-        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    keep_responses_for_the_requestor(assoc)
-    return assoc
-
-
-class EventDrivenAE(AE):
-    """An AE whose requested associations use the event-driven loops of the receiver.
-
-    ``AE.associate`` creates the association, then asks ``_create_socket`` for its
-    socket before anything is started: the one place to swap in
-    :class:`~dicom_node.reactor.EventDrivenDUL` and :func:`serve_association`. With the
-    stock loops each C-STORE waited up to ~1 ms for the DUL to send it and again for
-    the reactor to pause.
-    """
-
-    def _create_socket(
-        self, assoc: Association, address: Any, tls_args: tuple[ssl.SSLContext, str] | None
-    ) -> AssociationSocket:
-        assoc.dul = EventDrivenDUL(assoc)
-        assoc._run_reactor = functools.partial(serve_association, assoc)  # type: ignore[method-assign]
-        # the setters arm the new DUL's timers, as Association.__init__ did for the old one
-        assoc.acse_timeout = assoc.acse_timeout
-        assoc.network_timeout = assoc.network_timeout
-        return super()._create_socket(assoc, address, tls_args)
-
-
-def keep_responses_for_the_requestor(assoc: Association) -> None:
-    """Work around a race in pynetdicom 3.0's requestor.
-
-    ``send_c_store`` pauses the association's reactor thread by clearing an event
-    and then checking a flag the reactor sets *before* it waits, so the reactor
-    can slip past the pause and take the C-STORE response off the queue; it then
-    drops it ("Received unexpected C-STORE service message") and the sender
-    waits for the DIMSE timeout. Here a response the reactor takes is put back
-    for the waiting sender (once; a response nobody waits for is still dropped).
-    """
-    serve_request = assoc._serve_request
-
-    def serve(msg: Any, context_id: int) -> None:
-        if not msg.is_valid_request and not getattr(msg, "_dicom_node_requeued", False):
-            msg._dicom_node_requeued = True
-            assoc.dimse.msg_queue.put((context_id, msg))
-            return
-        serve_request(msg, context_id)
-
-    assoc._serve_request = serve  # type: ignore[method-assign]
-
-
-def echo(calling_aet: str, peer: Peer, timeout: float = 10.0) -> None:
-    """C-ECHO the peer; raise :class:`SendError` unless it answers success."""
-    assoc = associate(calling_aet, peer, [(Verification, ["1.2.840.10008.1.2"])], timeout)
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    if not status or status.Status != 0x0000:
-        raise SendError(f"C-ECHO to {peer.ae_title} failed: {status_text(status)}")
-
-
-def dicom_files(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
-    """Split ``paths`` into DICOM Part 10 files (with file meta) and the rest."""
-    files: list[Path] = []
-    skipped: list[Path] = []
-    for path in paths:
-        try:
-            meta = pydicom.filereader.read_file_meta_info(path)
-            usable = "MediaStorageSOPClassUID" in meta and "TransferSyntaxUID" in meta
-        except Exception:
-            usable = False
-        (files if usable else skipped).append(path)
-    return files, skipped
-
-
-def _contexts(paths: Sequence[Path]) -> list[tuple[str, list[str]]]:
-    """One context per (SOP class), offering each file's own transfer syntax first."""
-    by_class: dict[str, list[str]] = {}
-    for path in paths:
-        meta = pydicom.filereader.read_file_meta_info(path)
-        syntaxes = by_class.setdefault(str(meta.MediaStorageSOPClassUID), [])
-        syntax = str(meta.TransferSyntaxUID)
-        if syntax not in syntaxes:
-            syntaxes.append(syntax)
-    contexts = []
-    for abstract, syntaxes in by_class.items():
-        for syntax in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"):  # uncompressed fallbacks
-            if syntax not in syntaxes:
-                syntaxes.append(syntax)
-        contexts.append((abstract, syntaxes))
-    if len(contexts) > 128:
-        raise SendError(f"{len(contexts)} SOP classes in one send; at most 128 fit one association")
-    return contexts
-
-
-def store_files(
-    calling_aet: str,
-    peer: Peer,
-    paths: Sequence[Path],
-    timeout: float = 30.0,
-    progress: Callable[[Path, int], None] | None = None,
-) -> None:
-    """C-STORE every file over one association; raise :class:`SendError` on the first failure."""
-    if not paths:
-        return
-    assoc = associate(calling_aet, peer, _contexts(paths), timeout)
-    try:
-        exact = _exact_contexts(assoc)
-        for message_id, path in enumerate(paths, start=1):
-            status = _store_one(assoc, path, exact, message_id)
-            if not status or int(status.Status) not in STORED_STATUSES:
-                raise SendError(
-                    f"C-STORE of {path.name} to {peer.ae_title} failed: {status_text(status)}"
-                )
-            if progress is not None:
-                progress(path, int(status.Status))
-    finally:
-        if assoc.is_established:
-            assoc.release()
-
-
-def _exact_contexts(assoc: Association) -> dict[tuple[str, str], int]:
-    """(SOP class, transfer syntax) -> context ID, for what the peer accepted from us as SCU."""
-    return {
-        (str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
-        for cx in assoc.accepted_contexts
-        if cx.as_scu and cx.transfer_syntax and cx.context_id is not None
-    }
-
-
-def _store_one(
-    assoc: Association, path: Path, exact: dict[tuple[str, str], int], message_id: int
-) -> pydicom.Dataset:
-    """C-STORE one file: its dataset bytes as stored when the peer accepted their syntax.
-
-    pynetdicom's ``send_c_store(path)`` decodes the whole file and encodes it again (a
-    third of the time per CT slice); its chunked mode avoids that but is a process-wide
-    switch. Here the request carries the file and the dataset's offset in it, which
-    pynetdicom's DIMSE layer then sends in PDU-sized chunks - for this call only. When
-    the peer accepted another transfer syntax (e.g. implicit VR only), the decoded
-    dataset goes through ``send_c_store``, which converts it.
-    """
-    if not assoc.is_established:  # the peer released or aborted after the last response
-        raise SendError(f"association ended before {path.name} could be sent")
-    meta, offset = split_dataset(path)
-    sop_class = str(meta.MediaStorageSOPClassUID)
-    context_id = exact.get((sop_class, str(meta.TransferSyntaxUID)))
-    if context_id is None:
-        return assoc.send_c_store(pydicom.dcmread(path), msg_id=message_id)
-    request = C_STORE()
-    request.MessageID = message_id
-    request.Priority = 2  # low, as send_c_store's default
-    request.AffectedSOPClassUID = sop_class
-    request.AffectedSOPInstanceUID = str(meta.MediaStorageSOPInstanceUID)
-    request._dataset_path = (path, offset)
-    # The pause protocol of Association.send_c_store: the reactor must not take the
-    # response off the queue while we wait for it.
-    assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.0001)
-    try:
-        assoc.dimse.send_msg(request, context_id)
-        _, response = assoc.dimse.get_msg(block=True)
-    finally:
-        assoc._reactor_checkpoint.set()
-    if response is None:
-        assoc._handle_no_response()
-        return pydicom.Dataset()
-    return assoc._check_received_status(response)
-
-
-def status_text(status: pydicom.Dataset | None) -> str:
-    if not status:
-        return "no response (connection lost, timeout or aborted)"
-    return f"status 0x{int(status.Status):04X}"
 
 
 def next_attempt_at(
@@ -336,9 +133,9 @@ def result_files(spool: Spool, job: Row) -> list[ResultFile]:
     (:class:`SendError`: a failed attempt, not a silent partial send). Storage
     commitment lists the same files (:mod:`dicom_node.commit`).
     """
-    seg = spool.path(spool.result_relpath(job.id, "seg"))
+    seg = spool.fetch(spool.result_relpath(job.id, "seg"))  # from the object store, if any
     sr_relpath = spool.result_relpath(job.id, "sr")
-    sr = spool.path(sr_relpath)
+    sr = spool.fetch(sr_relpath)
     if not sr.is_file():
         raise SendError(f"job {job.id}: result {sr_relpath} is missing from the spool")
     if seg.is_file():
@@ -390,6 +187,9 @@ class Sender:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # A delivery being attempted is reserved this long: longer than any attempt, so
+        # that only a sender that died mid-way leaves it to another one that late.
+        self._claim_seconds = max(300.0, 10 * settings.timeout_seconds)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="sender", daemon=True)
@@ -433,6 +233,9 @@ class Sender:
                 break
             if delivery.destination in failing:
                 continue
+            now = self._clock()
+            if not self._journal.claim_delivery(delivery.id, now, now + self._claim_seconds):
+                continue  # another receiver sharing the journal is sending it
             attempted += 1
             if self.attempt(delivery) not in (DeliveryState.SENT, DeliveryState.COMMITTING):
                 failing.add(delivery.destination)
