@@ -106,7 +106,7 @@ def run_worker(
             log.error("job %s: journal unreachable (%s); retrying", job_id, type(exc).__name__)
             raise task.retry(countdown=RETRY_SECONDS) from None
 
-    worker.start_warm_up()
+    worker.warm_up()  # before taking a message: an idle warm worker should get it instead
     leases.start()
     log.info(
         "worker %s ready: %d job(s) at a time on %s, journal %s",

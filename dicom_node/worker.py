@@ -114,9 +114,9 @@ class Worker:
             self._threads.append(thread)
 
     def start_warm_up(self) -> None:
-        """Load the routes' pipelines in the background (jobs come from a broker instead)."""
+        """Load the routes' pipelines in the background, beside the analysis threads."""
         if self._warm_up_names:
-            thread = threading.Thread(target=self._warm_up, name="analysis-warm-up", daemon=True)
+            thread = threading.Thread(target=self.warm_up, name="analysis-warm-up", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -304,7 +304,7 @@ class Worker:
                 self._pipelines[key] = pipeline
             return pipeline
 
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
         """Load the routes' pipelines at start, so that the first study does not wait for it."""
         for name in self._warm_up_names:
             if self._stopping.is_set():
