@@ -108,7 +108,8 @@ class Assembler:
                 self._routes, self._series(snapshot), _previous(snapshot), self._models_path
             )
         ]
-        job_ids = self._journal.complete_study(study_id, study.last_received_at, now, specs)
+        seen = sum(row.instance_count for row in snapshot.series)
+        job_ids = self._journal.complete_study(study_id, study.last_received_at, now, specs, seen)
         if job_ids is None:  # an instance arrived while we planned
             self._schedule(study_id, self._clock() + self._idle)
             return None

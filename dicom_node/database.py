@@ -13,6 +13,9 @@ with the baseline revision, which is exactly version 3's tables.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +120,7 @@ def migrate(engine: Engine, location: Path | str) -> None:
     Raises :class:`JournalSchemaError` for a journal this version cannot use: one
     written by a newer version, or a pre-Alembic version without a migration.
     """
-    with engine.begin() as conn:
+    with _file_lock(location), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         tables = set(sa.inspect(conn).get_table_names())
@@ -137,6 +140,22 @@ def migrate(engine: Engine, location: Path | str) -> None:
         found = conn.scalar(sa.select(meta_table.c.value).where(meta_table.c.key == "schema"))
         if found is None:
             conn.execute(meta_table.insert().values(key="schema", value=str(SCHEMA_VERSION)))
+
+
+@contextmanager
+def _file_lock(location: Path | str) -> Iterator[None]:
+    """SQLite: hold ``<journal>.lock`` while migrating (PostgreSQL has its advisory lock)."""
+    if is_url(location):
+        yield
+        return
+    import fcntl
+
+    fd = os.open(f"{location}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _settle_legacy_version(conn: Connection, location: Path | str, stamped: bool) -> None:

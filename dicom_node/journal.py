@@ -114,13 +114,24 @@ class Journal(JournalReports, JournalLeases):
     # -- node identity ------------------------------------------------------
 
     def meta_value(self, key: str, default_factory: Any) -> str:
-        """Read ``key``; store ``default_factory()`` first if it is missing."""
-        with self._write() as conn:
-            value = conn.scalar(sa.select(meta_table.c.value).where(meta_table.c.key == key))
-            if value is None:
-                value = str(default_factory())
-                conn.execute(meta_table.insert().values(key=key, value=value))
-            return value
+        """Read ``key``; store ``default_factory()`` first if it is missing.
+
+        Processes starting together on a new journal agree: the first insert wins,
+        and the others read its value.
+        """
+        query = sa.select(meta_table.c.value).where(meta_table.c.key == key)
+        with self._read() as conn:
+            value = conn.scalar(query)
+        if value is not None:
+            return str(value)
+        candidate = str(default_factory())
+        try:
+            with self._write() as conn:
+                conn.execute(meta_table.insert().values(key=key, value=candidate))
+            return candidate
+        except sa.exc.IntegrityError:
+            with self._read() as conn:
+                return str(conn.scalar(query))
 
     # -- receiving ----------------------------------------------------------
 
@@ -175,18 +186,27 @@ class Journal(JournalReports, JournalLeases):
             return StudySnapshot(study, tuple(series_rows), first_paths, tuple(job_rows))
 
     def complete_study(
-        self, study_id: int, seen_last_received_at: float, now: float, specs: list[JobSpec]
+        self,
+        study_id: int,
+        seen_last_received_at: float,
+        now: float,
+        specs: list[JobSpec],
+        seen_instances: int | None = None,
     ) -> list[int] | None:
         """Mark the study COMPLETE and create its jobs in one transaction.
 
         Nothing happens (None) when the study is no longer open, or received an
-        instance after the snapshot the caller planned from.
+        instance after the snapshot the caller planned from: its last_received_at
+        moved, or (``seen_instances``, the snapshot's count) an instance stamped
+        earlier came in, e.g. a re-indexed file or another receiver's lagging clock.
         """
         with self._write() as conn:
             # locked: another receiver may record an instance of this study right now
             query = sa.select(studies).where(studies.c.id == study_id).with_for_update()
             study = conn.execute(query).one()
             if study.state != StudyState.OPEN or study.last_received_at != seen_last_received_at:
+                return None
+            if seen_instances is not None and seen_instances != _instance_count(conn, study_id):
                 return None
             check_study(StudyState(study.state), StudyState.COMPLETE)
             conn.execute(
@@ -437,6 +457,13 @@ class Journal(JournalReports, JournalLeases):
             )
             _settle_job(conn, row.job_id, now)
             return conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
+
+
+def _instance_count(conn: Connection, study_id: int) -> int:
+    query = sa.select(sa.func.coalesce(sa.func.sum(series.c.instance_count), 0)).where(
+        series.c.study_id == study_id
+    )
+    return int(conn.scalar(query) or 0)
 
 
 def _insert_job(
