@@ -168,7 +168,8 @@ def _send_while_killing(
     node: NodeProcess, all_studies: list[list[pydicom.Dataset]], rng: random.Random
 ) -> tuple[Sender, list[float]]:
     """Send every instance while SIGKILLing and restarting the node KILLS times."""
-    sender = Sender(node.port, [ds for study in all_studies for ds in study], pause=0.04)
+    # paced so that receiving spans several kills (the first comes after 2.4 s)
+    sender = Sender(node.port, [ds for study in all_studies for ds in study], pause=0.1)
     sender.start()
     kill_times = []
     started = time.monotonic()
