@@ -12,15 +12,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 import torch
 from peers import SHARED_REAL
 
-from dicom_node.analysis.ct_chest import (
-    AIRWAY_MAX_OFFSET_MM,
-    LAA_950,
-    PERCENTILE_15,
-    CtChestPipeline,
-)
+from dicom_node.analysis import morphology
+from dicom_node.analysis.chest_regions import AIRWAY_MAX_OFFSET_MM
+from dicom_node.analysis.ct_chest import LAA_950, PERCENTILE_15, CtChestPipeline
 from dicom_node.analysis.device import select_device
 from dicom_node.analysis.pipelines import PIPELINE_NAMES, build_pipeline
 from dicom_node.analysis.types import AnalysisError, Volume
@@ -332,3 +330,76 @@ def test_select_device():
             select_device("cuda")
     with pytest.raises(ValueError, match="'tpu'"):
         select_device("tpu")
+
+
+# The helpers below work slab by slab or in bounding boxes for speed; each must give
+# exactly what the plain whole-volume (or slice-by-slice) computation gives.
+
+
+def _box_dilate_reference(mask: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
+    """Box dilation by brute force: OR of every shift (outside the array is background)."""
+    padded = np.pad(mask, [(r, r) for r in radius])
+    out = np.zeros_like(mask)
+    n0, n1, n2 = mask.shape
+    for a in range(2 * radius[0] + 1):
+        for b in range(2 * radius[1] + 1):
+            for c in range(2 * radius[2] + 1):
+                out |= padded[a : a + n0, b : b + n1, c : c + n2]
+    return out
+
+
+@pytest.mark.parametrize("radius", [(0, 1, 1), (2, 1, 0), (3, 2, 2), (1, 0, 3)])
+def test_slabbed_morphology_equals_whole_volume(monkeypatch, radius):
+    monkeypatch.setattr(morphology, "SLAB_VOXELS", 200)  # many thin slabs: halos matter
+    mask = np.random.default_rng(7).random((23, 11, 13)) > 0.6
+    tensor = torch.from_numpy(mask)
+    dilated = _box_dilate_reference(mask, radius)
+    eroded = ~_box_dilate_reference(~mask, radius)
+    assert np.array_equal(morphology.dilate(tensor, radius).numpy(), dilated)
+    assert np.array_equal(morphology.erode(tensor, radius).numpy(), eroded)
+    opened = morphology.opening(tensor, radius).numpy()
+    assert np.array_equal(opened, _box_dilate_reference(eroded, radius) & mask)
+
+
+def test_fill_holes_and_slice_labels_equal_slice_by_slice(monkeypatch):
+    monkeypatch.setattr(morphology, "SLAB_VOXELS", 300)
+    rng = np.random.default_rng(3)
+    mask = rng.random((9, 20, 17)) > 0.45
+    mask[:, 4:15, 3:14] |= True
+    mask[:, 7:11, 6:10] = rng.random((9, 4, 4)) > 0.7  # holes, some of them open
+    mask[2] = False
+    expected = np.stack(
+        [sitk.GetArrayFromImage(sitk.BinaryFillhole(morphology.image(m))) > 0 for m in mask]
+    )
+    assert np.array_equal(morphology.fill_holes_per_slice(mask), expected)
+    for slab, labels, sizes in morphology.label_slices(mask):
+        for k in range(slab.start, slab.stop):
+            per_slice = sitk.GetArrayFromImage(sitk.ConnectedComponent(morphology.image(mask[k])))
+            got = labels[k - slab.start]
+            assert np.array_equal(got > 0, mask[k])
+            pairs = np.unique(np.stack([got[mask[k]], per_slice[mask[k]]]), axis=1)
+            assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+        assert list(sizes) == sorted(sizes, reverse=True)
+        assert np.array_equal(np.bincount(labels.ravel())[1:], sizes)
+
+
+def test_parts_and_largest_component_equal_whole_volume_labelling():
+    rng = np.random.default_rng(5)
+    mask = np.zeros((30, 40, 50), dtype=bool)
+    mask[3:27, 5:35, 4:46] = rng.random((24, 30, 42)) > 0.55
+    labels, sizes = morphology.components(mask)
+    expected = [np.argwhere(labels == n) for n in range(1, len(sizes)) if sizes[n] >= 5]
+    found = morphology.parts(mask, 5)
+    assert len(found) == len(expected)
+    assert all(np.array_equal(a, b) for a, b in zip(found, expected, strict=True))
+    largest = labels == int(np.argmax(sizes[1:])) + 1
+    assert np.array_equal(morphology.largest_component(mask), largest)
+    assert not morphology.largest_component(np.zeros((3, 4, 5), dtype=bool)).any()
+
+
+@pytest.mark.parametrize("kernel", [(2, 2, 2), (1, 2, 2), (3, 2, 1)])
+def test_pool_equals_torch_max_pool_with_ceil_mode(kernel):
+    mask = np.random.default_rng(11).random((7, 9, 10)) > 0.8
+    as_float = torch.from_numpy(mask).to(torch.float32)[None]
+    expected = torch.nn.functional.max_pool3d(as_float, kernel, ceil_mode=True)[0] > 0
+    assert np.array_equal(morphology.pool(mask, kernel), expected.numpy())

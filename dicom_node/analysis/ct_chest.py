@@ -3,7 +3,8 @@
 The airways (trachea and main bronchi) are grown from the trachea, found near
 the body's centre line in the top slices, with a threshold that is raised in
 steps until the grown volume "explodes" into the lungs (the last step before
-the leak is kept). Each lung gets the densitometry measures of emphysema
+the leak is kept); that and the left/right split are in
+``dicom_node.analysis.chest_regions``. Each lung gets the densitometry measures of emphysema
 quantification: mean lung density, %LAA-950 (percentage of lung voxels below
 -950 HU) and Perc15 (15th percentile of the lung histogram); both lungs
 together are reported as a group.
@@ -12,9 +13,11 @@ Nodule and mass candidates (``dicom_node.analysis.nodules``) are solid, compact
 components inside or against the lungs; each becomes a segment of its own with its
 volume, longest axial diameter, mean HU, lung and approximate lobe.
 
-The work is cropped to the body's rows and columns after the body is found, and the
-airways are grown by flood fills from the trachea: the 0.2 pipeline labelled the whole
-volume at every threshold step.
+The work is cropped to the body's rows and columns after the body is found (the body
+itself is found on the tissue's rows and columns), and the airways are grown by flood
+fills from the trachea: the 0.2 pipeline labelled the whole volume at every threshold
+step. Whole-volume temporaries are avoided where a box or a slab will do: on a shared
+2-core machine their page faults cost more than the arithmetic.
 
 Thresholding and morphology run in torch on the pipeline's device (the same
 code on CPU and CUDA); connected components and hole filling use SimpleITK.
@@ -30,15 +33,20 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
+from dicom_node.analysis.chest_regions import (
+    airways,
+    body_centres,
+    inplane_radius,
+    remove_airways,
+    split_left_right,
+)
 from dicom_node.analysis.morphology import (
-    components,
     dilate,
     erode,
     fill_holes_per_slice,
-    image,
+    label,
     largest_component,
 )
 from dicom_node.analysis.nodules import (  # laterality codes: one definition for both
@@ -63,25 +71,8 @@ log = logging.getLogger(__name__)
 BODY_MIN_HU = -500.0  # tissue threshold for the body outline
 LUNG_MAX_HU = -400.0  # air / lung parenchyma threshold
 BODY_OPENING_MM = 3.0  # in-plane opening radius that detaches table and cables
-AIRWAY_MAX_AREA_MM2 = 800.0  # a trachea / main bronchus cross-section is smaller
-AIRWAY_MAX_OFFSET_MM = 30.0  # ... and lies this close to the body's centre line
-MIDLINE_WINDOW_MM = 50.0  # where the left/right split is searched, around the centre
-MIDLINE_BIN_MM = 2.0
 MIN_AXIAL_COSINE = 0.8  # slice normal must be close to the patient's z axis
 MIN_SEGMENT_ML = 1.0  # a smaller segment is noise, reported as not found
-# Airway lumen is air (-1000 HU; -980..-950 after a smooth kernel); partial volume
-# with the wall raises its edge. The threshold rises from -990 in 10 HU steps, at
-# most to -900 (parenchyma, about -850 HU, lies above); a step that grows the
-# airways by more than AIRWAY_LEAK_RATIO and AIRWAY_LEAK_MIN_ML leaks into the lungs.
-AIRWAY_THRESHOLDS_HU = tuple(float(t) for t in range(-990, -890, 10))
-AIRWAY_LEAK_RATIO = 1.5
-AIRWAY_LEAK_MIN_ML = 10.0  # ... and by more than this (small volumes grow fast legitimately)
-AIRWAY_SEED_MAX_HU = -900.0  # the trachea's section must hold air this dark
-AIRWAY_MAX_ML = 250.0  # trachea + main bronchi of a large adult stay well below
-AIRWAY_MIN_AREA_MM2 = 50.0  # trachea cross-section: 8 mm diameter at least
-AIRWAY_SEARCH_MM = 50.0  # the trachea is sought in the top slices of the volume
-AIRWAY_MIN_LENGTH_MM = 30.0  # shorter: no trachea in the field of view
-AIRWAY_RIM_MM = 2.0  # partial-volume rim of the lumen, given to the airways
 LAA_HU = -950.0  # %LAA-950: emphysema index threshold
 PERCENTILE = 15.0  # Perc15
 
@@ -155,11 +146,8 @@ class CtChestPipeline:
         """Check the geometry, find the body, and crop rows and columns to it."""
         _check_axial(volume)
         hu = torch.from_numpy(np.ascontiguousarray(volume.hu, dtype=np.float32)).to(self.device)
-        body = self._body(hu, volume.spacing)
-        rows = np.flatnonzero(body.any(axis=(0, 2)))
-        columns = np.flatnonzero(body.any(axis=(0, 1)))
-        box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
-        corner = volume.voxel_to_patient(np.array([[0, rows[0], columns[0]]]))[0]
+        body, box = self._body(hu, volume.spacing)
+        corner = volume.voxel_to_patient(np.array([[0, box[0].start, box[1].start]]))[0]
         cropped = Volume(
             hu=volume.hu[:, box[0], box[1]],
             spacing=volume.spacing,
@@ -167,35 +155,46 @@ class CtChestPipeline:
             direction=volume.direction,
             datasets=volume.datasets,
         )
-        return Prepared(volume=volume, cropped=cropped, box=box, body=body[:, box[0], box[1]])
+        return Prepared(volume=volume, cropped=cropped, box=box, body=body)
 
     def infer(self, prepared: Prepared) -> ChestMasks:
         """Internal air, airways, both lungs and the lesion candidates (cropped grid)."""
         volume, body = prepared.cropped, prepared.body
-        hu = torch.from_numpy(np.ascontiguousarray(volume.hu, dtype=np.float32)).to(self.device)
+        # the cropped view as it is (on the CPU no copy): it is only thresholded once
+        hu = torch.from_numpy(np.asarray(volume.hu, dtype=np.float32)).to(self.device)
         internal = self._internal_air(hu, body)
-        airways = self._airways(internal, body, volume)
-        lungs = _remove_airways(internal & ~airways, body, volume)
-        left, right = _split_left_right(lungs, body, volume)
-        found = find_candidates(volume, left, right, airways) if self.nodules else []
-        return ChestMasks(body, left, right, airways, tuple(found))
+        centres = body_centres(body, volume)
+        airway_mask = airways(internal, centres, volume, self.device)
+        lungs = remove_airways(internal & ~airway_mask, centres, volume)
+        left, right = split_left_right(lungs, centres, volume)
+        found = find_candidates(volume, left, right, airway_mask) if self.nodules else []
+        return ChestMasks(body, left, right, airway_mask, tuple(found))
 
     def postprocess(self, prepared: Prepared, masks: ChestMasks) -> AnalysisResult:
         """Masks back on the source grid, segments with their measurements, the lungs group."""
         volume = prepared.volume
 
-        def full(mask: np.ndarray) -> np.ndarray:
-            whole = np.zeros(volume.hu.shape, dtype=bool)
-            whole[:, prepared.box[0], prepared.box[1]] = mask
+        rows, columns = prepared.box
+
+        def full(mask: np.ndarray, box: tuple[slice, ...] | None = None) -> np.ndarray:
+            """``mask`` (cropped grid) on the source grid; only ``box`` of it, if given."""
+            z, r, c = box or (slice(None), slice(None), slice(None))
+            shift = (rows.start or 0, columns.start or 0)
+            whole = np.zeros(volume.hu.shape, dtype=bool)  # untouched pages stay unmapped
+            r0, r1, _ = r.indices(mask.shape[1])
+            c0, c1, _ = c.indices(mask.shape[2])
+            whole[z, r0 + shift[0] : r1 + shift[0], c0 + shift[1] : c1 + shift[1]] = mask[z, r, c]
             return whole
 
         named = {"body": masks.body, "lung_left": masks.lung_left, "lung_right": masks.lung_right}
         if self.airways_segment and masks.airways.any():
             named["airways"] = masks.airways
-        segments = [_segment(key, full(mask), volume) for key, mask in named.items()]
+        segments = [
+            _segment(key, mask, full(mask), prepared.cropped) for key, mask in named.items()
+        ]
         voxel_mm3 = float(np.prod(volume.spacing))
         for number, candidate in enumerate(masks.candidates, start=1):
-            placed = dataclasses.replace(candidate, mask=full(candidate.mask))
+            placed = dataclasses.replace(candidate, mask=full(candidate.mask, candidate.box))
             segments.append(candidate_segment(number, placed, voxel_mm3))
         log.info(
             "ct-chest: %s; %d nodule/mass candidates",
@@ -211,42 +210,56 @@ class CtChestPipeline:
             groups=(_lungs_group(masks.lung_left | masks.lung_right, prepared.cropped),),
         )
 
-    def _body(self, hu: torch.Tensor, spacing: tuple[float, float, float]) -> np.ndarray:
-        """Largest tissue component after an in-plane opening, holes filled per slice."""
+    def _body(
+        self, hu: torch.Tensor, spacing: tuple[float, float, float]
+    ) -> tuple[np.ndarray, tuple[slice, slice]]:
+        """Largest tissue component after an in-plane opening, holes filled per slice.
+
+        Returns the body cropped to its rows and columns, and that crop. The work is
+        done on the tissue's rows and columns plus the opening radius (so the erosion
+        still sees the background around the tissue), never on the whole slices.
+        """
         tissue = hu > BODY_MIN_HU
-        radius = _inplane_radius(BODY_OPENING_MM, spacing)
+        radius = inplane_radius(BODY_OPENING_MM, spacing)
+        rows = _extent(tissue.any(dim=2).any(dim=0), radius[1])
+        columns = _extent(tissue.any(dim=1).any(dim=0), radius[2])
+        if rows is None or columns is None:
+            raise AnalysisError(f"no body found: no voxel above {BODY_MIN_HU} HU")
+        tissue = tissue[:, rows, columns]
         core = largest_component(erode(tissue, radius).cpu().numpy())
         if not core.any():
             raise AnalysisError(f"no body found: no voxel above {BODY_MIN_HU} HU after opening")
         core_t = torch.from_numpy(core).to(self.device)
         body = (dilate(core_t, radius) & tissue).cpu().numpy()
-        return fill_holes_per_slice(body)
+        inner = _box(body)
+        box = (
+            slice(rows.start + inner[0].start, rows.start + inner[0].stop),
+            slice(columns.start + inner[1].start, columns.start + inner[1].stop),
+        )
+        return fill_holes_per_slice(body[:, inner[0], inner[1]]), box
 
     def _internal_air(self, hu: torch.Tensor, body: np.ndarray) -> np.ndarray:
         """Low-HU voxels in the body not connected to the air around the patient."""
         air = (hu < LUNG_MAX_HU).cpu().numpy()
-        labels, _ = components(air)
-        touches_outside = np.bincount(labels[~body].ravel(), minlength=int(labels.max()) + 1) > 0
+        labels, count = label(air)
+        touches_outside = np.zeros(count + 1, dtype=bool)
+        touches_outside[labels[~body]] = True
         return air & ~touches_outside[labels]
 
-    def _airways(self, internal: np.ndarray, body: np.ndarray, volume: Volume) -> np.ndarray:
-        """Trachea and main bronchi with their partial-volume rim; empty if not in view."""
-        empty = np.zeros_like(internal)
-        seed = _trachea_seed(internal, body, volume)
-        if seed is None:
-            log.info("ct-chest: no trachea in the top %.0f mm", AIRWAY_SEARCH_MM)
-            return empty
-        lumen = _grow_airways(volume.hu, internal, seed, volume)
-        if lumen is None:
-            return empty
-        slices = np.flatnonzero(lumen.any(axis=(1, 2)))
-        length = (slices[-1] - slices[0] + 1) * volume.spacing[0]
-        if length < AIRWAY_MIN_LENGTH_MM:
-            log.info("ct-chest: airway candidate only %.0f mm long, ignored", length)
-            return empty
-        radius = _inplane_radius(AIRWAY_RIM_MM, volume.spacing)
-        rim = dilate(torch.from_numpy(lumen).to(self.device), radius).cpu().numpy()
-        return rim & internal
+
+def _extent(present: torch.Tensor, margin: int) -> slice | None:
+    """The range of the true entries of a 1-D ``present``, widened by ``margin`` (clamped)."""
+    where = torch.nonzero(present).flatten()
+    if not len(where):
+        return None
+    return slice(max(0, int(where[0]) - margin), min(len(present), int(where[-1]) + margin + 1))
+
+
+def _box(mask: np.ndarray) -> tuple[slice, slice]:
+    """Rows and columns of ``mask`` (slices, rows, columns) that hold a true voxel."""
+    rows = np.flatnonzero(mask.any(axis=(0, 2)))
+    columns = np.flatnonzero(mask.any(axis=(0, 1)))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(columns[0]), int(columns[-1]) + 1)
 
 
 def _check_axial(volume: Volume) -> None:
@@ -258,84 +271,6 @@ def _check_axial(volume: Volume) -> None:
         )
     if volume.hu.shape[0] < 2:
         raise AnalysisError(f"ct-chest needs at least 2 slices, got {volume.hu.shape[0]}")
-
-
-def _trachea_seed(internal: np.ndarray, body: np.ndarray, volume: Volume) -> np.ndarray | None:
-    """The trachea's cross-section in the highest slice that shows one, as a 3-D mask.
-
-    A trachea is an air section of 50 to 800 mm2 close to the body's centre line
-    with air (< -900 HU) in it; the largest such section of the slice is taken.
-    """
-    pixel_area = volume.spacing[1] * volume.spacing[2]
-    count = min(volume.hu.shape[0], int(AIRWAY_SEARCH_MM / volume.spacing[0]) + 1)
-    top_first = (
-        range(volume.hu.shape[0] - 1, -1, -1)
-        if volume.direction[2, 2] > 0
-        else range(volume.hu.shape[0])
-    )
-    for k in list(top_first)[:count]:
-        if not internal[k].any():
-            continue
-        x = _patient_x(volume, k)
-        centre = float(x[body[k]].mean())
-        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(image(internal[k])))
-        pixels = np.bincount(labels.ravel())
-        area = pixels * pixel_area
-        mean_x = np.bincount(labels.ravel(), weights=x.ravel()) / np.maximum(pixels, 1)
-        has_air = np.bincount(labels.ravel(), weights=volume.hu[k].ravel() < AIRWAY_SEED_MAX_HU)
-        fits = (
-            (area >= AIRWAY_MIN_AREA_MM2)
-            & (area <= AIRWAY_MAX_AREA_MM2)
-            & (np.abs(mean_x - centre) <= AIRWAY_MAX_OFFSET_MM)
-            & (has_air > 0)
-        )
-        fits[0] = False
-        if fits.any():
-            seed = np.zeros_like(internal)
-            seed[k] = labels == int(np.argmax(np.where(fits, area, -1.0)))
-            return seed
-    return None
-
-
-def _grow_airways(
-    hu: np.ndarray, internal: np.ndarray, seed: np.ndarray, volume: Volume
-) -> np.ndarray | None:
-    """Air connected to ``seed`` at the highest threshold before the growth explodes.
-
-    Each step is a flood fill from the seed (SimpleITK ConnectedThreshold, face
-    connectivity) over the internal air below the threshold: it visits only what it
-    grows, not the whole volume.
-    """
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    outside = np.float32(np.finfo(np.float32).max)  # never below a threshold
-    image = sitk.GetImageFromArray(np.where(internal, hu, outside).astype(np.float32))
-    best: np.ndarray | None = None
-    best_ml = 0.0
-    # The seed voxels once; each threshold keeps those below it (no full-volume pass).
-    seeds = np.argwhere(seed & internal)
-    seed_hu = hu[tuple(seeds.T)]
-    for threshold in AIRWAY_THRESHOLDS_HU:
-        starts = seeds[seed_hu < threshold]
-        if not len(starts):
-            continue
-        region = sitk.ConnectedThreshold(
-            image,
-            seedList=[(int(x), int(y), int(z)) for z, y, x in starts],
-            lower=-1.0e30,
-            upper=float(np.nextafter(np.float32(threshold), np.float32(-np.inf))),
-        )
-        view = sitk.GetArrayViewFromImage(region)  # counted in place; copied only if kept
-        grown_ml = float(np.count_nonzero(view)) * voxel_ml
-        growth = grown_ml - best_ml
-        leaks = best is not None and growth > max(
-            AIRWAY_LEAK_MIN_ML, (AIRWAY_LEAK_RATIO - 1.0) * best_ml
-        )
-        if grown_ml > AIRWAY_MAX_ML or leaks:
-            log.info("ct-chest: airways leak at %.0f HU (%.0f ml)", threshold, grown_ml)
-            break
-        if grown_ml > 0:
-            best, best_ml = view.astype(bool), grown_ml
-    return best
 
 
 def _lung_measurements(values: np.ndarray) -> tuple[Measurement, ...]:
@@ -367,62 +302,10 @@ def _lungs_group(lungs: np.ndarray, volume: Volume) -> SegmentGroup:
     )
 
 
-def _remove_airways(lungs: np.ndarray, body: np.ndarray, volume: Volume) -> np.ndarray:
-    """Drop small air sections near the centre line left over from the airways."""
-    pixel_area = volume.spacing[1] * volume.spacing[2]
-    cleaned = lungs.copy()
-    for k in range(lungs.shape[0]):
-        if not lungs[k].any():
-            continue
-        x = _patient_x(volume, k)
-        centre = float(x[body[k]].mean())
-        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(image(lungs[k])))
-        area = np.bincount(labels.ravel()) * pixel_area
-        mean_x = np.bincount(labels.ravel(), weights=x.ravel()) / np.maximum(area / pixel_area, 1)
-        airway = (area <= AIRWAY_MAX_AREA_MM2) & (np.abs(mean_x - centre) <= AIRWAY_MAX_OFFSET_MM)
-        airway[0] = False
-        cleaned[k][airway[labels]] = False
-    return cleaned
-
-
-def _split_left_right(
-    lungs: np.ndarray, body: np.ndarray, volume: Volume
-) -> tuple[np.ndarray, ...]:
-    """Split at the emptiest sagittal line near the body centre; +x (LPS) is left."""
-    left = np.zeros_like(lungs)
-    for k in range(lungs.shape[0]):
-        if not lungs[k].any():
-            continue
-        x = _patient_x(volume, k)
-        split = _midline(x[lungs[k]], float(x[body[k]].mean()))
-        left[k] = lungs[k] & (x > split)
-    right = lungs & ~left
-    return largest_component(left), largest_component(right)
-
-
-def _midline(lung_x: np.ndarray, centre: float) -> float:
-    """The x of least lung near ``centre``; among ties the one closest to it."""
-    edges = centre + np.arange(
-        -MIDLINE_WINDOW_MM, MIDLINE_WINDOW_MM + MIDLINE_BIN_MM, MIDLINE_BIN_MM
-    )
-    counts, _ = np.histogram(lung_x, bins=edges)
-    middles = (edges[:-1] + edges[1:]) / 2
-    candidates = np.flatnonzero(counts == counts.min())
-    return float(middles[candidates[np.argmin(np.abs(middles[candidates] - centre))]])
-
-
-def _patient_x(volume: Volume, k: int) -> np.ndarray:
-    """Patient x (LPS, mm) of every pixel of slice ``k``, shape (rows, columns)."""
-    rows, columns = volume.hu.shape[1:]
-    d = volume.direction
-    dz, dy, dx = volume.spacing
-    col_term = np.arange(columns) * dx * d[0, 0]
-    row_term = np.arange(rows) * dy * d[0, 1]
-    return volume.origin[0] + k * dz * d[0, 2] + row_term[:, None] + col_term[None, :]
-
-
-def _segment(key: str, mask: np.ndarray, volume: Volume) -> Segment:
-    count = int(mask.sum())
+def _segment(key: str, cropped: np.ndarray, mask: np.ndarray, volume: Volume) -> Segment:
+    """Segment ``key`` with the source-grid ``mask``; measured on the ``cropped`` grid
+    (the same voxels in the same order, in a smaller array)."""
+    count = int(np.count_nonzero(cropped))
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     if count * voxel_ml < MIN_SEGMENT_ML:
         raise AnalysisError(
@@ -435,7 +318,7 @@ def _segment(key: str, mask: np.ndarray, volume: Volume) -> Segment:
         "lung_right": ("Right lung", LUNG, RIGHT),
         "airways": ("Airways", TRACHEA_AND_BRONCHUS, None),
     }[key]
-    values = volume.hu[mask]
+    values = volume.hu[cropped]
     return Segment(
         key=key,
         label=label,
@@ -447,7 +330,3 @@ def _segment(key: str, mask: np.ndarray, volume: Volume) -> Segment:
         mean_hu=float(values.mean(dtype=np.float64)),
         measurements=_lung_measurements(values) if segment_type == LUNG else (),
     )
-
-
-def _inplane_radius(mm: float, spacing: tuple[float, float, float]) -> tuple[int, int, int]:
-    return (0, max(1, round(mm / spacing[1])), max(1, round(mm / spacing[2])))

@@ -3,29 +3,93 @@
 Dilation and erosion run in torch (box structuring elements, one axis at a time, by
 doubling shifts), so they run on whatever device the mask lives on; connected
 components and hole filling use SimpleITK on the CPU.
+
+Volumes are processed in slabs of slices (with a halo of the slice radius), so that
+every temporary is a few MiB: on a 300 x 512 x 512 mask each whole-volume temporary
+was a fresh 75 MiB allocation, and the page faults of those cost ten times the
+arithmetic (an in-plane erosion took 0.7 s, in slabs 0.07 s).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
+
+SLAB_VOXELS = 2**22  # about 4 MiB of bool per slab
+
+
+def slabs(count: int, slice_voxels: int, halo: int = 0) -> list[slice]:
+    """Consecutive ranges of ``count`` slices of about ``SLAB_VOXELS`` voxels each.
+
+    With a ``halo`` (slices read on each side of a slab), slabs are at least four
+    halos thick, so that the halos are not most of the work.
+    """
+    step = max(1, SLAB_VOXELS // max(1, slice_voxels), 4 * halo)
+    return [slice(start, min(count, start + step)) for start in range(0, count, step)]
 
 
 def dilate(mask: torch.Tensor, radius: tuple[int, int, int]) -> torch.Tensor:
-    """Binary dilation with a box of half-widths ``radius``, one axis at a time."""
+    """Binary dilation with a box of half-widths ``radius``; outside the array is background."""
+    return _by_slabs(mask, radius, invert=False)
+
+
+def erode(mask: torch.Tensor, radius: tuple[int, int, int]) -> torch.Tensor:
+    """Binary erosion; outside the array counts as foreground (no erosion from the edges)."""
+    return _by_slabs(mask, radius, invert=True)
+
+
+def opening(mask: torch.Tensor, radius: tuple[int, int, int]) -> torch.Tensor:
+    """Binary opening (erosion, then dilation) with a box, kept inside ``mask``."""
+    if mask.dim() != 3:
+        raise ValueError(f"expected a 3-D mask, got shape {tuple(mask.shape)}")
+    out = torch.empty(mask.shape, dtype=torch.bool, device=mask.device)
+    count, halo = mask.shape[0], radius[0]
+    for part in slabs(count, mask.shape[1] * mask.shape[2], halo):
+        # the erosion is exact on the part and ``halo`` slices around it, which the
+        # dilation of the part needs
+        low, high = max(0, part.start - 2 * halo), min(count, part.stop + 2 * halo)
+        block = mask[low:high].bool()
+        eroded = ~_dilate_block(~block, radius)
+        near = slice(max(0, part.start - halo) - low, min(count, part.stop + halo) - low)
+        opened = _dilate_block(eroded[near], radius)
+        start = part.start - low - near.start
+        kept = opened[start : start + part.stop - part.start]
+        out[part] = kept & block[part.start - low : part.stop - low]
+    return out
+
+
+def _by_slabs(mask: torch.Tensor, radius: tuple[int, int, int], invert: bool) -> torch.Tensor:
+    """Dilate (or erode: dilate the complement) a 3-D mask slab by slab, with a halo of
+    ``radius[0]`` slices on each side so that every slab's result is exact."""
+    if mask.dim() != 3:
+        raise ValueError(f"expected a 3-D mask, got shape {tuple(mask.shape)}")
+    out = torch.empty(mask.shape, dtype=torch.bool, device=mask.device)
+    count, halo = mask.shape[0], radius[0]
+    for part in slabs(count, mask.shape[1] * mask.shape[2], halo):
+        low, high = max(0, part.start - halo), min(count, part.stop + halo)
+        block = mask[low:high].bool()
+        block = _dilate_block(~block if invert else block, radius)
+        block = block[part.start - low : part.stop - low]
+        out[part] = ~block if invert else block
+    return out
+
+
+def _dilate_block(block: torch.Tensor, radius: tuple[int, int, int]) -> torch.Tensor:
     for axis, r in enumerate(radius):
         if r > 0:
-            mask = _dilate_axis(mask, axis, r)
-    return mask
+            block = _dilate_axis(block, axis, r)
+    return block
 
 
 def _dilate_axis(mask: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
     """OR over a window of 2 * radius + 1 along ``axis`` by doubling shifts (log steps)."""
-    pad = [0] * (2 * mask.dim())
-    pad[2 * (mask.dim() - 1 - axis)] = pad[2 * (mask.dim() - 1 - axis) + 1] = radius
-    result = F.pad(mask.to(torch.uint8), pad).bool()
+    shape = list(mask.shape)
+    shape[axis] += 2 * radius
+    result = torch.zeros(shape, dtype=torch.bool, device=mask.device)
+    result.narrow(axis, radius, mask.shape[axis]).copy_(mask)
     window, target = 1, 2 * radius + 1
     while window < target:
         shift = min(window, target - window)
@@ -35,9 +99,24 @@ def _dilate_axis(mask: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
     return result
 
 
-def erode(mask: torch.Tensor, radius: tuple[int, int, int]) -> torch.Tensor:
-    """Binary erosion; outside the array counts as foreground (no erosion from the edges)."""
-    return ~dilate(~mask, radius)
+def pool(mask: np.ndarray, kernel: tuple[int, int, int]) -> np.ndarray:
+    """Max pooling of a bool mask (any voxel of each block); partial blocks at the ends."""
+    for axis, k in enumerate(kernel):
+        if k > 1:
+            pooled = np.ascontiguousarray(_every(mask, axis, 0, k))
+            for offset in range(1, k):
+                part = _every(mask, axis, offset, k)
+                target = [slice(None)] * 3
+                target[axis] = slice(0, part.shape[axis])
+                pooled[tuple(target)] |= part
+            mask = pooled
+    return mask
+
+
+def _every(mask: np.ndarray, axis: int, offset: int, k: int) -> np.ndarray:
+    index = [slice(None)] * 3
+    index[axis] = slice(offset, None, k)
+    return mask[tuple(index)]
 
 
 def image(mask: np.ndarray) -> sitk.Image:
@@ -45,6 +124,25 @@ def image(mask: np.ndarray) -> sitk.Image:
 
 
 MANY_LABELS = 2**16  # above this, counting in numpy beats per-label statistics
+
+
+def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Face-connected components: (labels, how many; label 0 = background).
+
+    The labels come back in the smallest unsigned type that holds them (uint32 only
+    above 2**16 - 1 labels).
+    """
+    labeller = sitk.ConnectedComponentImageFilter()
+    labelled = labeller.Execute(image(mask))
+    count = int(labeller.GetObjectCount())
+    return _labels_array(labelled, count), count
+
+
+def _labels_array(labelled: sitk.Image, count: int) -> np.ndarray:
+    if count < 2**16 - 1:  # max + 1 still fits
+        pixel = sitk.sitkUInt8 if count < 2**8 - 1 else sitk.sitkUInt16
+        labelled = sitk.Cast(labelled, pixel)
+    return sitk.GetArrayFromImage(labelled)
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,22 +165,123 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     stats.ComputeOrientedBoundingBoxOff()
     stats.Execute(labelled)
     sizes = np.zeros(count + 1, dtype=np.int64)
-    for label in stats.GetLabels():
-        sizes[label] = stats.GetNumberOfPixels(label)
+    for number in stats.GetLabels():
+        sizes[number] = stats.GetNumberOfPixels(number)
     sizes[0] = mask.size - int(sizes[1:].sum())
-    pixel = sitk.sitkUInt8 if count < 2**8 - 1 else sitk.sitkUInt16  # max + 1 still fits
-    return sitk.GetArrayFromImage(sitk.Cast(labelled, pixel)), sizes
+    return _labels_array(labelled, count), sizes
+
+
+def parts(mask: np.ndarray, minimum: float) -> list[np.ndarray]:
+    """Voxel indices (N, 3) of each component of ``mask`` with at least ``minimum`` voxels.
+
+    In label order, each component's voxels in raster order. Each is read from its own
+    bounding box (SimpleITK's label statistics), not sorted out of the whole mask.
+    """
+    box = bounding_box(mask)
+    if box is None:
+        return []
+    corner = np.array([s.start for s in box])
+    labeller = sitk.ConnectedComponentImageFilter()
+    labelled = labeller.Execute(image(mask[box]))
+    count = int(labeller.GetObjectCount())
+    labels = sitk.GetArrayViewFromImage(labelled)
+    if count >= MANY_LABELS:  # per-label statistics would be slow: one pass in numpy
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        points = np.argwhere(labels > 0)
+        owner = labels[tuple(points.T)]
+        order = np.argsort(owner, kind="stable")
+        points, owner = points[order] + corner, owner[order]
+        bounds = np.searchsorted(owner, np.arange(1, count + 2))
+        return [
+            points[bounds[label - 1] : bounds[label]]
+            for label in range(1, count + 1)
+            if sizes[label] >= minimum
+        ]
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.ComputePerimeterOff()
+    stats.ComputeFeretDiameterOff()
+    stats.ComputeOrientedBoundingBoxOff()
+    stats.Execute(labelled)
+    found = []
+    for label in range(1, count + 1):
+        if stats.GetNumberOfPixels(label) >= minimum:
+            x, y, z, width, height, depth = stats.GetBoundingBox(label)
+            own = labels[z : z + depth, y : y + height, x : x + width] == label
+            found.append(np.argwhere(own) + corner + [z, y, x])
+    return found
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, sizes = components(mask)
+    """The largest face-connected component, labelled within the mask's bounding box."""
+    largest = np.zeros(mask.shape, dtype=bool)
+    box = bounding_box(mask)
+    if box is None:
+        return largest
+    labels, sizes = components(mask[box])
     if sizes.size < 2:
-        return np.zeros_like(mask, dtype=bool)
-    return labels == int(np.argmax(sizes[1:])) + 1
+        return largest
+    largest[box] = labels == int(np.argmax(sizes[1:])) + 1
+    return largest
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box that holds every true voxel of a 3-D ``mask``; None if it has none."""
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not len(hit):
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def label_slices(mask: np.ndarray) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """Face-connected components of every slice of ``mask``, slab by slab.
+
+    Yields (slab, labels of its slices, voxel count of label 1, 2, ...): the slab's
+    slices are stacked into one 2-D image with a background row between them, so that
+    one SimpleITK call labels them all and no component reaches across slices. Labels
+    are numbered from the largest component down; 0 is the background.
+    """
+    _, rows, columns = mask.shape
+    for slab in slabs(mask.shape[0], (rows + 1) * columns):
+        count = slab.stop - slab.start
+        stacked = np.zeros((count, rows + 1, columns), dtype=np.uint8)
+        stacked[:, 1:] = mask[slab]
+        labelled = sitk.ConnectedComponent(
+            sitk.GetImageFromArray(stacked.reshape(count * (rows + 1), columns))
+        )
+        by_size = sitk.RelabelComponentImageFilter()
+        labelled = by_size.Execute(labelled)
+        sizes = np.asarray(by_size.GetSizeOfObjectsInPixels(), dtype=np.int64)
+        labels = sitk.GetArrayFromImage(labelled).reshape(count, rows + 1, columns)[:, 1:]
+        yield slab, labels, sizes
 
 
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    filled = np.empty_like(mask, dtype=bool)
-    for k in range(mask.shape[0]):
-        filled[k] = sitk.GetArrayFromImage(sitk.BinaryFillhole(image(mask[k]))) > 0
+    """Fill the holes of every slice: background not face-connected to the slice's border.
+
+    The same as SimpleITK ``BinaryFillhole`` slice by slice, done as one flood fill of the
+    background per slab: the slab's slices (cut to the mask's rows and columns, which
+    changes no hole) are stacked into one 2-D image with a background row between them
+    and a background column on each side, and the flood starts in a corner.
+    """
+    filled = np.zeros(mask.shape, dtype=bool)
+    present: np.ndarray = np.asarray(mask.any(axis=0))
+    if not present.any():
+        return filled
+    rows = np.flatnonzero(present.any(axis=1))
+    columns = np.flatnonzero(present.any(axis=0))
+    part = mask[:, rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+    out = filled[:, rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+    _, height, width = part.shape
+    for slab in slabs(part.shape[0], (height + 1) * (width + 2)):
+        count = slab.stop - slab.start
+        stacked = np.zeros((count * (height + 1) + 1, width + 2), dtype=np.uint8)
+        stacked[:-1].reshape(count, height + 1, width + 2)[:, 1:, 1:-1] = part[slab]
+        outside = sitk.ConnectedThreshold(
+            sitk.GetImageFromArray(stacked), seedList=[(0, 0)], lower=0, upper=0
+        )
+        flooded = sitk.GetArrayViewFromImage(outside)[:-1].reshape(count, height + 1, width + 2)
+        out[slab] = flooded[:, 1:, 1:-1] == 0
     return filled

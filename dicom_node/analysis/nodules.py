@@ -45,9 +45,16 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
-from dicom_node.analysis.morphology import components, dilate, erode
+from dicom_node.analysis.morphology import (
+    bounding_box,
+    components,
+    dilate,
+    erode,
+    opening,
+    parts,
+    pool,
+)
 from dicom_node.analysis.types import Code, Measurement, Segment, Volume
 
 log = logging.getLogger(__name__)
@@ -100,6 +107,7 @@ class Candidate:
     mean_hu: float
     side: str  # "left" or "right": the lung it lies in or against
     lobe: Code  # approximate, see the module docstring
+    box: tuple[slice, ...]  # the mask's bounding box: nothing lies outside it
 
     @property
     def is_mass(self) -> bool:
@@ -115,7 +123,7 @@ def find_candidates(
         return []
     crop = _bounding_box(lungs, volume.spacing, ENVELOPE_CLOSING_MM)
     hu = volume.hu[crop]
-    envelope = _envelope(left[crop], volume.spacing) | _envelope(right[crop], volume.spacing)
+    envelope = _envelope((left[crop], right[crop]), volume.spacing)
     solid = envelope & ~lungs[crop] & ~airways[crop] & (hu > SOLID_MIN_HU)
     fine = _opening(solid, _radius(FINE_OPENING_MM, volume.spacing, through=False))
     coarse = _opening(solid, _radius(COARSE_OPENING_MM, volume.spacing, through=True))
@@ -141,43 +149,65 @@ def _bounding_box(
     return tuple(box)
 
 
-def _envelope(lung: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """3-D closing of ``lung`` with a ball, computed with distance maps on a coarser grid.
+def _envelope(lungs: tuple[np.ndarray, ...], spacing: tuple[float, float, float]) -> np.ndarray:
+    """Union of the 3-D closings of each of ``lungs`` with a ball, by distance maps.
 
-    The grid is padded by the radius first: a distance map does not see past the
-    array's edge, so without padding the closing would add a cap where the lung
-    leaves the field of view.
+    Each closing is computed on a coarser grid, within its lung's box padded by the
+    radius: a distance map does not see past the array's edge, so without padding the
+    closing would add a cap where the lung leaves the field of view, and farther out
+    nothing is within the radius (the same result as on the padded whole grid). The
+    union is brought back to the full grid once.
     """
     step = ENVELOPE_STEP
     zstep = max(1, int(ENVELOPE_MIN_SLICE_MM // spacing[0]))  # thin slices: pool them too
     kernel = (zstep, step, step)
-    pooled = F.max_pool3d(torch.from_numpy(lung).to(torch.float32)[None], kernel, ceil_mode=True)
-    coarse = pooled[0].numpy() > 0
     grid = (spacing[2] * step, spacing[1] * step, spacing[0] * zstep)  # SimpleITK: x, y, z
     pad = [math.ceil(ENVELOPE_CLOSING_MM / g) + 1 for g in grid[::-1]]
-    padded = np.pad(coarse, [(p, p) for p in pad])
-    grown = _distance(padded, grid) <= ENVELOPE_CLOSING_MM
-    closed = _distance(~grown, grid) > ENVELOPE_CLOSING_MM
-    closed = closed[pad[0] : -pad[0], pad[1] : -pad[1], pad[2] : -pad[2]]
-    full = np.repeat(np.repeat(np.repeat(closed, zstep, axis=0), step, axis=1), step, axis=2)
-    return full[: lung.shape[0], : lung.shape[1], : lung.shape[2]]
+    closed_all: np.ndarray | None = None
+    for lung in lungs:
+        coarse = pool(lung, kernel)
+        if closed_all is None:
+            closed_all = np.zeros(coarse.shape, dtype=bool)
+        box = bounding_box(coarse)
+        if box is None:
+            continue
+        # the lung's box, padded by ``pad``, in coarse voxels (may reach past the grid)
+        low = [s.start - p for s, p in zip(box, pad, strict=True)]
+        high = [s.stop + p for s, p in zip(box, pad, strict=True)]
+        padded = np.zeros([h - lo for lo, h in zip(low, high, strict=True)], dtype=bool)
+        inside = tuple(slice(p, p + s.stop - s.start) for s, p in zip(box, pad, strict=True))
+        padded[inside] = coarse[box]
+        grown = _within(padded, grid, ENVELOPE_CLOSING_MM)
+        closed = ~_within(~grown, grid, ENVELOPE_CLOSING_MM)
+        # back onto the coarse grid: the part of the padded box that lies on it
+        target = tuple(
+            slice(max(0, lo), min(n, h)) for lo, h, n in zip(low, high, coarse.shape, strict=True)
+        )
+        source = tuple(slice(t.start - lo, t.stop - lo) for t, lo in zip(target, low, strict=True))
+        closed_all[target] |= closed[source]
+    assert closed_all is not None
+    full = np.broadcast_to(
+        closed_all[:, None, :, None, :, None],
+        (closed_all.shape[0], zstep, closed_all.shape[1], step, closed_all.shape[2], step),
+    ).reshape(closed_all.shape[0] * zstep, closed_all.shape[1] * step, -1)
+    shape = lungs[0].shape
+    return full[: shape[0], : shape[1], : shape[2]]
 
 
-def _distance(mask: np.ndarray, grid: tuple[float, float, float]) -> np.ndarray:
-    """Distance (mm) from every voxel to ``mask`` (0 inside); infinite-ish if it is empty."""
+def _within(mask: np.ndarray, grid: tuple[float, float, float], mm: float) -> np.ndarray:
+    """Voxels within ``mm`` (Euclidean, on ``grid``) of ``mask``; none if it is empty."""
     if not mask.any():
-        return np.full(mask.shape, np.inf, dtype=np.float32)
+        return np.zeros(mask.shape, dtype=bool)
     image = sitk.GetImageFromArray(mask.astype(np.uint8))
     image.SetSpacing(grid)
     distance = sitk.SignedMaurerDistanceMap(
         image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
     )
-    return np.maximum(sitk.GetArrayFromImage(distance), 0.0)
+    return sitk.GetArrayViewFromImage(distance) <= mm  # inside: negative
 
 
 def _opening(mask: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
-    tensor = torch.from_numpy(mask)
-    return (dilate(erode(tensor, radius), radius).numpy()) & mask
+    return opening(torch.from_numpy(mask), radius).numpy()
 
 
 def _radius(mm: float, spacing: tuple[float, float, float], through: bool) -> tuple[int, int, int]:
@@ -193,7 +223,7 @@ def _large(
     minimum = _sphere_mm3(LARGE_MIN_DIAMETER_MM) / float(np.prod(spacing))
     margin = (radius[0] + 1, radius[1] + 1, radius[2] + 1)
     found = []
-    for points in _parts(coarse, minimum):
+    for points in parts(coarse, minimum):
         if _compact(points, spacing):
             box = _box(points, margin, coarse.shape)
             part = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
@@ -214,36 +244,22 @@ def _small(
     spacing: tuple[float, float, float],
 ) -> list[np.ndarray]:
     """Voxel indices of compact, isolated fine components clear of every coarse structure."""
-    raw_labels, raw_sizes = components(solid)
+    raw: tuple[np.ndarray, np.ndarray] | None = None  # solid's components, when first needed
     minimum = _sphere_mm3(MIN_DIAMETER_MM) / float(np.prod(spacing))
     found = []
-    for points in _parts(fine, minimum):
+    for points in parts(fine, minimum):
         where = tuple(points.T)
         if np.count_nonzero(hu[where] >= SOFT_TISSUE_MIN_HU) < minimum:
             continue  # no solid core of the smallest size: partial volume or ground glass
         if coarse[where].any():
             continue  # part of a large structure: a mass's margin or the hilum
-        tree = raw_sizes[np.bincount(raw_labels[where]).argmax()]
+        raw = raw or components(solid)
+        tree = raw[1][np.bincount(raw[0][where]).argmax()]
         if len(points) < MIN_ISOLATION * tree:
             continue  # a piece of a vessel tree that the opening cut off
         if _compact(points, spacing) and not _crosses_slices(points, solid):
             found.append(points)
     return found
-
-
-def _parts(mask: np.ndarray, minimum: float) -> list[np.ndarray]:
-    """Voxel indices (N, 3) of each component of ``mask`` with at least ``minimum`` voxels."""
-    labels, sizes = components(mask)
-    points = np.argwhere(labels > 0)
-    owner = labels[tuple(points.T)]
-    order = np.argsort(owner, kind="stable")
-    points, owner = points[order], owner[order]
-    bounds = np.searchsorted(owner, np.arange(1, sizes.size + 1))
-    return [
-        points[bounds[label - 1] : bounds[label]]
-        for label in range(1, sizes.size)
-        if sizes[label] >= minimum
-    ]
 
 
 def _box(points: np.ndarray, margin: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -297,6 +313,7 @@ def _measure(points: np.ndarray, volume: Volume, left: np.ndarray, right: np.nda
         mean_hu=float(volume.hu[box][part].mean(dtype=np.float64)),
         side=side,
         lobe=_lobe(points, left if side == "left" else right, side, volume),
+        box=box,
     )
 
 

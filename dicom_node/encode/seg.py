@@ -15,6 +15,7 @@ Orientation (Type 2C).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -45,11 +46,7 @@ def build_seg(
                 f"segment {segment.key!r} mask shape {segment.mask.shape} "
                 f"differs from the volume's {expected}"
             )
-    # Stacked along a new first axis (contiguous copies), seen with segments last: an
-    # axis=-1 stack interleaves every voxel and took ~2 s for 300 slices x 7 segments.
-    pixels = np.moveaxis(
-        np.stack([s.mask.astype(bool, copy=False) for s in result.segments]), 0, -1
-    )
+    pixels = _stack(result.segments, expected)
     seg = hd.seg.Segmentation(
         source_images=list(volume.datasets),
         pixel_array=pixels,
@@ -77,6 +74,25 @@ def build_seg(
     if equipment.institution_name:
         seg.InstitutionName = equipment.institution_name
     return seg
+
+
+def _stack(segments: Sequence[Segment], shape: tuple[int, ...]) -> np.ndarray:
+    """The masks stacked along a new first axis, seen with segments last (highdicom's layout).
+
+    Stacked segments-first, so that each frame of a segment is contiguous: an axis=-1
+    stack interleaves every voxel and took ~2 s for 300 slices x 7 segments. Only the
+    slices from a mask's first to its last non-empty one are copied; the rest of the
+    stack stays zero pages that were never written (a nodule spans a few slices). Handed
+    over as uint8 (highdicom's BINARY frame type): no per-frame cast, and its overlap
+    check sums uint8 several times faster than bool.
+    """
+    stacked = np.zeros((len(segments), *shape), dtype=bool)
+    for target, segment in zip(stacked, segments, strict=True):
+        mask = segment.mask.astype(bool, copy=False)
+        present = np.flatnonzero(mask.reshape(shape[0], -1).any(axis=1))
+        if len(present):
+            target[present[0] : present[-1] + 1] = mask[present[0] : present[-1] + 1]
+    return np.moveaxis(stacked.view(np.uint8), 0, -1)
 
 
 def segment_descriptions(
