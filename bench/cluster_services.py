@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +20,12 @@ from pathlib import Path
 
 import redis
 from common import PeerError, wait_until
-from services import PostgresServer, RedisServer, require_services  # tests/services.py
+from services import (  # tests/services.py
+    PostgresServer,
+    RedisServer,
+    WorkerProcess,
+    require_services,
+)
 
 from dicom_node.broker import QUEUE
 
@@ -54,43 +56,32 @@ ONE_THREAD_ENV = {
 HOLD_PREFIX = "bench-hold:"
 
 
-class BenchWorker:
+class BenchWorker(WorkerProcess):
     """``dicom-node worker --name NAME`` as a child process with one thread, on CPU ``cpu``."""
 
     def __init__(self, config_path: Path, name: str, log_path: Path, cpu: int | None) -> None:
-        self.config_path = config_path
-        self.name = name
-        self.log_path = log_path
+        pinned = cpu is not None and shutil.which("taskset") is not None
+        super().__init__(
+            config_path,
+            name,
+            log_path,
+            ["--concurrency", "1"],
+            ONE_THREAD_ENV,
+            ["taskset", "-c", str(cpu)] if pinned else [],
+        )
         self.cpu = cpu
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.pinned = pinned
 
-    def start(self) -> None:
-        """Start the process; :meth:`ready` says when it consumes, warm."""
-        pin = ["taskset", "-c", str(self.cpu)] if self.pinned else []
-        args = [*pin, sys.executable, "-m", "dicom_node", "worker"]
-        args += ["--config", str(self.config_path), "--name", self.name, "--concurrency", "1"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD_ENV}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    def start(self) -> BenchWorker:  # type: ignore[override]
+        """Start the process; :meth:`ready_with` says when it consumes, warm."""
+        self.launch()
+        return self
 
-    @property
-    def pinned(self) -> bool:
-        return self.cpu is not None and shutil.which("taskset") is not None
-
-    def ready(self, pipeline: str) -> bool:
+    def ready_with(self, pipeline: str) -> bool:
         """Its "ready" line and its warm-up of ``pipeline`` are in the log; an exit is an error."""
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise PeerError(
-                f"worker {self.name} exited with {self.proc.returncode}:\n{self.tail()}"
-            )
-        text = self.log()
-        if f"warm-up: pipeline {pipeline}" in text:
+        if f"warm-up: pipeline {pipeline}" in self.log():
             raise PeerError(f"worker {self.name} could not load {pipeline}:\n{self.tail()}")
-        return " ready: " in text and f"pipeline {pipeline} loaded" in text
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.ready() and f"pipeline {pipeline} loaded" in self.log()
 
     def tail(self, chars: int = 4000) -> str:
         return self.log()[-chars:]
@@ -100,25 +91,12 @@ class BenchWorker:
         assert self.proc is not None
         return process_cpu_seconds(self.proc.pid)
 
-    def stop(self) -> int:
-        """SIGTERM (a warm shutdown: it has no job in hand by now), SIGKILL after a deadline."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return int(self.proc.returncode)
-
 
 def wait_workers_ready(workers: list[BenchWorker], pipeline: str, gate: QueueGate) -> None:
     """Every worker warm (pipeline loaded) and blocked on the broker, waiting for messages."""
 
     def ready() -> bool:
-        return all(w.ready(pipeline) for w in workers) and gate.waiting() >= len(workers)
+        return all(w.ready_with(pipeline) for w in workers) and gate.waiting() >= len(workers)
 
     try:
         wait_until(ready, WORKER_START_TIMEOUT_S, 0.1, f"{len(workers)} workers ready")

@@ -257,3 +257,60 @@ class S3Server:
     ) -> None:
         if self.process is not None:
             terminate(self.process)
+
+
+class WorkerProcess:
+    """``dicom-node worker`` as a child process (``argv_prefix``: e.g. ``taskset -c 1``)."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        name: str,
+        log_path: Path,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        argv_prefix: Sequence[str] = (),
+    ) -> None:
+        self.config_path = config_path
+        self.name = name
+        self.log_path = log_path
+        self.extra_args = list(extra_args)
+        self.env = {"OMP_NUM_THREADS": "1", **(env or {})}
+        self.argv_prefix = list(argv_prefix)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def launch(self) -> None:
+        """Start the process without waiting for it."""
+        argv = [*self.argv_prefix, sys.executable, "-m", "dicom_node", "worker"]
+        argv += ["--config", str(self.config_path), "--name", self.name, *self.extra_args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def start(self, timeout: float = 90.0) -> WorkerProcess:
+        """Start it and wait for its "ready" line (its pipelines are loaded by then)."""
+        self.launch()
+        wait_until(self.ready, timeout, interval=0.2, what=f"worker {self.name}")
+        return self
+
+    def ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise PeerError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log()}")
+        return " ready: " in self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: the job in hand is left to its lease running out."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (Celery's warm shutdown), SIGKILL after ``timeout``; the exit code."""
+        if self.proc is None:
+            return 0
+        terminate(self.proc, timeout)
+        return int(self.proc.returncode)

@@ -9,10 +9,6 @@ study must still come back to Orthanc with exactly one SEG and one SR.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -32,7 +28,7 @@ from peers import (
     wait_until,
 )
 from pydicom.uid import generate_uid
-from services import PostgresServer, RedisServer, S3Server, require_services
+from services import PostgresServer, RedisServer, S3Server, WorkerProcess, require_services
 
 from dicom_node.domain import JobState
 from dicom_node.journal import Journal
@@ -41,56 +37,6 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 STUDIES = 10
 LEASE_SECONDS = 4.0
-
-
-class WorkerProcess:
-    """``dicom-node worker`` as a child process."""
-
-    def __init__(
-        self, config_path: Path, name: str, log_path: Path, metrics_port: int | None = None
-    ) -> None:
-        self.config_path = config_path
-        self.name = name
-        self.log_path = log_path
-        self.metrics_port = metrics_port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> WorkerProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node", "worker", "--config", str(self.config_path),
-                 "--name", self.name,
-                 *(["--metrics-port", str(self.metrics_port)] if self.metrics_port else [])],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
-        wait_until(self._ready, 90, interval=0.2, what=f"worker {self.name}")
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-        return " ready: " in self.log()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return int(self.proc.returncode)
 
 
 def copy_as_new_study(sources: list[Path], folder: Path, number: int) -> list[Path]:
@@ -153,9 +99,12 @@ def test_two_receivers_two_workers_one_killed_mid_job_every_study_comes_back_onc
     ]
     worker_config = tmp_path / "worker.yaml"
     worker_config.write_text(yaml.safe_dump(receivers[0].settings))
+    metrics_port = free_port()  # worker 2's own /metrics
     workers = [
-        WorkerProcess(worker_config, f"w{n}", tmp_path / f"worker-{n}.log", free_port())
-        for n in (1, 2)
+        WorkerProcess(worker_config, "w1", tmp_path / "worker-1.log"),
+        WorkerProcess(
+            worker_config, "w2", tmp_path / "worker-2.log", ["--metrics-port", str(metrics_port)]
+        ),
     ]
     journal = Journal(journal_url)
     try:
@@ -196,7 +145,7 @@ def test_two_receivers_two_workers_one_killed_mid_job_every_study_comes_back_onc
         received_by = {row.relpath.split("/")[1] for row in _instances(journal)}
         assert received_by == {"rx1", "rx2"}
         assert "queued again" in receivers[0].log() + receivers[1].log()
-        url = f"http://{LOCALHOST}:{workers[1].metrics_port}/metrics"
+        url = f"http://{LOCALHOST}:{metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             exported = response.read().decode()
         done_by_two = sum(1 for job in jobs.values() if job.lease_owner.startswith("w2-"))
