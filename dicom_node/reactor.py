@@ -41,6 +41,7 @@ import queue
 import select
 import ssl
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import evt
@@ -71,6 +72,10 @@ class EventDrivenDUL(DULServiceProvider):
         os.set_blocking(self._wake_write, False)
         self._lease = threading.Condition()
         self._lease_state = _FREE
+        # Consulted before pynetdicom reads a PDU (see _is_transport_event); the
+        # receiver's C-STORE data phase (dicom_node.store_scp_wire) sets it.
+        self.receive_hook: Callable[[], bool] | None = None
+        self.serving = False  # the association thread is serving a DIMSE request
 
     def lend_socket(self, timeout: float) -> bool:
         """Park the reactor so that the caller alone reads and writes the socket.
@@ -126,6 +131,14 @@ class EventDrivenDUL(DULServiceProvider):
                 self._lease.wait(TICK_SECONDS)
         self._idle_timer.restart()  # the borrower used the connection meanwhile
         return True
+
+    def _is_transport_event(self) -> bool:
+        # The hook reads (and acts on) what the socket holds when it can, and says so;
+        # otherwise pynetdicom's step reads one PDU for the state machine.
+        hook = self.receive_hook
+        if hook is not None and hook():
+            return True
+        return bool(super()._is_transport_event())
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -299,9 +312,19 @@ def serve_association(assoc: Association) -> None:
         assoc._reactor_checkpoint.wait()
         assoc._is_paused = False
 
-        context_id, msg = assoc.dimse.get_msg(block=False)
-        if msg:
-            assoc._serve_request(msg, cast(int, context_id))
+        # ``serving`` is set before the message leaves the queue, so that a DUL that saw
+        # the queue empty and then ``serving`` False knows no request is being answered.
+        if messages.queue:  # type: ignore[attr-defined]
+            dul = assoc.dul if isinstance(assoc.dul, EventDrivenDUL) else None
+            if dul is not None:
+                dul.serving = True
+            try:
+                context_id, msg = assoc.dimse.get_msg(block=False)
+                if msg:
+                    assoc._serve_request(msg, cast(int, context_id))
+            finally:
+                if dul is not None:
+                    dul.serving = False
 
         if assoc.is_established and assoc.acse.is_release_requested():
             assoc.acse.send_release(is_response=True)

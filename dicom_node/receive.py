@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, cast
@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node import store_scp_wire
 from dicom_node.audit import AuditTrail
 from dicom_node.config import NodeSection
 from dicom_node.journal import Journal, ReceivedInstance, Recorded, UIDConflict
@@ -319,14 +320,37 @@ class Receiver:
         return left
 
     def _handle_store(self, event: evt.Event) -> int:
-        with log_context(calling_aet=event.assoc.requestor.ae_title):
-            calling = event.assoc.requestor.ae_title
+        request = cast(C_STORE, event.request)
+        return self.store_status(
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            str(event.context.transfer_syntax),
+            (cast(BytesIO, request.DataSet).getvalue(),),
+            event.assoc.requestor.ae_title,
+        )
+
+    def store_status(
+        self,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        dataset: Sequence[bytes | bytearray | memoryview],
+        calling: str,
+    ) -> int:
+        """Store one received instance; the C-STORE response status.
+
+        The one place where a failure becomes a status, for pynetdicom's handler and for
+        the wire path (:mod:`dicom_node.store_scp_wire`) alike. ``dataset`` is the
+        dataset as received, in pieces.
+        """
+        with log_context(calling_aet=calling):
             try:
-                status = self._store(event, calling)
+                status = self._store(
+                    sop_class_uid, sop_instance_uid, transfer_syntax, dataset, calling
+                )
             except Rejected as exc:
                 self._metrics.instances_rejected.labels(reason=_reason_label(exc.status)).inc()
-                sop_uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
-                self._audit.instance_received(calling, None, sop_uid, exc.status)
+                self._audit.instance_received(calling, None, sop_instance_uid, exc.status)
                 log.warning(
                     "refused C-STORE from %s (status 0x%04X): %s", calling, exc.status, exc.reason
                 )
@@ -338,28 +362,25 @@ class Receiver:
             log.debug("stored an instance from %s", calling)
             return status
 
-    def _store(self, event: evt.Event, calling: str) -> int:
-        request = cast(C_STORE, event.request)
-        dataset = cast(BytesIO, request.DataSet).getvalue()
-        data = (
-            file_meta_bytes(
-                _ascii_uid(request.AffectedSOPClassUID),
-                _ascii_uid(request.AffectedSOPInstanceUID),
-                str(event.context.transfer_syntax),
-                calling,
-            )
-            + dataset
+    def _store(
+        self,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        dataset: Sequence[bytes | bytearray | memoryview],
+        calling: str,
+    ) -> int:
+        meta = file_meta_bytes(
+            _ascii_uid(sop_class_uid), _ascii_uid(sop_instance_uid), transfer_syntax, calling
         )
-        del dataset
+        data = b"".join((meta, *dataset))
         if len(data) > self._config.max_instance_bytes:
             raise Rejected(
                 OUT_OF_RESOURCES,
                 f"instance of {len(data)} bytes exceeds node.max_instance_bytes"
                 f" ({self._config.max_instance_bytes})",
             )
-        header = parse_header(
-            data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
-        )
+        header = parse_header(data, sop_class_uid, sop_instance_uid)
         try:
             known = self._journal.has_instance(header.sop_uid)
         except Exception as exc:  # the journal's database is away: the sender will retry
@@ -378,9 +399,7 @@ class Receiver:
             self._spool.write_atomic(relpath, data)
         except OSError as exc:
             raise Rejected(OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror}") from exc
-        received = header.instance(
-            relpath, str(event.context.transfer_syntax), len(data), calling, self._clock()
-        )
+        received = header.instance(relpath, transfer_syntax, len(data), calling, self._clock())
         try:
             recorded = self._journal.record_instance(received)
         except UIDConflict as exc:
@@ -416,6 +435,9 @@ class Receiver:
             return self._on_event_report(event)
 
     def _accepted(self, event: evt.Event) -> None:
+        # First: the A-ASSOCIATE-AC is on its way, and the peer's first C-STORE with it.
+        # Its plain C-STOREs are read and answered by its DUL thread from now on.
+        store_scp_wire.install(event.assoc, self.store_status)
         self._metrics.associations.labels(outcome="accepted").inc()
         requestor = event.assoc.requestor
         self._audit.association(requestor.ae_title, str(requestor.address), True, "accepted")

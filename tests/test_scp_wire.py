@@ -1,0 +1,368 @@
+"""The receiver's C-STORE data phase on the DUL thread (dicom_node.store_scp_wire).
+
+What it writes must be byte for byte what pynetdicom's path wrote, whatever the peer's
+PDU cutting; its responses must be pynetdicom's bytes; everything else the peer sends
+(C-ECHO, N-EVENT-REPORT, A-ABORT, limits broken) must end as it did before.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pdus
+import pydicom
+import pytest
+from nodes import echo_ok, node_settings, running_node
+from peers import (
+    GE_3SLICE,
+    LOCALHOST,
+    peer_env,
+    require_tools,
+    storescu,
+    tool_path,
+    wait_until,
+)
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import generate_uid
+from pynetdicom import AE, build_role
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StorageCommitmentPushModel,
+    Verification,
+)
+from test_tls import Pki, _node_tls, pki  # noqa: F401 (pki: a fixture)
+
+from dicom_node import store_scp_wire
+from dicom_node.app import Node
+from dicom_node.part10 import file_meta_bytes
+from dicom_node.store_scp_wire import FastStore, command_pdus, store_response
+
+MiB = 1024 * 1024
+GOOD = sorted(GE_3SLICE.glob("*.dcm"))[0]
+CT = pdus.CT_IMAGE_STORAGE
+CALLING = "HOSTILE"  # pdus.associate_rq's calling AE title
+ROOT = "1.2.826.0.1.3680043.8.498."
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@pytest.mark.parametrize("max_pdu", [16384, 0, 64, 71])
+@pytest.mark.parametrize(
+    ("message_id", "instance", "status"),
+    [(1, "1.2.3.4", 0x0000), (65535, "1.2.3.45", 0xA700), (7, ROOT + "12345", 0xC000)],
+)
+def test_response_is_pynetdicoms_encoding(
+    max_pdu: int, message_id: int, instance: str, status: int
+) -> None:
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = message_id
+    primitive.AffectedSOPClassUID = CT
+    primitive.AffectedSOPInstanceUID = instance
+    primitive.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    theirs = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(5, max_pdu))
+    ours = command_pdus(5, store_response(message_id, CT, instance, status), max_pdu)
+    assert ours == theirs
+
+
+# --------------------------------------------------------------------------- a node
+
+
+@contextmanager
+def node(tmp_path: Path, **options: Any) -> Iterator[Node]:
+    settings = node_settings(tmp_path / "var", node={"idle_timeout_seconds": 2.0, **options})
+    with running_node(settings) as running:
+        yield running
+
+
+def _port(running: Node) -> int:
+    return running.receiver.address[1]
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Statuses of the C-STOREs answered on the fast path, in order."""
+    answered: list[int] = []
+    respond = FastStore._respond
+
+    def counting(self: FastStore, sock: Any, wrapper: Any, request: Any, status: int) -> None:
+        answered.append(status)
+        respond(self, sock, wrapper, request, status)
+
+    monkeypatch.setattr(FastStore, "_respond", counting)
+    return answered
+
+
+@contextmanager
+def established(port: int) -> Iterator[Any]:
+    """A raw association, once the node has finished setting it up.
+
+    A peer that sends its first C-STORE with no pause after the A-ASSOCIATE-AC may find
+    the fast path not yet installed (served correctly, the slow way); a C-ECHO first
+    makes the tests that count fast-path stores deterministic."""
+    with pdus.raw_association(port) as (sock, _):
+        sock.sendall(pdus.c_echo_rq())
+        assert _read_response(sock) == 0
+        yield sock
+
+
+def _stored(running: Node) -> dict[str, bytes]:
+    """relpath -> bytes of every instance file the journal knows."""
+    spool = running.spool
+    return {rel: spool.path(rel).read_bytes() for rel in running.journal.all_instance_relpaths()}
+
+
+def _instance_files(running: Node) -> list[Path]:
+    folder = running.spool.path(running.spool.instances_prefix)
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def _total(running: Node) -> int:
+    return int(running.journal.state_counts()["instances"]["total"])
+
+
+def _read_response(sock: Any) -> int | None:
+    reply = pdus.read_pdu(sock, 10)
+    if reply is None or reply[0] != pdus.P_DATA_TF:
+        return None
+    return pdus.response_status(reply[1])
+
+
+def _cut(data: bytes, size: int) -> list[bytes]:
+    return [data[start : start + size] for start in range(0, len(data), size)]
+
+
+def _message(
+    sop: str, dataset: bytes, fragment: int, command_cut: int = 0, per_pdu: int = 1
+) -> list[bytes]:
+    """The P-DATA-TF PDUs of a C-STORE-RQ: the command in fragments of ``command_cut``
+    bytes (0: one), the dataset in fragments of ``fragment`` bytes, ``per_pdu`` PDVs in
+    each PDU."""
+    command = pdus.command(0x0001, CT, sop, True)
+    pieces = _cut(command, command_cut) if command_cut else [command]
+    pdvs = [(pdus.STORE_CONTEXT, 0x01, piece) for piece in pieces[:-1]]
+    pdvs.append((pdus.STORE_CONTEXT, pdus.COMMAND_LAST, pieces[-1]))
+    chunks = _cut(dataset, fragment)
+    pdvs += [(pdus.STORE_CONTEXT, pdus.DATASET_MORE, chunk) for chunk in chunks[:-1]]
+    pdvs.append((pdus.STORE_CONTEXT, pdus.DATASET_LAST, chunks[-1]))
+    return [pdus.p_data(*pdvs[start : start + per_pdu]) for start in range(0, len(pdvs), per_pdu)]
+
+
+# (dataset fragment size, command fragment size, PDVs per PDU)
+LAYOUTS = [
+    (16384 - 6, 0, 1),  # what dcmtk sends to a 16 KiB peer
+    (4093, 0, 1),  # odd
+    (1_000_003, 0, 1),  # the whole dataset in one PDU
+    (7777, 17, 1),  # the command split mid-element over several PDUs
+    (5001, 0, 2),  # the command and the first dataset fragment in one PDU
+    (999, 33, 5),  # both, several PDVs per PDU
+]
+
+
+def test_stored_bytes_are_the_bytes_sent(tmp_path: Path, served: list[int]) -> None:
+    with node(tmp_path, max_pdu_bytes=2 * MiB) as running:
+        sent: dict[str, bytes] = {}
+        with established(_port(running)) as sock:
+            for fragment, command_cut, per_pdu in LAYOUTS:
+                sop = generate_uid(ROOT)
+                dataset = pdus.ct_dataset(GOOD, sop)
+                sock.sendall(b"".join(_message(sop, dataset, fragment, command_cut, per_pdu)))
+                assert _read_response(sock) == 0, (fragment, command_cut, per_pdu)
+                sent[sop] = dataset
+        assert served == [0] * len(LAYOUTS)  # all of them on the fast path
+        stored = _stored(running)
+    assert len(stored) == len(sent)
+    for data in stored.values():
+        sop = str(pydicom.dcmread(DicomBytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+        meta = file_meta_bytes(CT, sop, pdus.IMPLICIT_VR_LE, CALLING)
+        assert data == meta + sent[sop]
+
+
+REFUSED = {
+    "SOP Instance UID differs from the request's": (pdus.ct_dataset(GOOD, ROOT + "1"), ROOT + "2"),
+    "not DICOM": (b"\x08\x00\x18\x00\xff\xff\xff\x7f" + bytes(64), ROOT + "3"),
+    "sequences nested 500 deep": (pdus.nested_dataset(500, ROOT + "4"), ROOT + "4"),
+    "a command set as the dataset": (pdus.command(0x0001, CT, None, False), ROOT + "5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refusals_are_the_handlers(
+    tmp_path: Path, case: str, served: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset, sop = REFUSED[case]
+    statuses = []
+    for enabled in (True, False):
+        monkeypatch.setattr(store_scp_wire, "ENABLED", enabled)
+        with node(tmp_path / str(enabled)) as running:
+            with established(_port(running)) as sock:
+                sock.sendall(b"".join(_message(sop, dataset, 16378)))
+                statuses.append(_read_response(sock))
+            assert _total(running) == 0
+            assert _instance_files(running) == []
+    fast, pynetdicom = statuses
+    assert fast == pynetdicom and fast is not None and fast != 0, statuses
+    assert served == [fast]
+    if case.startswith("SOP Instance UID"):
+        assert fast == 0xA900
+
+
+def test_abort_mid_dataset_leaves_no_file_and_no_row(tmp_path: Path, served: list[int]) -> None:
+    with node(tmp_path) as running:
+        with established(_port(running)) as sock:
+            sop = generate_uid(ROOT)
+            message = _message(sop, pdus.ct_dataset(GOOD, sop), 4000)
+            sock.sendall(b"".join(message[: len(message) // 2]))
+            sock.sendall(pdus.pdu(pdus.A_ABORT, bytes(4)))
+            assert pdus.closed_by_peer(sock, 5)
+        wait_until(lambda: not running.receiver.active_associations, 5, what="abort seen")
+        assert _total(running) == 0
+        assert _instance_files(running) == []
+        assert served == []
+        assert echo_ok(_port(running))
+
+
+def test_release_after_stores(tmp_path: Path, served: list[int]) -> None:
+    with node(tmp_path) as running:
+        with established(_port(running)) as sock:
+            for _ in range(2):
+                sop = generate_uid(ROOT)
+                sock.sendall(b"".join(_message(sop, pdus.ct_dataset(GOOD, sop), 16378)))
+                assert _read_response(sock) == 0
+            sock.sendall(pdus.pdu(pdus.A_RELEASE_RQ, bytes(4)))
+            reply = pdus.read_pdu(sock, 5)
+            assert reply is not None and reply[0] == pdus.A_RELEASE_RP
+        assert served == [0, 0]
+        assert _total(running) == 2
+
+
+def test_instance_over_max_instance_bytes(tmp_path: Path, served: list[int]) -> None:
+    sop = generate_uid(ROOT)
+    padding = pdus.element(0xFFFC, 0xFFFC, bytes(MiB))  # Data Set Trailing Padding
+    dataset = pdus.ct_dataset(GOOD, sop) + padding  # over the smallest limit allowed
+    # the dataset fits, the file (File Meta Information added) does not: 0xA700
+    with node(tmp_path / "a", max_instance_bytes=len(dataset) + 16) as running:
+        with established(_port(running)) as sock:
+            sock.sendall(b"".join(_message(sop, dataset, 16378)))
+            assert _read_response(sock) == 0xA700
+        assert served == [0xA700]
+        assert _total(running) == 0 and _instance_files(running) == []
+    # the dataset alone is over: aborted while it arrives
+    with node(tmp_path / "b", max_instance_bytes=MiB) as running:
+        with established(_port(running)) as sock:
+            pdus.send_quietly(sock, b"".join(_message(sop, dataset, 16378)))
+            reply = pdus.read_pdu(sock, 5)
+            assert reply is None or reply[0] == pdus.A_ABORT
+        assert _total(running) == 0 and _instance_files(running) == []
+        assert echo_ok(_port(running))
+    assert served == [0xA700]
+
+
+def test_pdu_over_max_pdu_bytes_aborts(tmp_path: Path, served: list[int]) -> None:
+    with node(tmp_path, max_pdu_bytes=16384) as running:
+        with established(_port(running)) as sock:
+            sop = generate_uid(ROOT)
+            pdus.send_quietly(sock, b"".join(_message(sop, pdus.ct_dataset(GOOD, sop), 64000)))
+            reply = pdus.read_pdu(sock, 5)
+            assert reply is None or reply[0] == pdus.A_ABORT
+        assert _total(running) == 0
+        assert served == []
+        assert echo_ok(_port(running))
+
+
+def test_echo_commitment_report_and_stores_share_an_association(
+    tmp_path: Path, served: list[int]
+) -> None:
+    ae = AE(ae_title="MIXED")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    role = build_role(StorageCommitmentPushModel, scp_role=True)
+    sources = []
+    for _ in range(3):
+        ds = pydicom.dcmread(GOOD)
+        ds.SOPInstanceUID = generate_uid(ROOT)
+        sources.append(ds)
+    with node(tmp_path) as running:
+        assoc = ae.associate(LOCALHOST, _port(running), ae_title="AINODE", ext_neg=[role])
+        assert assoc.is_established
+        try:
+            statuses = [int(assoc.send_c_store(sources[0]).Status)]
+            statuses.append(int(assoc.send_c_echo().Status))
+            statuses.append(int(assoc.send_c_store(sources[1]).Status))
+            info = pydicom.Dataset()
+            info.TransactionUID = generate_uid(ROOT)
+            info.ReferencedSOPSequence = []
+            report, _ = assoc.send_n_event_report(
+                info, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1"
+            )
+            assert report is not None and "Status" in report  # answered by the node
+            statuses.append(int(assoc.send_c_store(sources[2]).Status))
+        finally:
+            assoc.release()
+        assert statuses == [0, 0, 0, 0]
+        assert served == [0, 0, 0]
+        assert _total(running) == 3
+
+
+@pytest.mark.parametrize("max_send_pdu", [4098, 16384, 65534])  # dcmtk: even sizes only
+def test_storescu_pdu_sizes(tmp_path: Path, max_send_pdu: int, served: list[int]) -> None:
+    require_tools("storescu")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sent = {}
+    for index in range(3):
+        ds = pydicom.dcmread(GOOD)
+        ds.SOPInstanceUID = generate_uid(ROOT)
+        path = folder / f"{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        sent[str(ds.SOPInstanceUID)] = ds.PixelData
+    with node(tmp_path, max_pdu_bytes=MiB) as running:
+        command = [
+            tool_path("storescu"),
+            "-aet",
+            "SCANNER",
+            "-aec",
+            "AINODE",
+            "--max-send-pdu",
+            str(max_send_pdu),
+            LOCALHOST,
+            str(_port(running)),
+            *sorted(str(p) for p in folder.iterdir()),
+        ]
+        subprocess.run(command, check=True, env=peer_env(), capture_output=True, timeout=60)
+        stored = _stored(running)
+    assert len(stored) == 3
+    assert served == [0, 0, 0]
+    for data in stored.values():
+        ds = pydicom.dcmread(DicomBytesIO(data))
+        assert ds.file_meta.SourceApplicationEntityTitle == "SCANNER"
+        assert ds.PixelData == sent[str(ds.SOPInstanceUID)]
+
+
+def test_tls_stores_take_the_fast_path(tmp_path: Path, pki: Pki, served: list[int]) -> None:  # noqa: F811
+    require_tools("storescu")
+    settings = node_settings(tmp_path / "var", node={"tls": _node_tls(pki)})
+    with running_node(settings) as running:
+        tls = ["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca)]
+        storescu(LOCALHOST, _port(running), "AINODE", [GE_3SLICE], extra_args=tls)
+        assert _total(running) == 3
+        stored = _stored(running)
+    assert served == [0, 0, 0]
+    sources = {
+        str(pydicom.dcmread(path).SOPInstanceUID): pydicom.dcmread(path).PixelData
+        for path in GE_3SLICE.glob("*.dcm")
+    }
+    for data in stored.values():
+        ds = pydicom.dcmread(DicomBytesIO(data))
+        assert ds.PixelData == sources[str(ds.SOPInstanceUID)]
