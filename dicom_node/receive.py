@@ -9,6 +9,7 @@ failure becomes a DICOM status.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -28,9 +29,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import store_scp_wire
+from dicom_node import header_scan, store_scp_wire
 from dicom_node.audit import AuditTrail
 from dicom_node.config import NodeSection
+from dicom_node.header_scan import Buffer
 from dicom_node.journal import Journal, ReceivedInstance, Recorded, UIDConflict
 from dicom_node.logs import log_context
 from dicom_node.part10 import file_meta_bytes, read_file_meta
@@ -116,56 +118,42 @@ class Header:
 STUDY_DETAILS = ("PatientName", "PatientID", "AccessionNumber", "StudyDescription", "StudyDate")
 SERIES_DETAILS = ("SeriesNumber", "SeriesDescription", "BodyPartExamined")
 DETAIL_MAX_CHARS = 128
-
-
-def _details(ds: pydicom.Dataset, keywords: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for keyword in keywords:
-        value = ds.get(keyword)
-        if value not in (None, ""):
-            out[keyword] = str(value)[:DETAIL_MAX_CHARS]
-    return out
-
-
-_HEADER_KEYWORDS = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "Modality",
-    *STUDY_DETAILS,
-    *SERIES_DETAILS,
-)
+HEADER_PREFIX_BYTES = 64 * 1024  # where header_scan looks for the header fields
 
 
 def parse_header(data: bytes, request_class: str, request_instance: str) -> Header:
-    """Parse the UIDs from an encoded Part 10 stream and check them against the request.
+    """The header fields of a Part 10 stream, read by pydicom, checked against a request."""
+    return _checked(_pydicom_values(data), request_class, request_instance)
 
-    Only the elements listed in ``_HEADER_KEYWORDS`` are converted to values; the rest
-    is skipped over (pixel data is not even read).
+
+def received_header(
+    meta: bytes,
+    dataset: Sequence[Buffer],
+    transfer_syntax: str,
+    request_class: str,
+    request_instance: str,
+) -> Header:
+    """The header fields of a received dataset (in pieces, behind its file ``meta``).
+
+    Read from the dataset's first 64 KiB by :func:`dicom_node.header_scan.scan` where
+    that can; otherwise, and for anything it is unsure of, by pydicom (never the pixel
+    data). Checked against the request either way.
     """
-    try:
-        ds = pydicom.dcmread(
-            BytesIO(data), stop_before_pixels=True, specific_tags=list(_HEADER_KEYWORDS)
-        )
-        study_details = _details(ds, STUDY_DETAILS)
-        series_details = _details(ds, SERIES_DETAILS)
-        values = {
-            key: str(ds.get(key, "") or "").strip()
-            for key in (
-                "SOPClassUID",
-                "SOPInstanceUID",
-                "StudyInstanceUID",
-                "SeriesInstanceUID",
-                "Modality",
-            )
-        }
-    except Exception as exc:
-        raise Rejected(CANNOT_DECODE, f"dataset cannot be decoded ({type(exc).__name__})") from exc
+    values = None
+    if dataset:
+        prefix = _prefix(dataset, HEADER_PREFIX_BYTES)
+        complete = len(prefix) == sum(len(piece) for piece in dataset)
+        values = header_scan.scan(prefix, transfer_syntax, complete)
+    if values is None:
+        values = _pydicom_values(b"".join((meta, *dataset)))
+    return _checked(values, request_class, request_instance)
+
+
+def _checked(values: dict[str, str], request_class: str, request_instance: str) -> Header:
     for key in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        if not values[key]:
+        if not values.get(key):
             raise Rejected(CANNOT_UNDERSTAND, f"{key} is missing or empty")
-        if not UID(values[key]).is_valid:
+        if not _valid_uid(values[key]):
             raise Rejected(CANNOT_UNDERSTAND, f"{key} is not a valid UID")
     if values["SOPClassUID"] != request_class:
         raise Rejected(
@@ -179,10 +167,46 @@ def parse_header(data: bytes, request_class: str, request_instance: str) -> Head
         values["SOPInstanceUID"],
         values["StudyInstanceUID"],
         values["SeriesInstanceUID"],
-        values["Modality"] or "OT",
-        study_details,
-        series_details,
+        values.get("Modality") or "OT",
+        _details(values, STUDY_DETAILS),
+        _details(values, SERIES_DETAILS),
     )
+
+
+def _pydicom_values(data: bytes) -> dict[str, str]:
+    """The wanted fields as pydicom reads them (keyword -> text, empty ones left out)."""
+    try:
+        ds = pydicom.dcmread(
+            BytesIO(data), stop_before_pixels=True, specific_tags=list(header_scan.KEYWORDS)
+        )
+        values = {key: str(ds.get(key, "") or "").strip() for key in header_scan.KEYWORDS}
+    except Exception as exc:
+        raise Rejected(CANNOT_DECODE, f"dataset cannot be decoded ({type(exc).__name__})") from exc
+    return {key: value for key, value in values.items() if value}
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_uid(text: str) -> bool:
+    """pydicom's UID check, remembered: a series' study, series and class UIDs repeat."""
+    return UID(text).is_valid
+
+
+def _details(values: dict[str, str], keywords: tuple[str, ...]) -> dict[str, str]:
+    return {key: values[key][:DETAIL_MAX_CHARS] for key in keywords if values.get(key)}
+
+
+def _prefix(pieces: Sequence[Buffer], size: int) -> Buffer:
+    """The first ``size`` bytes (or all) of ``pieces``, copied only if they span several."""
+    if len(pieces[0]) >= size or len(pieces) == 1:
+        return pieces[0]
+    taken: list[Buffer] = []
+    total = 0
+    for piece in pieces:
+        taken.append(piece)
+        total += len(piece)
+        if total >= size:
+            break
+    return b"".join(taken)
 
 
 def reindex_orphans(spool: Spool, journal: Journal) -> int:
@@ -373,14 +397,15 @@ class Receiver:
         meta = file_meta_bytes(
             _ascii_uid(sop_class_uid), _ascii_uid(sop_instance_uid), transfer_syntax, calling
         )
-        data = b"".join((meta, *dataset))
-        if len(data) > self._config.max_instance_bytes:
+        pieces = (meta, *dataset)  # written as they are: the dataset is not copied
+        size = sum(len(piece) for piece in pieces)
+        if size > self._config.max_instance_bytes:
             raise Rejected(
                 OUT_OF_RESOURCES,
-                f"instance of {len(data)} bytes exceeds node.max_instance_bytes"
+                f"instance of {size} bytes exceeds node.max_instance_bytes"
                 f" ({self._config.max_instance_bytes})",
             )
-        header = parse_header(data, sop_class_uid, sop_instance_uid)
+        header = received_header(meta, dataset, transfer_syntax, sop_class_uid, sop_instance_uid)
         try:
             known = self._journal.has_instance(header.sop_uid)
         except Exception as exc:  # the journal's database is away: the sender will retry
@@ -391,15 +416,15 @@ class Receiver:
         if known:  # a resend: nothing to write
             return self._duplicate(calling)
         try:
-            self._spool.ensure_space(len(data))
+            self._spool.ensure_space(size)
         except LowSpace as exc:
             raise Rejected(OUT_OF_RESOURCES, str(exc)) from exc
         relpath = self._spool.new_instance_relpath()
         try:
-            self._spool.write_atomic(relpath, data)
+            self._spool.write_atomic(relpath, pieces)
         except OSError as exc:
             raise Rejected(OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror}") from exc
-        received = header.instance(relpath, transfer_syntax, len(data), calling, self._clock())
+        received = header.instance(relpath, transfer_syntax, size, calling, self._clock())
         try:
             recorded = self._journal.record_instance(received)
         except UIDConflict as exc:
@@ -417,7 +442,7 @@ class Receiver:
             return self._duplicate(calling)
         self._on_recorded(recorded)  # first: the study's completion timer depends on it
         self._metrics.instances_received.labels(calling_aet=calling).inc()
-        self._metrics.bytes_received.labels(calling_aet=calling).inc(len(data))
+        self._metrics.bytes_received.labels(calling_aet=calling).inc(size)
         self._audit.instance_received(calling, header.study_uid, header.sop_uid, SUCCESS)
         return SUCCESS
 
@@ -485,7 +510,7 @@ def _ascii_uid(value: object) -> str:
     The dataset's own UIDs are checked against the request by :func:`parse_header`.
     """
     text = str(value or "").strip()
-    if not text or not UID(text).is_valid:
+    if not text or not _valid_uid(text):
         raise Rejected(CANNOT_UNDERSTAND, "the request's affected SOP UIDs are not valid UIDs")
     return text
 

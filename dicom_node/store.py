@@ -11,13 +11,17 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from dicom_node.header_scan import Buffer
 
 if TYPE_CHECKING:
     from dicom_node.objects import ObjectStore
 
 log = logging.getLogger(__name__)
+WRITEV_MAX_BUFFERS = 1024  # IOV_MAX on Linux
 
 
 class LowSpace(Exception):
@@ -138,15 +142,19 @@ class Spool:
     def path(self, relpath: str) -> Path:
         return self.root / relpath
 
-    def write_atomic(self, relpath: str, data: bytes | bytearray | memoryview) -> Path:
-        """Write ``data`` durably to ``relpath``; on any error no file is left behind."""
+    def write_atomic(self, relpath: str, data: Buffer | Sequence[Buffer]) -> Path:
+        """Write ``data`` (one buffer, or several written one after the other) durably to
+        ``relpath``; on any error no file is left behind."""
+        pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
         final = self.root / relpath
         temp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
-            with open(temp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                _write_all(fd, pieces)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             created = not final.parent.exists()
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp, final)
@@ -158,7 +166,7 @@ class Spool:
             _fsync_dir(final.parent.parent)
         if self.objects is not None:
             try:
-                self.objects.put(relpath, data)
+                self.objects.put(relpath, b"".join(pieces))
             except OSError:
                 final.unlink(missing_ok=True)  # not shared, so not stored
                 raise
@@ -232,6 +240,18 @@ class Spool:
         os.replace(self.root / relpath, target)
         _fsync_dir(target.parent)
         return target
+
+
+def _write_all(fd: int, pieces: list[Buffer]) -> None:
+    """``os.writev`` until every byte of ``pieces`` is written (it may write fewer)."""
+    views = [memoryview(piece).cast("B") for piece in pieces if len(piece)]
+    while views:
+        written = os.writev(fd, views[:WRITEV_MAX_BUFFERS])
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENABLED = True  # tests switch it off to compare with pynetdicom's path
-SETTLE_WAIT = 0.02  # longest wait for the association thread (see FastStore._answered)
+SETTLE_WAIT = 0.1  # longest wait for the association thread (see FastStore._answered)
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 NO_DATASET = 0x0101
 # The elements of a C-STORE-RQ served here (PS3.7 9.3.1.1) without the move originator's
