@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -360,8 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             studies, what = _studies(args.studies, args.slices, tmp)
             warm_page_cache([path for files in studies for path in files])
             out.print(f"{what}; workers pinned with taskset: {'yes' if pin else 'no'}")
-            with PostgresServer(tmp / "postgres") as postgres:
-                rounds = _measure(args.rounds, studies, postgres, tmp, pin)
+            try:
+                with PostgresServer(tmp / "postgres") as postgres:
+                    rounds = _measure(args.rounds, studies, postgres, tmp, pin)
+            except PeerError:
+                kept = _keep_logs(tmp)
+                print(f"the logs of the failed run are kept in {kept}", file=sys.stderr)
+                raise
     except PeerError as exc:
         print(f"workers benchmark FAILED: {exc}", file=sys.stderr)
         return 1
@@ -378,6 +384,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     out.print(f"machine after the run: {machine()}")
     return 3 if args.check_targets and not target.passed and not args.quick else 0
+
+
+def _keep_logs(tmp: Path) -> Path:
+    """Copy every ``*.log`` of a failed run (receivers, workers, storescu, PostgreSQL) out
+    of the temporary folder, which is removed on exit; their folder."""
+    kept = Path(tempfile.mkdtemp(prefix="dicom-node-bench-workers-failed-"))
+    for log in tmp.rglob("*.log"):
+        target = kept / log.relative_to(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(log, target)
+    return kept
 
 
 def _measure(

@@ -137,6 +137,7 @@ class _Walk:
         if not complete:
             raise _Unsure  # the rest of the dataset is not here
         return raw  # a dataset without pixel data
+
     def _element(self, pos: int) -> tuple[bytes, int, int]:
         """(VR or b"", value length, value offset) of the element at ``pos``."""
         if self.implicit:
