@@ -17,7 +17,7 @@ import torch
 from peers import SHARED_REAL
 
 from dicom_node.analysis import morphology
-from dicom_node.analysis.chest_regions import AIRWAY_MAX_OFFSET_MM
+from dicom_node.analysis.chest_regions import AIRWAY_MAX_OFFSET_MM, largest_lung
 from dicom_node.analysis.ct_chest import LAA_950, PERCENTILE_15, CtChestPipeline
 from dicom_node.analysis.device import select_device
 from dicom_node.analysis.pipelines import PIPELINE_NAMES, build_pipeline
@@ -290,6 +290,23 @@ def test_densitometry_of_synthetic_lungs():
     assert volume == pytest.approx(left_and_right * 0.005)
     assert laa_total == pytest.approx(100 * 16 * 11 * 40 / left_and_right)
     assert perc15_total == -850.0
+
+
+def test_gas_is_passed_over_for_a_smaller_lung_like_region():
+    """Bowel gas (air, about -1000 HU) beside a smaller lung base (about -850 HU)."""
+    hu = np.full((12, 40, 40), 40.0)
+    gas = np.zeros(hu.shape, dtype=bool)
+    gas[:, 2:20, 2:20] = True  # 3888 voxels
+    lung = np.zeros(hu.shape, dtype=bool)
+    lung[4:, 25:38, 25:38] = True  # 1352 voxels
+    hu[gas] = -1000.0
+    hu[lung] = -850.0
+    hu[4:6, 25:30, 25:30] = -960.0  # some emphysema: still lung
+    picked = largest_lung(gas | lung, hu, "left")
+    assert np.array_equal(picked, lung)
+    hu[lung] = -990.0  # nothing lung-like: the largest region, as before
+    assert np.array_equal(largest_lung(gas | lung, hu, "left"), gas)
+    assert not largest_lung(np.zeros(hu.shape, dtype=bool), hu, "left").any()
 
 
 def test_air_only_volume_has_no_body():

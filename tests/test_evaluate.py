@@ -234,6 +234,53 @@ def test_totalsegmentator_reference_with_ct_chest(siemens_dir, tmp_path):
     assert rows["lung_left"]["dice"] in ("", "0.0000")
 
 
+NIFTI_PAIR = SHARED_REAL / "totalseg-example-ct-dicom" / "nifti_pair"
+
+
+def nifti_ct_as_dicom(nifti: Path, folder: Path) -> Path:
+    """A CT NIfTI as a DICOM series (one slice per file, geometry from the NIfTI's)."""
+    ct = sitk.ReadImage(str(nifti))  # ITK: LPS origin and direction
+    hu = sitk.GetArrayFromImage(ct).astype(np.int16)
+    direction = np.array(ct.GetDirection()).reshape(3, 3)
+    spacing, origin = ct.GetSpacing(), np.array(ct.GetOrigin())
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(hu.shape[0]):
+        ds = pydicom.Dataset()
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = pydicom.uid.CTImageStorage, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.FrameOfReferenceUID = frame
+        ds.Modality, ds.PatientID, ds.PatientName = "CT", "TS-EXAMPLE", "Example^CT"
+        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+        ds.ImagePositionPatient = [float(v) for v in origin + direction[:, 2] * spacing[2] * k]
+        ds.ImageOrientationPatient = [float(v) for v in (*direction[:, 0], *direction[:, 1])]
+        ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[0]], spacing[2]
+        ds.Rows, ds.Columns = hu.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = hu[k].tobytes()
+        ds.save_as(folder / f"{k:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_lung_bases_against_totalsegmentator(tmp_path):
+    """TotalSegmentator's own example CT (lung bases, colon and stomach gas beside them)
+    and its "total" labels: both lungs found where TotalSegmentator has them."""
+    dicom_dir = nifti_ct_as_dicom(NIFTI_PAIR / "example_ct_sm.nii.gz", tmp_path / "ct")
+    out = tmp_path / "lungs.csv"
+    run = cli("--pipeline", "ct-chest", dicom_dir, NIFTI_PAIR / "example_seg.nii.gz", "--csv", out)
+    assert run.returncode == 0, run.stderr
+    rows = {row["label"]: row for row in _csv(out)}
+    for key, labels in (("lung_left", "10,11"), ("lung_right", "12,13,14")):
+        assert rows[key]["reference_labels"] == labels
+        assert float(rows[key]["dice"]) >= 0.93, rows[key]  # 0.959 and 0.968 when written
+        assert abs(float(rows[key]["difference_percent"])) <= 5.0, rows[key]
+    assert "passed over 1 larger air region" in run.stderr  # the colon gas, on the left
+
+
 # -- (4) the command --------------------------------------------------------------------------
 
 
