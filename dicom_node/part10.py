@@ -4,7 +4,7 @@ The C-STORE handler stores the dataset exactly as it arrived, behind a preamble 
 File Meta Information group. Building that group with pydicom (``Dataset`` +
 ``write_file_meta_info``) validated every UID again and cost about a third of a
 millisecond per instance; here it is a handful of ``struct.pack`` calls on values
-the handler has already checked (:func:`dicom_node.receive.parse_header`).
+the handler has already checked (:func:`dicom_node.header.received_header`).
 
 The calling AE title goes into Source Application Entity Title (0002,0016), so that a
 file can be indexed again from its own bytes (see :func:`read_file_meta`) after a

@@ -24,14 +24,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.header_scan import MAX_DEPTH, scan
-from dicom_node.receive import (
+from dicom_node.header import (
     CANNOT_UNDERSTAND,
     Rejected,
     _pydicom_values,
     parse_header,
     received_header,
 )
+from dicom_node.header_scan import MAX_DEPTH, scan
 from dicom_node.store import Spool
 
 
