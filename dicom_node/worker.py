@@ -104,6 +104,9 @@ class Worker:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        # job id -> (pipeline, reason): failures the journal could not take yet
+        self._unrecorded: dict[int, tuple[str, str]] = {}
+        self._unrecorded_lock = threading.Lock()
 
     def start(self) -> None:
         """Start the analysis threads, and the warm-up beside them (start never waits for it)."""
@@ -135,6 +138,7 @@ class Worker:
         while not self._stopping.is_set():
             self._wake.clear()
             try:
+                self.record_unrecorded_failures()
                 worked = self.run_next()
             except Exception:
                 log.exception("analysis loop error")
@@ -179,17 +183,52 @@ class Worker:
                 reason = describe_failure(exc)
                 log.error("job %d (%s): analysis failed: %s", job.id, job.pipeline, reason)
                 log.debug("job %d traceback", job.id, exc_info=True)
-                try:
-                    self._journal.job_failed(job.id, reason, self._clock(), self._owner)
-                except LeaseLost:
-                    log.warning("job %d: taken over by another worker meanwhile", job.id)
-                    return
-                self._metrics.jobs_finished.labels(pipeline=job.pipeline, outcome="failed").inc()
+                self._record_failure(job.id, job.pipeline, reason)
                 return
             elapsed = time.monotonic() - started
             self._metrics.jobs_finished.labels(pipeline=job.pipeline, outcome="ok").inc()
             log.info("job %d (%s): analysed in %.1f s", job.id, job.pipeline, elapsed)
             self._on_results()
+
+    def _record_failure(self, job_id: int, pipeline: str, reason: str) -> bool:
+        """Mark the job FAILED with ``reason``; True once the journal has it.
+
+        When the journal cannot take it (its disk is full, its database away) the job
+        would stay ANALYSING until the next restart: it is kept here instead, and every
+        turn of the analysis loop tries again (:meth:`record_unrecorded_failures`).
+        """
+        try:
+            self._journal.job_failed(job_id, reason, self._clock(), self._owner)
+        except LeaseLost:
+            log.warning("job %d: taken over by another worker meanwhile", job_id)
+        except Exception as exc:
+            with self._unrecorded_lock:
+                first = job_id not in self._unrecorded
+                self._unrecorded[job_id] = (pipeline, reason)
+            if first:
+                log.error(
+                    "job %d: its failure cannot be written to the journal (%s); trying again"
+                    " until it can",
+                    job_id,
+                    type(exc).__name__,
+                )
+            return False
+        else:
+            self._metrics.jobs_finished.labels(pipeline=pipeline, outcome="failed").inc()
+        with self._unrecorded_lock:
+            self._unrecorded.pop(job_id, None)
+        return True
+
+    def record_unrecorded_failures(self) -> int:
+        """Write the failures the journal could not take before; how many are still left."""
+        with self._unrecorded_lock:
+            pending = list(self._unrecorded.items())
+        for job_id, (pipeline, reason) in pending:
+            if not self._record_failure(job_id, pipeline, reason):
+                break  # the journal is still away: the next turn tries again
+            log.info("job %d: its failure is recorded now", job_id)
+        with self._unrecorded_lock:
+            return len(self._unrecorded)
 
     def _analyse(self, job: Row) -> None:
         _, study, _ = self._journal.job_context(job.id)

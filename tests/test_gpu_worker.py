@@ -397,6 +397,39 @@ def test_other_gpu_errors_fail_the_job_without_a_fallback(harness: Harness) -> N
     assert fallbacks(metrics, "out_of_memory") is None
 
 
+def test_a_failure_the_journal_cannot_take_is_recorded_once_it_can(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No job stays ANALYSING until the next restart because its FAILED write failed."""
+    factory = Factory(fail_on_gpu=AnalysisError("no lungs found"))
+    metrics = Metrics()
+    job = harness.claimed_job()
+    worker = make_worker(harness, factory, metrics)
+    record = harness.journal.job_failed
+    attempts: list[int] = []
+
+    def journal_away(job_id: int, *args: object) -> None:
+        attempts.append(job_id)
+        if len(attempts) <= 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        record(job_id, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(harness.journal, "job_failed", journal_away)
+    with caplog.at_level(logging.INFO, logger="dicom_node.worker"):
+        worker.run_job(job)
+        assert harness.journal.job(job.id).state == JobState.ANALYSING
+        assert "failure cannot be written to the journal (OperationalError)" in caplog.text
+        assert worker.record_unrecorded_failures() == 1  # the journal is still away
+        assert worker.record_unrecorded_failures() == 0
+        assert worker.record_unrecorded_failures() == 0  # nothing is written twice
+    assert attempts == [job.id] * 3
+    failed = harness.journal.job(job.id)
+    assert failed.state == JobState.FAILED and failed.error.startswith("AnalysisError")
+    outcome = {"pipeline": "ct-chest", "outcome": "failed"}
+    assert metrics.registry.get_sample_value("dicom_node_jobs_analysed_total", outcome) == 1
+    assert "its failure is recorded now" in caplog.text
+
+
 def test_a_job_that_does_not_fit_waits_a_bounded_time_then_runs_on_the_cpu(
     harness: Harness,
 ) -> None:
