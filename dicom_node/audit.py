@@ -38,6 +38,8 @@ SECURITY_ALERT = EventType("110113", "Security Alert", "E")
 USER_AUTHENTICATION = EventType("110114", "User Authentication", "E")
 
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = 0, 4, 8  # EventOutcomeIndicator
+REFUSAL_RECORD_SECONDS = 60.0  # one record per address and reason in this time, at most
+MAX_REFUSAL_KEYS = 1024
 
 
 class AuditTrail:
@@ -48,6 +50,8 @@ class AuditTrail:
         self._clock = clock
         self._lock = threading.Lock()
         self._fd: int | None = None
+        # (address, reason) -> (time of its last record, refusals not recorded since)
+        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
 
     def open(self) -> None:
         if self._path is None:
@@ -95,6 +99,34 @@ class AuditTrail:
         event = USER_AUTHENTICATION if accepted else SECURITY_ALERT
         outcome = SUCCESS if accepted else MINOR_FAILURE
         self.record(event, outcome, calling_aet=calling_aet, address=address, detail=reason)
+
+    def connection_refused(self, address: str, reason: str) -> None:
+        """A connection turned away before any association (a source outside the allowed
+        networks, a connection cap, a failed TLS handshake): a Security Alert.
+
+        A flood must not fill the disk with the trail: per address and reason at most one
+        record every :data:`REFUSAL_RECORD_SECONDS`, with how many were left out before it.
+        """
+        now = self._clock()
+        key = (address, reason)
+        with self._lock:
+            last, left_out = self._refusals.get(key, (None, 0))
+            if last is not None and now - last < REFUSAL_RECORD_SECONDS:
+                self._refusals[key] = (last, left_out + 1)
+                return
+            self._refusals[key] = (now, 0)
+            if len(self._refusals) > MAX_REFUSAL_KEYS:  # forget the quiet ones
+                self._refusals = {
+                    k: v for k, v in self._refusals.items() if now - v[0] < REFUSAL_RECORD_SECONDS
+                }
+        self.record(
+            SECURITY_ALERT,
+            MINOR_FAILURE,
+            address=address,
+            detail=reason,
+            subtype="connection refused",
+            left_out=left_out or None,
+        )
 
     def instance_received(
         self, calling_aet: str, study_uid: str | None, sop_uid: str, status: int

@@ -181,6 +181,7 @@ class Receiver:
             (evt.EVT_N_EVENT_REPORT, self._handle_event_report),
         ]
         server = start_server(ae, self._config, handlers, ssl_context=self._ssl_context)
+        server.on_refusal = self._refused_connection
         # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux.
         assert server.socket is not None
         server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -332,6 +333,11 @@ class Receiver:
         requestor = event.assoc.requestor
         self._audit.association(requestor.ae_title, str(requestor.address), True, "accepted")
         log.debug("association from %s accepted", event.assoc.requestor.ae_title)
+
+    def _refused_connection(self, address: str, reason: str, kind: str) -> None:
+        """A connection turned away before any association (already logged)."""
+        self._metrics.associations.labels(outcome=kind).inc()
+        self._audit.connection_refused(address, reason)
 
     def _aborted(self, event: evt.Event) -> None:
         self._metrics.associations.labels(outcome="aborted").inc()

@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -57,6 +57,9 @@ MAX_QUEUED_MESSAGES = 4  # complete DIMSE messages waiting for the handler: then
 INFLATE_CHUNK = 1024 * KiB
 RECV_CHUNK = 1024 * KiB
 PDATA_TF = 0x04
+# kinds of connections turned away before any association (HardenedServer.on_refusal)
+REFUSED = "refused"  # node.allowed_networks, max_connections, max_associations_per_source
+TLS_FAILED = "tls_failed"
 
 # A-ABORT reason/diagnostic values (PS3.8 9.3.8), source 0x02: the service provider
 UNRECOGNIZED_PDU = 0x01
@@ -309,6 +312,9 @@ class HardenedRequestHandler(RequestHandler):
                 self.request.do_handshake()
             except (OSError, ValueError) as exc:
                 log.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
+                self.server.report_refusal(
+                    str(self.client_address[0]), f"TLS handshake failed: {exc}", TLS_FAILED
+                )
                 self.server.shutdown_request(self.request)
                 return
         super().handle()
@@ -354,6 +360,8 @@ class HardenedServer(ThreadedAssociationServer):
 
     def __init__(self, ae: AE, address: tuple[str, int], limits: Limits, **kwargs: Any) -> None:
         self.limits = limits
+        # (source address, reason, REFUSED or TLS_FAILED), for the metrics and the audit
+        self.on_refusal: Callable[[str, str, str], None] | None = None
         self._connections: list[_Connection] = []
         self._connections_lock = threading.Lock()
         super().__init__(
@@ -390,7 +398,17 @@ class HardenedServer(ThreadedAssociationServer):
                 self._connections.append(_Connection(request, source, time.monotonic()))
                 return True
         log.warning("refused a connection from %s: %s", source, reason)
+        self.report_refusal(source, reason, REFUSED)
         return False
+
+    def report_refusal(self, source: str, reason: str, kind: str) -> None:
+        """Tell :attr:`on_refusal` of a connection turned away before any association."""
+        if self.on_refusal is None:
+            return
+        try:
+            self.on_refusal(source, reason, kind)
+        except Exception:  # reporting must never stop the server's loop
+            log.exception("reporting a refused connection failed")
 
     def attach(self, sock: socket.socket, assoc: Association) -> None:
         with self._connections_lock:

@@ -11,6 +11,8 @@ import pytest
 from nodes import echo_ok, node_settings, running_node, send
 from peers import GE_3SLICE, LOCALHOST, Storescp, require_tools, wait_until
 
+from dicom_node.audit import AuditTrail
+
 NAME, PATIENT_ID, BIRTH_DATE = "Privacy^Probe^Zz", "PID-7f3a9", "19450101"
 
 
@@ -79,3 +81,25 @@ def test_audit_trail_and_no_patient_data_in_logs(
         pass
     again = read_trail(trail_path)
     assert again[: len(trail)] == trail and len(again) == len(trail) + 2
+
+
+def test_refused_connections_are_audited_at_most_once_a_minute_per_reason(
+    tmp_path: Path,
+) -> None:
+    now = [1000.0]
+    trail = AuditTrail(tmp_path / "audit.jsonl", lambda: now[0])
+    trail.open()
+    for second in range(5):  # a flood from one address
+        now[0] = 1000.0 + second
+        trail.connection_refused("10.1.2.3", "node.max_connections (6) reached")
+    trail.connection_refused("10.1.2.4", "node.max_connections (6) reached")
+    now[0] = 1061.0
+    trail.connection_refused("10.1.2.3", "node.max_connections (6) reached")
+    trail.close()
+    records = read_trail(tmp_path / "audit.jsonl")
+    assert [(r["address"], r.get("left_out")) for r in records] == [
+        ("10.1.2.3", None),
+        ("10.1.2.4", None),
+        ("10.1.2.3", 4),  # the four of the first minute, counted in the next record
+    ]
+    assert all(r["event_id"]["meaning"] == "Security Alert" and r["outcome"] == 4 for r in records)

@@ -6,6 +6,7 @@ stay within a memory bound and never write outside ``storage.path``.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import socket
@@ -229,6 +230,20 @@ def test_connection_flood_is_refused_before_threads(tmp_path: Path) -> None:
             assert threading.active_count() - threads < 10
             assert not echo_ok(watch.port)
         watch.healthy("flood of 206 connections")
+        counted = watch.node.metrics.registry.get_sample_value(
+            "dicom_node_associations_total", {"outcome": "refused"}
+        )
+        assert counted is not None and counted >= 201  # the flood and the C-ECHO
+    trail = Path(watch.node.config.storage.path) / "audit.jsonl"
+    alerts = [
+        record
+        for record in map(json.loads, trail.read_text().splitlines())
+        if record.get("subtype") == "connection refused"
+    ]
+    # one Security Alert per address and reason a minute, however many were refused
+    assert len(alerts) == 1, alerts
+    assert alerts[0]["detail"] == "node.max_connections (6) reached"
+    assert alerts[0]["address"] == LOCALHOST and alerts[0]["event_id"]["code"] == "110113"
 
 
 def test_per_source_cap_leaves_other_sources_served(tmp_path: Path) -> None:

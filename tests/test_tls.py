@@ -8,6 +8,7 @@ certificate.
 from __future__ import annotations
 
 import gc
+import json
 import socket
 import ssl
 import subprocess
@@ -170,7 +171,14 @@ def test_storescu_sends_over_tls_and_plain_tcp_is_refused(
         assert plain.returncode != 0
         assert echoscu(LOCALHOST, port, "AINODE", check=False).returncode != 0
         assert node.journal.state_counts()["instances"]["total"] == 3
+        failed = node.metrics.registry.get_sample_value(
+            "dicom_node_associations_total", {"outcome": "tls_failed"}
+        )
+        assert failed is not None and failed >= 2
+        trail = (Path(node.config.storage.path) / "audit.jsonl").read_text()
     assert "TLS on (minimum TLSv1_2, peer certificates not requested)" in caplog.text
+    alerts = [json.loads(line) for line in trail.splitlines() if "connection refused" in line]
+    assert alerts and all(a["detail"].startswith("TLS handshake failed") for a in alerts)
 
 
 def test_pynetdicom_client_trusting_another_ca_is_refused(tls_node: Node, pki: Pki) -> None:
