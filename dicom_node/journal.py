@@ -25,13 +25,12 @@ from dicom_node.domain import (
     JobState,
     StudyState,
     check_delivery,
-    check_job,
     check_study,
-    job_state_after_deliveries,
 )
 from dicom_node.intake import ReceivedInstance as ReceivedInstance
 from dicom_node.intake import Recorded as Recorded
 from dicom_node.intake import UIDConflict as UIDConflict
+from dicom_node.journal_sending import HAS_RESULTS, JournalDeliveries, set_job_state, settle_job
 from dicom_node.leases import JournalLeases
 from dicom_node.reports import JournalReports
 from dicom_node.schema import JournalSchemaError as JournalSchemaError  # re-exported for app
@@ -77,7 +76,7 @@ class StudySnapshot:
     jobs: tuple[Row, ...]
 
 
-class Journal(JournalReports, JournalLeases):
+class Journal(JournalReports, JournalLeases, JournalDeliveries):
     """SQLite journal. ``now`` values are passed in so tests control time."""
 
     def __init__(self, location: Path | str) -> None:
@@ -237,7 +236,7 @@ class Journal(JournalReports, JournalLeases):
         with self._write() as conn:
             rows = list(conn.execute(sa.select(jobs).where(jobs.c.state == JobState.ANALYSING)))
             for row in rows:
-                _set_job_state(conn, row, JobState.QUEUED, now)
+                set_job_state(conn, row, JobState.QUEUED, now)
             return len(rows)
 
     def job(self, job_id: int) -> Row:
@@ -267,7 +266,7 @@ class Journal(JournalReports, JournalLeases):
         """
         with self._write() as conn:
             row = self.check_lease(conn, job_id, owner)
-            _set_job_state(conn, row, JobState.SENDING, now)
+            set_job_state(conn, row, JobState.SENDING, now)
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(lease_until=None))
             if timings is not None:
                 conn.execute(
@@ -290,12 +289,12 @@ class Journal(JournalReports, JournalLeases):
                         updated_at=now,
                     )
                 )
-            _settle_job(conn, job_id, now)
+            settle_job(conn, job_id, now)
 
     def job_failed(self, job_id: int, error: str, now: float, owner: str | None = None) -> None:
         with self._write() as conn:
             row = self.check_lease(conn, job_id, owner)
-            _set_job_state(conn, row, JobState.FAILED, now, error=error)
+            set_job_state(conn, row, JobState.FAILED, now, error=error)
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(lease_until=None))
 
     def retry_job(self, job_id: int, now: float) -> str:
@@ -309,11 +308,11 @@ class Journal(JournalReports, JournalLeases):
             if row is None:
                 raise LookupError(f"no job {job_id}")
             if row.state == JobState.FAILED:
-                _set_job_state(conn, row, JobState.QUEUED, now)
+                set_job_state(conn, row, JobState.QUEUED, now)
                 return "queued for analysis again"
             if row.state != JobState.DEAD_LETTER:  # only failed or dead-lettered work is retried
                 raise IllegalTransition("job retry", JobState(row.state), JobState.SENDING)
-            _set_job_state(conn, row, JobState.SENDING, now)
+            set_job_state(conn, row, JobState.SENDING, now)
             dead = list(
                 conn.execute(
                     sa.select(deliveries)
@@ -332,132 +331,6 @@ class Journal(JournalReports, JournalLeases):
             )
             return f"{len(dead)} delivery(ies) pending again"
 
-    def due_deliveries(self, now: float, limit: int = 32) -> list[Row]:
-        with self._read() as conn:
-            query = (
-                sa.select(deliveries)
-                .where(deliveries.c.state == DeliveryState.PENDING)
-                .where(deliveries.c.next_attempt_at <= now)
-                .order_by(deliveries.c.next_attempt_at)
-                .limit(limit)
-            )
-            return list(conn.execute(query))
-
-    def next_delivery_at(self) -> float | None:
-        """When the sender has work next: a retry, or a storage commitment running out."""
-        with self._read() as conn:
-            due = sa.case(
-                (deliveries.c.state == DeliveryState.COMMITTING, deliveries.c.commit_deadline),
-                else_=deliveries.c.next_attempt_at,
-            )
-            query = sa.select(sa.func.min(due)).where(
-                deliveries.c.state.in_([DeliveryState.PENDING, DeliveryState.COMMITTING])
-            )
-            return conn.scalar(query)
-
-    # -- storage commitment (PS3.4 Annex J) ----------------------------------
-
-    def commitment_requested(
-        self, delivery_id: int, transaction_uid: str, deadline: float, now: float
-    ) -> None:
-        """The objects are stored: wait for the report of ``transaction_uid`` until ``deadline``."""
-        with self._write() as conn:
-            row = conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
-            check_delivery(DeliveryState(row.state), DeliveryState.COMMITTING)
-            conn.execute(
-                deliveries.update()
-                .where(deliveries.c.id == delivery_id)
-                .values(
-                    state=DeliveryState.COMMITTING,
-                    commit_transaction_uid=transaction_uid,
-                    commit_deadline=deadline,
-                    committed_at=None,
-                    updated_at=now,
-                )
-            )
-
-    def delivery_by_transaction(self, transaction_uid: str) -> Row | None:
-        with self._read() as conn:
-            query = sa.select(deliveries).where(
-                deliveries.c.commit_transaction_uid == transaction_uid
-            )
-            return conn.execute(query).one_or_none()
-
-    def overdue_commitments(self, now: float) -> list[Row]:
-        """COMMITTING deliveries whose report did not arrive by their deadline."""
-        with self._read() as conn:
-            query = (
-                sa.select(deliveries)
-                .where(deliveries.c.state == DeliveryState.COMMITTING)
-                .where(deliveries.c.commit_deadline <= now)
-                .order_by(deliveries.c.commit_deadline)
-            )
-            return list(conn.execute(query))
-
-    def commitment_settled(
-        self,
-        transaction_uid: str,
-        new: DeliveryState,
-        now: float,
-        error: str | None = None,
-        retry_at: float | None = None,
-    ) -> Row | None:
-        """Record the outcome of a commitment as one attempt: SENT, DEAD or PENDING again.
-
-        None (nothing changed) unless the delivery is still COMMITTING under
-        ``transaction_uid``: a late or repeated report, or one racing the
-        timeout, settles an attempt at most once.
-        """
-        with self._write() as conn:
-            row = conn.execute(
-                sa.select(deliveries).where(deliveries.c.commit_transaction_uid == transaction_uid)
-            ).one_or_none()
-            if row is None or row.state != DeliveryState.COMMITTING:
-                return None
-            check_delivery(DeliveryState.COMMITTING, new)
-            conn.execute(
-                deliveries.update()
-                .where(deliveries.c.id == row.id)
-                .values(
-                    state=new,
-                    attempts=row.attempts + 1,
-                    last_error=error,
-                    next_attempt_at=retry_at if retry_at is not None else row.next_attempt_at,
-                    commit_deadline=None,
-                    committed_at=now if new == DeliveryState.SENT else None,
-                    updated_at=now,
-                )
-            )
-            _settle_job(conn, row.job_id, now)
-            return conn.execute(sa.select(deliveries).where(deliveries.c.id == row.id)).one()
-
-    def delivery_attempted(
-        self,
-        delivery_id: int,
-        new: DeliveryState,
-        now: float,
-        error: str | None = None,
-        retry_at: float | None = None,
-    ) -> Row:
-        """Record one send attempt: SENT, DEAD, or PENDING again with ``retry_at``."""
-        with self._write() as conn:
-            row = conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
-            if new != DeliveryState.PENDING:
-                check_delivery(DeliveryState(row.state), new)
-            conn.execute(
-                deliveries.update()
-                .where(deliveries.c.id == delivery_id)
-                .values(
-                    state=new,
-                    attempts=row.attempts + 1,
-                    last_error=error,
-                    next_attempt_at=retry_at if retry_at is not None else row.next_attempt_at,
-                    updated_at=now,
-                )
-            )
-            _settle_job(conn, row.job_id, now)
-            return conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).one()
-
 
 def _instance_count(conn: Connection, study_id: int) -> int:
     query = sa.select(sa.func.coalesce(sa.func.sum(series.c.instance_count), 0)).where(
@@ -473,9 +346,9 @@ def _insert_job(
     same = [j for j in previous if j.series_id == spec.series_id and j.route == spec.route]
     for old in same:
         if old.state == JobState.QUEUED:
-            _set_job_state(conn, old, JobState.SUPERSEDED, now)
+            set_job_state(conn, old, JobState.SUPERSEDED, now)
     # The newest earlier job that has (or, being analysed now, will have) results.
-    with_results = [j for j in same if j.state in _HAS_RESULTS or j.state == JobState.ANALYSING]
+    with_results = [j for j in same if j.state in HAS_RESULTS or j.state == JobState.ANALYSING]
     predecessor = max((j.id for j in with_results), default=None)
     seg_series, seg_sop, sr_series, sr_sop = spec.uids
     result = conn.execute(
@@ -504,38 +377,3 @@ def _inserted_id(result: sa.CursorResult[Any]) -> int:
     key = result.inserted_primary_key
     assert key is not None  # single-row INSERT
     return int(key[0])
-
-
-_FINISHED = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER})
-_HAS_RESULTS = frozenset({JobState.SENDING, JobState.DONE, JobState.DEAD_LETTER})
-
-
-def _set_job_state(
-    conn: Connection, row: Row, new: JobState, now: float, error: str | None = None
-) -> None:
-    check_job(JobState(row.state), new)
-    values: dict[str, Any] = {"state": new, "updated_at": now}
-    if error is not None:
-        values["error"] = error
-    if new == JobState.QUEUED:  # (again): to be handed to a worker afresh
-        values.update(dispatched_at=None, lease_owner=None, lease_until=None)
-    if new == JobState.ANALYSING:
-        values["started_at"] = now
-    elif new == JobState.SENDING and row.state == JobState.ANALYSING:
-        values["analysed_at"] = now
-    elif new in _FINISHED:
-        values["finished_at"] = now
-    conn.execute(jobs.update().where(jobs.c.id == row.id).values(**values))
-
-
-def _settle_job(conn: Connection, job_id: int, now: float) -> None:
-    row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
-    if row.state != JobState.SENDING:
-        return
-    states = [
-        DeliveryState(s)
-        for s in conn.scalars(sa.select(deliveries.c.state).where(deliveries.c.job_id == job_id))
-    ]
-    new = job_state_after_deliveries(states)
-    if new is not None:
-        _set_job_state(conn, row, new, now)
