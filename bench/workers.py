@@ -9,7 +9,8 @@ new redis-server, one receiver (``dicom-node serve`` with ``cluster.journal_url`
 studies (copies of the real Philips chest CT with new UIDs, or ``--slices`` synthetic slices
 each) are sent while no worker runs, until every job is queued and handed to Redis; the
 queue is then held aside, K workers start (one thread each, pinned to CPU 0, 1, ... with
-``taskset``), and once every worker has loaded ct-chest and waits on the broker, the queue is
+``taskset``), and once every worker has loaded ct-chest (and run it once on a synthetic
+chest CT, as every ``dicom-node worker`` does at start) and waits on the broker, the queue is
 released. Throughput = jobs / (last ``analysed_at`` - first ``started_at``), both from the
 journal. K = 1 and K = 2 alternate over ``--rounds``; target: the median at K = 2 >= 1.8x
 the median at K = 1.
@@ -86,6 +87,8 @@ class Round:
     span: float  # first started_at -> last analysed_at
     delivered: float  # queue released -> last finished_at (SEG + SR stored at storescp)
     per_job: float  # median analysis + encode seconds of one job
+    first: float  # longest started_at -> analysed_at among the workers' first jobs
+    between: float  # median idle time of a worker between its jobs (0.0: one job each)
     split: dict[str, int]  # jobs per worker
     cpu: CpuUse  # from the release until the bench saw every job done
 
@@ -255,9 +258,32 @@ def _round(workers: int, rows: Sequence[Any], released: float, usage: CpuUse) ->
         per_job=statistics.median(
             float(job.analysis_seconds) + float(job.encode_seconds) for job in rows
         ),
+        between=_between(rows),
+        first=_first_jobs(rows),
         split=dict(sorted(split.items())),
         cpu=usage,
     )
+
+
+def _first_jobs(rows: Sequence[Any]) -> float:
+    """The longest started -> analysed time among the jobs each worker ran first."""
+    first: dict[str, Any] = {}
+    for job in sorted(rows, key=lambda job: float(job.started_at)):
+        first.setdefault(str(job.lease_owner), job)
+    return max(float(job.analysed_at) - float(job.started_at) for job in first.values())
+
+
+def _between(rows: Sequence[Any]) -> float:
+    """Median time a worker spent between one job analysed and its next job started."""
+    by_worker: dict[str, list[Any]] = {}
+    for job in rows:
+        by_worker.setdefault(str(job.lease_owner), []).append(job)
+    gaps = []
+    for jobs in by_worker.values():
+        jobs.sort(key=lambda job: float(job.started_at))
+        pairs = zip(jobs, jobs[1:], strict=False)
+        gaps += [float(b.started_at) - float(a.analysed_at) for a, b in pairs]
+    return statistics.median(gaps) if gaps else 0.0
 
 
 # --------------------------------------------------------------------------- report
@@ -267,13 +293,17 @@ def rounds_table(rounds: Sequence[Round]) -> Table:
     table = Table(
         title="rounds: K workers, one CPU and one thread each",
         caption="span: first job started -> last analysed; to sent: queue released -> last SEG + "
-        "SR at storescp (journal clock); CPUs: average use by the workers / the receiver / "
+        "SR at storescp (journal clock); per job: analysis + encoding (median); first: the "
+        "slowest of the workers' first jobs, started -> analysed; between: a worker's idle time "
+        "between two of its jobs (medians); CPUs: average use by the workers / the receiver / "
         "everything else (database, broker, this script, other users) / stolen by the "
         "hypervisor, from the release until every job was done",
     )
-    for name in ("round", "K", "jobs/min", "span s", "to sent s", "per job s", "CPUs"):
+    for name in ("round", "K", "jobs/min", "span s", "to sent s", "per job s", "first s"):
         table.add_column(name, justify="right")
-    table.add_column("jobs per worker")
+    for name in ("between s", "CPUs"):
+        table.add_column(name, justify="right")
+    table.add_column("jobs per worker", no_wrap=True)
     for index, item in enumerate(rounds):
         table.add_row(
             str(index // len(LEVELS) + 1),
@@ -282,6 +312,8 @@ def rounds_table(rounds: Sequence[Round]) -> Table:
             f"{item.span:.2f}",
             f"{item.delivered:.2f}",
             f"{item.per_job:.2f}",
+            f"{item.first:.2f}",
+            f"{item.between:.2f}",
             item.cpu.cores(),
             ", ".join(f"{name}: {count}" for name, count in item.split.items()),
         )

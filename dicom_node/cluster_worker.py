@@ -106,7 +106,9 @@ def run_worker(
             log.error("job %s: journal unreachable (%s); retrying", job_id, type(exc).__name__)
             raise task.retry(countdown=RETRY_SECONDS) from None
 
-    worker.warm_up()  # before taking a message: an idle warm worker should get it instead
+    # before taking a message (an idle warm worker should get it instead), and with a sample
+    # run, so that its first job is as fast as the next (dicom_node.analysis.warm)
+    worker.warm_up(sample=True)
     leases.start()
     log.info(
         "worker %s ready: %d job(s) at a time on %s, journal %s",

@@ -28,6 +28,7 @@ from io import BytesIO
 import pydicom
 import torch
 from pydicom import Dataset
+from pydicom.uid import generate_uid
 
 from dicom_node.analysis.device import (
     CPU,
@@ -39,6 +40,7 @@ from dicom_node.analysis.device import (
 )
 from dicom_node.analysis.types import AnalysisResult, Pipeline, Volume
 from dicom_node.analysis.volume import load_images
+from dicom_node.analysis.warm import sample_run, sample_volume
 from dicom_node.config import SOURCE_DESTINATION, Destination
 from dicom_node.domain import DeliveryState
 from dicom_node.encode.seg import build_seg
@@ -343,18 +345,41 @@ class Worker:
                 self._pipelines[key] = pipeline
             return pipeline
 
-    def warm_up(self) -> None:
-        """Load the routes' pipelines at start, so that the first study does not wait for it."""
+    def warm_up(self, sample: bool = False) -> None:
+        """Load the routes' pipelines at start, so that the first study does not wait for it.
+
+        ``sample``: also run each on a synthetic chest CT and encode the result
+        (:mod:`dicom_node.analysis.warm`), so that the first study is not slower either.
+        """
+        volume = None
         for name in self._warm_up_names:
             if self._stopping.is_set():
                 return
             try:
-                self._pipeline(name, self.device)
+                pipeline = self._pipeline(name, self.device)
+                if sample:
+                    volume = volume or sample_volume()
+                    seconds = sample_run(pipeline, volume, self._encode_sample)
+                    if seconds is not None:
+                        log.info(
+                            "pipeline %s warmed up on %s: a synthetic chest CT in %.1f s",
+                            name,
+                            self.device,
+                            seconds,
+                        )
             except Exception as exc:  # the jobs that need it will try again, and fail visibly
                 log.error(
                     "warm-up: pipeline %s on %s: %s", name, self.device, describe_failure(exc)
                 )
                 log.debug("warm-up traceback", exc_info=True)
+
+    def _encode_sample(self, result: AnalysisResult) -> None:
+        """Encode a sample run's SEG and SR as a job's would be, and drop them."""
+        uids = ResultUIDs(generate_uid(), generate_uid(), generate_uid(), generate_uid())
+        seg = build_seg(result, uids, self._equipment) if result.segments else None
+        _encode(build_sr(result, seg, uids, self._equipment, predecessor=None))
+        if seg is not None:
+            _encode(seg)
 
     def _predecessor(self, job: Row) -> Dataset | None:
         if job.predecessor_id is None:

@@ -29,7 +29,9 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from test_assemble import Clock, Harness
 
 import dicom_node.app
+import dicom_node.worker
 from dicom_node.analysis import device as devices
+from dicom_node.analysis import warm
 from dicom_node.analysis.ct_chest import CtChestPipeline
 from dicom_node.analysis.types import AnalysisError, AnalysisResult, Volume
 from dicom_node.config import parse_config
@@ -530,6 +532,40 @@ def test_warm_up_loads_the_routes_pipelines_once_before_any_job(
     assert factory.built == [("ct-chest", "cuda:0")]
     assert factory.pipelines["cuda:0"].runs == 1
     assert "pipeline ct-chest loaded on cuda:0 in " in caplog.text
+
+
+def test_a_sample_run_warms_each_pipeline_with_a_synthetic_chest_ct(
+    harness: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dicom-node worker``'s warm-up: load, run once on the phantom, encode, discard."""
+    monkeypatch.setattr(warm, "SAMPLE_SLICES", 24)  # the same path, a smaller volume
+    monkeypatch.setattr(warm, "SAMPLE_SIZE", 256)
+    encoded: list[str] = []
+    real_encode = dicom_node.worker._encode
+
+    def encode(ds: pydicom.Dataset) -> bytes:
+        encoded.append(str(ds.Modality))
+        return real_encode(ds)
+
+    monkeypatch.setattr(dicom_node.worker, "_encode", encode)
+    factory = Factory()
+    worker = make_worker(harness, factory, Metrics(), device=CPU, warm_up=["ct-chest"])
+    with caplog.at_level(logging.INFO, logger="dicom_node"):
+        worker.warm_up(sample=True)
+    assert factory.pipelines["cpu"].runs == 1
+    assert sorted(encoded) == ["SEG", "SR"]
+    assert "pipeline ct-chest warmed up on cpu: a synthetic chest CT in " in caplog.text
+    counts = harness.journal.state_counts()
+    assert counts["jobs"] == {} and counts["deliveries"] == {}  # nothing recorded or sent
+
+    refusing = Factory(fail_on_gpu=AnalysisError("modality 'CT' is not one of ['DX']"))
+    worker = make_worker(harness, refusing, Metrics(), warm_up=["ct-chest"])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dicom_node"):
+        worker.warm_up(sample=True)
+    assert refusing.built == [("ct-chest", "cuda:0")]  # loaded all the same
+    assert "does not take the synthetic chest CT" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 # -- the receiver is never held up by analysis ------------------------------------------------
