@@ -357,21 +357,36 @@ class Worker:
                 return
             try:
                 pipeline = self._pipeline(name, self.device)
-                if sample:
-                    volume = volume or sample_volume()
-                    seconds = sample_run(pipeline, volume, self._encode_sample)
-                    if seconds is not None:
-                        log.info(
-                            "pipeline %s warmed up on %s: a synthetic chest CT in %.1f s",
-                            name,
-                            self.device,
-                            seconds,
-                        )
             except Exception as exc:  # the jobs that need it will try again, and fail visibly
                 log.error(
                     "warm-up: pipeline %s on %s: %s", name, self.device, describe_failure(exc)
                 )
                 log.debug("warm-up traceback", exc_info=True)
+                continue
+            if sample:
+                volume = volume or sample_volume()
+                self._sample_run(name, pipeline, volume)
+
+    def _sample_run(self, name: str, pipeline: Pipeline, volume: Volume) -> None:
+        """One run on the synthetic chest CT; a failure only means a cold first job."""
+        try:
+            seconds = sample_run(pipeline, volume, self._encode_sample)
+        except Exception as exc:
+            log.warning(
+                "pipeline %s on %s: its sample run failed (%s); the first job runs it cold",
+                name,
+                self.device,
+                describe_failure(exc),
+            )
+            log.debug("sample run traceback", exc_info=True)
+            return
+        if seconds is not None:
+            log.info(
+                "pipeline %s warmed up on %s: a synthetic chest CT in %.1f s",
+                name,
+                self.device,
+                seconds,
+            )
 
     def _encode_sample(self, result: AnalysisResult) -> None:
         """Encode a sample run's SEG and SR as a job's would be, and drop them."""

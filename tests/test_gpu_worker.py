@@ -567,6 +567,16 @@ def test_a_sample_run_warms_each_pipeline_with_a_synthetic_chest_ct(
     assert "does not take the synthetic chest CT" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
+    failing = Factory(fail_on_gpu=RuntimeError("CUDA error: an illegal memory access"))
+    worker = make_worker(harness, failing, Metrics(), warm_up=["ct-chest"])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dicom_node"):
+        worker.warm_up(sample=True)
+    assert failing.built == [("ct-chest", "cuda:0")]  # kept: the jobs use it
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.levelno == logging.WARNING
+    assert "its sample run failed (RuntimeError" in warning.getMessage()
+
 
 # -- the receiver is never held up by analysis ------------------------------------------------
 
