@@ -40,7 +40,7 @@ from dicom_node.analysis.device import (
 )
 from dicom_node.analysis.types import AnalysisResult, Pipeline, Volume
 from dicom_node.analysis.volume import load_images
-from dicom_node.analysis.warm import sample_run, sample_volume
+from dicom_node.analysis.warm import sample_volume, warm_with_sample
 from dicom_node.config import SOURCE_DESTINATION, Destination
 from dicom_node.domain import DeliveryState
 from dicom_node.encode.seg import build_seg
@@ -365,28 +365,7 @@ class Worker:
                 continue
             if sample:
                 volume = volume or sample_volume()
-                self._sample_run(name, pipeline, volume)
-
-    def _sample_run(self, name: str, pipeline: Pipeline, volume: Volume) -> None:
-        """One run on the synthetic chest CT; a failure only means a cold first job."""
-        try:
-            seconds = sample_run(pipeline, volume, self._encode_sample)
-        except Exception as exc:
-            log.warning(
-                "pipeline %s on %s: its sample run failed (%s); the first job runs it cold",
-                name,
-                self.device,
-                describe_failure(exc),
-            )
-            log.debug("sample run traceback", exc_info=True)
-            return
-        if seconds is not None:
-            log.info(
-                "pipeline %s warmed up on %s: a synthetic chest CT in %.1f s",
-                name,
-                self.device,
-                seconds,
-            )
+                warm_with_sample(pipeline, volume, self.device, self._encode_sample)
 
     def _encode_sample(self, result: AnalysisResult) -> None:
         """Encode a sample run's SEG and SR as a job's would be, and drop them."""

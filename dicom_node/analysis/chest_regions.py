@@ -23,8 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from dicom_node.analysis.morphology import (
-    bounding_box,
-    components,
+    boxed_components,
     dilate,
     image,
     label_slices,
@@ -273,12 +272,10 @@ def largest_lung(mask: np.ndarray, hu: np.ndarray, side: str) -> np.ndarray:
     is kept, as before.
     """
     largest = np.zeros(mask.shape, dtype=bool)
-    box = bounding_box(mask)
-    if box is None:
+    found = boxed_components(mask)
+    if found is None:
         return largest
-    labels, sizes = components(mask[box])
-    if sizes.size < 2:
-        return largest
+    box, labels, sizes = found
     gas = np.bincount(labels[hu[box] < GAS_HU].ravel(), minlength=sizes.size)
     lung_like = gas[1:] <= GAS_MAX_SHARE * sizes[1:]
     pick = int(np.argmax(np.where(lung_like, sizes[1:], -1) if lung_like.any() else sizes[1:]))

@@ -214,14 +214,23 @@ def parts(mask: np.ndarray, minimum: float) -> list[np.ndarray]:
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest face-connected component, labelled within the mask's bounding box."""
     largest = np.zeros(mask.shape, dtype=bool)
+    found = boxed_components(mask)
+    if found is not None:
+        box, labels, sizes = found
+        largest[box] = labels == int(np.argmax(sizes[1:])) + 1
+    return largest
+
+
+def boxed_components(
+    mask: np.ndarray,
+) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
+    """:func:`components` of ``mask`` within its bounding box: (box, labels, sizes); None
+    when the mask is empty."""
     box = bounding_box(mask)
     if box is None:
-        return largest
+        return None
     labels, sizes = components(mask[box])
-    if sizes.size < 2:
-        return largest
-    largest[box] = labels == int(np.argmax(sizes[1:])) + 1
-    return largest
+    return (box, labels, sizes) if sizes.size >= 2 else None
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:

@@ -16,6 +16,8 @@ import logging
 import time
 from collections.abc import Callable
 
+import torch
+
 from dicom_node.analysis.phantom import chest_phantom
 from dicom_node.analysis.types import AnalysisError, AnalysisResult, Pipeline, Volume
 
@@ -52,3 +54,30 @@ def sample_run(
         return None
     encode(result)
     return time.monotonic() - started
+
+
+def warm_with_sample(
+    pipeline: Pipeline,
+    volume: Volume,
+    device: torch.device,
+    encode: Callable[[AnalysisResult], object],
+) -> None:
+    """:func:`sample_run`, logged; a failure only means that the first job runs cold."""
+    try:
+        seconds = sample_run(pipeline, volume, encode)
+    except Exception as exc:  # the message of a library may quote values: its type only
+        log.warning(
+            "pipeline %s on %s: its sample run failed (%s); the first job runs it cold",
+            pipeline.name,
+            device,
+            type(exc).__name__,
+        )
+        log.debug("sample run traceback", exc_info=True)
+        return
+    if seconds is not None:
+        log.info(
+            "pipeline %s warmed up on %s: a synthetic chest CT in %.1f s",
+            pipeline.name,
+            device,
+            seconds,
+        )
