@@ -149,6 +149,7 @@ def build_node(config: NodeConfig) -> Node:
         tls=destination_tls(config.destinations),
         audit=audit,
         destinations=config.destinations,
+        shared_journal=journal.shared,
     )
     leases = None
     worker = None

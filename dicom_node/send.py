@@ -172,7 +172,10 @@ class Sender:
         tls: Mapping[str, ClientTLS] | None = None,  # by destination name
         audit: AuditTrail | None = None,
         destinations: Collection[str] | None = None,  # configured names; None: any
+        shared_journal: bool = False,
     ) -> None:
+        """``shared_journal``: other receivers' senders work on the same deliveries
+        (docs/scale-out.md), so each delivery is claimed before it is attempted."""
         self._audit = audit or AuditTrail(None, clock)
         self._destinations = None if destinations is None else frozenset(destinations)
         self._journal = journal
@@ -187,9 +190,11 @@ class Sender:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        # A delivery being attempted is reserved this long: longer than any attempt, so
-        # that only a sender that died mid-way leaves it to another one that late.
-        self._claim_seconds = max(300.0, 10 * settings.timeout_seconds)
+        # With a shared journal a delivery being attempted is reserved this long: longer
+        # than any attempt, so that only a sender that died mid-way leaves it to another
+        # one that late. Alone, a sender claims nothing: after a crash mid-way its restart
+        # must find the delivery due at once, not reserved by a process that is gone.
+        self._claim_seconds = max(300.0, 10 * settings.timeout_seconds) if shared_journal else 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="sender", daemon=True)
@@ -234,7 +239,9 @@ class Sender:
             if delivery.destination in failing:
                 continue
             now = self._clock()
-            if not self._journal.claim_delivery(delivery.id, now, now + self._claim_seconds):
+            if self._claim_seconds and not self._journal.claim_delivery(
+                delivery.id, now, now + self._claim_seconds
+            ):
                 continue  # another receiver sharing the journal is sending it
             attempted += 1
             if self.attempt(delivery) not in (DeliveryState.SENT, DeliveryState.COMMITTING):

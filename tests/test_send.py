@@ -39,7 +39,11 @@ def job_with_results(harness: Harness, port: int, kinds: Sequence[str] = ("seg",
 
 
 def make_sender(
-    harness: Harness, max_attempts: int, timeout: float = 5, commitments: Commitments | None = None
+    harness: Harness,
+    max_attempts: int,
+    timeout: float = 5,
+    commitments: Commitments | None = None,
+    shared_journal: bool = False,
 ) -> Sender:
     settings = SendingSection(
         max_attempts=max_attempts,
@@ -56,6 +60,7 @@ def make_sender(
         harness.clock,
         rng=random.Random(7),
         commitments=commitments,
+        shared_journal=shared_journal,
     )
 
 
@@ -217,3 +222,51 @@ def test_refusing_and_silent_destinations_are_retried(tmp_path: Path) -> None:
         silent.close()
         for sock in held:
             sock.close()
+
+
+class _Killed(BaseException):
+    """The process dies in the middle of an attempt (SIGKILL: nothing is recorded)."""
+
+
+def test_a_delivery_cut_off_by_a_crash_is_due_again_at_once_after_the_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone, a sender claims nothing: the restarted node sends at once (the chaos test
+    waited 240 s for results reserved for 300 s by the process it had killed)."""
+    require_tools("storescp", "echoscu")
+    harness = Harness(tmp_path / "var", Clock())
+    with Storescp(tmp_path / "scp") as scp:
+        job_id = job_with_results(harness, scp.port)
+
+        def killed(*_args: object, **_kwargs: object) -> None:
+            raise _Killed
+
+        monkeypatch.setattr("dicom_node.send.store_files", killed)
+        with pytest.raises(_Killed):
+            make_sender(harness, max_attempts=3).send_due()
+        (delivery,) = harness.journal.job_deliveries(job_id)
+        assert delivery.state == DeliveryState.PENDING and delivery.attempts == 0
+        assert delivery.next_attempt_at <= harness.clock.now  # due, not reserved
+        monkeypatch.undo()
+        assert make_sender(harness, max_attempts=3).send_due() == 1  # the restarted node
+        scp.wait_for_files(2)
+    (delivery,) = harness.journal.job_deliveries(job_id)
+    assert delivery.state == DeliveryState.SENT and delivery.attempts == 1
+
+
+def test_with_a_shared_journal_a_delivery_is_claimed_before_its_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another receiver's sender must not send it too while this one is at it."""
+    harness = Harness(tmp_path / "var", Clock())
+    job_id = job_with_results(harness, free_port())
+
+    def killed(*_args: object, **_kwargs: object) -> None:
+        raise _Killed
+
+    monkeypatch.setattr("dicom_node.send.store_files", killed)
+    with pytest.raises(_Killed):
+        make_sender(harness, max_attempts=3, timeout=5, shared_journal=True).send_due()
+    (delivery,) = harness.journal.job_deliveries(job_id)
+    assert delivery.next_attempt_at - harness.clock.now == 300.0  # reserved
+    assert make_sender(harness, max_attempts=3, shared_journal=True).send_due() == 0
