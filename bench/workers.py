@@ -265,24 +265,26 @@ def _round(workers: int, rows: Sequence[Any], released: float, usage: CpuUse) ->
     )
 
 
+def _by_worker(rows: Sequence[Any]) -> list[list[Any]]:
+    """The jobs of each worker (by lease owner), in the order it started them."""
+    jobs: dict[str, list[Any]] = {}
+    for job in sorted(rows, key=lambda job: float(job.started_at)):
+        jobs.setdefault(str(job.lease_owner), []).append(job)
+    return list(jobs.values())
+
+
 def _first_jobs(rows: Sequence[Any]) -> float:
     """The longest started -> analysed time among the jobs each worker ran first."""
-    first: dict[str, Any] = {}
-    for job in sorted(rows, key=lambda job: float(job.started_at)):
-        first.setdefault(str(job.lease_owner), job)
-    return max(float(job.analysed_at) - float(job.started_at) for job in first.values())
+    return max(float(jobs[0].analysed_at) - float(jobs[0].started_at) for jobs in _by_worker(rows))
 
 
 def _between(rows: Sequence[Any]) -> float:
     """Median time a worker spent between one job analysed and its next job started."""
-    by_worker: dict[str, list[Any]] = {}
-    for job in rows:
-        by_worker.setdefault(str(job.lease_owner), []).append(job)
-    gaps = []
-    for jobs in by_worker.values():
-        jobs.sort(key=lambda job: float(job.started_at))
-        pairs = zip(jobs, jobs[1:], strict=False)
-        gaps += [float(b.started_at) - float(a.analysed_at) for a, b in pairs]
+    gaps = [
+        float(b.started_at) - float(a.analysed_at)
+        for jobs in _by_worker(rows)
+        for a, b in zip(jobs, jobs[1:], strict=False)
+    ]
     return statistics.median(gaps) if gaps else 0.0
 
 
@@ -299,9 +301,8 @@ def rounds_table(rounds: Sequence[Round]) -> Table:
         "everything else (database, broker, this script, other users) / stolen by the "
         "hypervisor, from the release until every job was done",
     )
-    for name in ("round", "K", "jobs/min", "span s", "to sent s", "per job s", "first s"):
-        table.add_column(name, justify="right")
-    for name in ("between s", "CPUs"):
+    numbers = ("round", "K", "jobs/min", "span s", "to sent s", "per job s", "first s")
+    for name in (*numbers, "between s", "CPUs"):
         table.add_column(name, justify="right")
     table.add_column("jobs per worker", no_wrap=True)
     for index, item in enumerate(rounds):

@@ -31,7 +31,7 @@ _NOT_LITTLE_ENDIAN_EXPLICIT = frozenset(
     }
 )
 
-# keyword -> tag, in tag order; the walk stops after the last
+# tag -> keyword of the values wanted
 WANTED: dict[int, str] = {
     0x00080016: "SOPClassUID",
     0x00080018: "SOPInstanceUID",
@@ -50,6 +50,7 @@ WANTED: dict[int, str] = {
 KEYWORDS = tuple(WANTED.values())
 _PIXELS = 0x7FE00008  # Float Pixel Data, Double Float Pixel Data, Pixel Data: the walk ends
 _CHARSET = 0x00080005
+_KEPT = frozenset({*WANTED, _CHARSET})  # raw values taken from the top level
 _ENCODINGS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _UIDS = frozenset({0x00080016, 0x00080018, 0x0020000D, 0x0020000E})
 _LONG_VRS = frozenset(
@@ -125,14 +126,14 @@ class _Walk:
                 return raw
             vr, length, start = self._element(pos)
             if length == UNDEFINED:
-                if tag in WANTED or tag == _CHARSET:
+                if tag in _KEPT:
                     raise _Unsure
                 pos = self._sequence(start, vr, 1)
                 continue
             pos = start + length
             if pos > self.size:
                 raise _Unsure  # ends inside the element
-            if tag in WANTED or tag == _CHARSET:
+            if tag in _KEPT:
                 raw[tag] = bytes(self.data[start:pos])
         if not complete:
             raise _Unsure  # the rest of the dataset is not here

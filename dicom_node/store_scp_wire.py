@@ -44,12 +44,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import _config
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket
 
+from dicom_node.header import valid_uid
 from dicom_node.store_wire import (
     COMMAND,
     LAST,
@@ -162,7 +163,6 @@ class FastStore:
         self._store = store
         self._calling = str(assoc.requestor.ae_title)
         self._storage_classes: dict[str, bool] = {}
-        self._valid_uids: dict[str, bool] = {}
         self._deflated = frozenset({DeflatedExplicitVRLittleEndian})
 
     def __call__(self) -> bool:
@@ -319,12 +319,7 @@ class FastStore:
 
     def _uid(self, raw: bytes) -> str:
         text = raw.rstrip(b"\0 ").decode("ascii", "replace")
-        valid = self._valid_uids.get(text)
-        if valid is None:
-            valid = bool(text) and UID(text).is_valid
-            if len(self._valid_uids) < 4096:
-                self._valid_uids[text] = valid
-        if not valid:
+        if not valid_uid(text):
             raise _HandOver  # pynetdicom decides, as it always did
         return text
 

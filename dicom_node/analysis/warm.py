@@ -34,37 +34,27 @@ def sample_volume() -> Volume:
     return volume
 
 
-def sample_run(
-    pipeline: Pipeline, volume: Volume, encode: Callable[[AnalysisResult], object]
-) -> float | None:
-    """Run ``pipeline`` on ``volume`` and ``encode`` the result, keeping neither.
-
-    Returns the seconds it took, or None when the pipeline refused the volume (an
-    :class:`~dicom_node.analysis.types.AnalysisError`); anything else is raised.
-    """
-    started = time.monotonic()
-    try:
-        result = pipeline.run(volume)
-    except AnalysisError as exc:
-        log.info(
-            "warm-up: %s does not take the synthetic chest CT (%s): loaded, not run",
-            pipeline.name,
-            exc,
-        )
-        return None
-    encode(result)
-    return time.monotonic() - started
-
-
 def warm_with_sample(
     pipeline: Pipeline,
     volume: Volume,
     device: torch.device,
     encode: Callable[[AnalysisResult], object],
 ) -> None:
-    """:func:`sample_run`, logged; a failure only means that the first job runs cold."""
+    """Run ``pipeline`` on ``volume`` and ``encode`` the result, keeping neither, and log it.
+
+    A pipeline that refuses the volume (an :class:`~dicom_node.analysis.types.AnalysisError`)
+    is left loaded, not run; any other failure only means that the first job runs cold.
+    """
+    started = time.monotonic()
     try:
-        seconds = sample_run(pipeline, volume, encode)
+        encode(pipeline.run(volume))
+    except AnalysisError as exc:
+        log.info(
+            "warm-up: %s does not take the synthetic chest CT (%s): loaded, not run",
+            pipeline.name,
+            exc,
+        )
+        return
     except Exception as exc:  # the message of a library may quote values: its type only
         log.warning(
             "pipeline %s on %s: its sample run failed (%s); the first job runs it cold",
@@ -74,10 +64,9 @@ def warm_with_sample(
         )
         log.debug("sample run traceback", exc_info=True)
         return
-    if seconds is not None:
-        log.info(
-            "pipeline %s warmed up on %s: a synthetic chest CT in %.1f s",
-            pipeline.name,
-            device,
-            seconds,
-        )
+    log.info(
+        "pipeline %s warmed up on %s: a synthetic chest CT in %.1f s",
+        pipeline.name,
+        device,
+        time.monotonic() - started,
+    )
