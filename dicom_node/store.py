@@ -1,12 +1,14 @@
 """Durable files in the spool: received instances and result objects.
 
 Every file is written once: to a temporary file in ``tmp/`` on the same file
-system, flushed and fsynced, then renamed into place and the directory fsynced.
+system (made ahead of need: :mod:`dicom_node.filepool`), flushed and fsynced, then
+renamed into place and the directory fsynced.
 Paths come from our own random ids, never from a received UID.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dicom_node.filepool import READY_SUFFIX, FilePool
 from dicom_node.header_scan import Buffer
 
 if TYPE_CHECKING:
@@ -61,6 +64,7 @@ class Spool:
         self.tmp = self.root / "tmp" if name is None else self.root / "tmp" / name
         self.journal_path = self.root / "journal.sqlite"
         self._lock_fd: int | None = None
+        self._pool = FilePool(self.tmp)
 
     def create(self) -> None:
         for folder in (self.root, self.instances, self.results, self.tmp):
@@ -93,18 +97,24 @@ class Spool:
         self._lock_fd = fd
 
     def release(self) -> None:
+        self._pool.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     def clear_tmp(self) -> int:
-        """Remove partial files left by a crash; they were never acknowledged."""
+        """Remove partial files left by a crash; they were never acknowledged.
+
+        Empty ready files (:mod:`dicom_node.filepool`) go too, without counting.
+        """
         removed = 0
-        for leftover in self.tmp.iterdir():
+        for leftover in os.scandir(self.tmp):
             if leftover.is_dir():  # another process's tmp/<name>/ on a shared storage
                 continue
-            leftover.unlink(missing_ok=True)
-            removed += 1
+            unused = leftover.name.endswith(READY_SUFFIX) and leftover.stat().st_size == 0
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover.path)
+            removed += not unused
         if removed:
             log.warning(
                 "removed %d partial file(s) left in %s by an interrupted run", removed, self.tmp
@@ -147,19 +157,17 @@ class Spool:
         ``relpath``; on any error no file is left behind."""
         pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
         final = self.root / relpath
-        temp = self.tmp / f"{uuid.uuid4().hex}.part"
+        temp, fd = self._open_temp()
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 _write_all(fd, pieces)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            created = not final.parent.exists()
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, final)
+            created = self._move_into_place(temp, final)
         except BaseException:
-            temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
             raise
         _fsync_dir(final.parent)
         if created:  # the new folder's own entry must be durable too
@@ -171,6 +179,30 @@ class Spool:
                 final.unlink(missing_ok=True)  # not shared, so not stored
                 raise
         return final
+
+    def _open_temp(self) -> tuple[str, int]:
+        """A new, empty file in ``tmp/`` opened for writing: a ready one when there is."""
+        ready = self._pool.take()
+        if ready is not None:
+            try:
+                return ready, os.open(ready, os.O_WRONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # removed behind our back: make one as below
+                pass
+        temp = os.path.join(self.tmp, f"{uuid.uuid4().hex}.part")
+        return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    @staticmethod
+    def _move_into_place(temp: str, final: Path) -> bool:
+        """Rename ``temp`` to ``final``; True when ``final``'s folder had to be made."""
+        try:
+            os.replace(temp, final)
+            return False
+        except FileNotFoundError:
+            if final.parent.is_dir():
+                raise  # the temporary file itself is gone
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, final)
+        return True
 
     def fetch(self, relpath: str) -> Path:
         """The local path of ``relpath``, copied from the object store first if need be.

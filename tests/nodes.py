@@ -19,6 +19,16 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.app import Node, build_node
 from dicom_node.config import NodeConfig, parse_config
+from dicom_node.filepool import READY_SUFFIX
+
+
+def partial_files(tmp: Path) -> list[Path]:
+    """Files in a spool's ``tmp/`` other than empty ready files (dicom_node.filepool)."""
+    return [
+        path
+        for path in tmp.iterdir()
+        if not (path.name.endswith(READY_SUFFIX) and path.stat().st_size == 0)
+    ]
 
 
 def node_settings(storage: Path, **sections: Any) -> dict[str, Any]:

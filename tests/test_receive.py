@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from nodes import echo_ok, node_settings, running_node
+from nodes import echo_ok, node_settings, partial_files, running_node
 from peers import (
     GE_3SLICE,
     LOCALHOST,
@@ -143,7 +143,7 @@ def test_bad_input_is_refused_with_matching_status(
     assert missing_status & 0xF000 == 0xC000, hex(missing_status)
     assert uid_status == 0xA900
     assert node.journal.state_counts()["instances"]["total"] == 0
-    assert _stored_files(node) == [] and list(node.spool.tmp.iterdir()) == []
+    assert _stored_files(node) == [] and partial_files(node.spool.tmp) == []
     assert "StudyInstanceUID is missing" in caplog.text
     patient = str(good.PatientName)
     assert patient and patient not in caplog.text and str(good.PatientID) not in caplog.text
@@ -204,7 +204,7 @@ def test_disk_full_answers_out_of_resources_and_leaves_no_partial_file(tmp_path:
             with association(node) as assoc:
                 status = assoc.send_c_store(pydicom.dcmread(files[0])).Status
             assert status == 0xA700
-            assert _stored_files(node) == [] and list(node.spool.tmp.iterdir()) == []
+            assert _stored_files(node) == [] and partial_files(node.spool.tmp) == []
             filler.unlink()  # space again: the same instance is accepted
             with association(node) as assoc:
                 assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0
