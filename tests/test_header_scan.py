@@ -13,6 +13,7 @@ from pathlib import Path
 import pdus
 import pydicom
 import pytest
+from nodes import partial_files
 from peers import PHILIPS_L, SHARED_REAL
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -201,5 +202,8 @@ def test_write_atomic_writes_many_pieces_in_order(tmp_path: Path) -> None:
     pieces = [memoryview(data)[start : start + 37] for start in range(0, len(data), 37)]
     assert len(pieces) > 1024  # more than one writev
     relpath = spool.new_instance_relpath()
-    assert spool.write_atomic(relpath, [b"", *pieces]).read_bytes() == data
-    assert list(spool.tmp.iterdir()) == []
+    try:
+        assert spool.write_atomic(relpath, [b"", *pieces]).read_bytes() == data
+        assert partial_files(spool.tmp) == []
+    finally:
+        spool.release()
