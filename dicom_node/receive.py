@@ -43,11 +43,11 @@ from dicom_node.header import (
     valid_uid,
 )
 from dicom_node.journal import Journal, Recorded, UIDConflict
+from dicom_node.listener import start_server
 from dicom_node.logs import log_context
 from dicom_node.part10 import file_meta_bytes, read_file_meta
 from dicom_node.store import LowSpace, Spool
 from dicom_node.tls import describe, server_context
-from dicom_node.transport import start_server
 from dicom_node.web.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -59,7 +59,14 @@ from dicom_node.store_wire import (
     command_elements,
     direct_store_possible,
 )
-from dicom_node.transport import MAX_COMMAND_BYTES, HardenedDUL, Refused, recv_exactly
+from dicom_node.transport import (
+    MAX_COMMAND_BYTES,
+    HardenedDUL,
+    Refused,
+    recv_exactly,
+    recv_into_exactly,
+    restore_timeout,
+)
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -187,7 +194,7 @@ class FastStore:
             wrapper.close()  # Evt17: transport connection closed
             return True
         finally:
-            _restore_timeout(sock, self._dul._limits.idle_timeout)
+            restore_timeout(sock, self._dul._limits.idle_timeout)
         self._dul._idle_timer.restart()
         status = self._store(
             request.sop_class,
@@ -244,7 +251,7 @@ class FastStore:
             raise Refused(f"PDU type 0x{pdu_type:02X} of {length} bytes (limit {limit})")
         pdu = bytearray(6 + length)
         pdu[:6] = header
-        _recv_into(sock, memoryview(pdu)[6:], deadline)
+        recv_into_exactly(sock, memoryview(pdu)[6:], deadline)
         held.append(pdu)
         self._dul._idle_timer.restart()  # a long message must not look like an idle peer
         if pdu_type != PDATA_TF:
@@ -369,27 +376,6 @@ class FastStore:
                 return
             dul.event_queue.put(event)
             dul._recv_pdu.put(decoded)
-
-
-def _restore_timeout(sock: socket.socket, timeout: float) -> None:
-    try:
-        sock.settimeout(timeout)
-    except OSError:
-        pass
-
-
-def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
-    """Fill ``view`` before ``deadline`` (time.monotonic), as ``recv_exactly`` does."""
-    received, size = 0, len(view)
-    while received < size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"{received} of {size} bytes before the PDU deadline")
-        sock.settimeout(remaining)
-        count = sock.recv_into(view[received:])
-        if not count:
-            raise ConnectionError(f"peer closed after {received} of {size} bytes")
-        received += count
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -1,13 +1,11 @@
-"""A hardened association server: pynetdicom's, with limits enforced while reading.
+"""Reading a peer's PDUs with limits: the DUL of every association we accept.
 
 Stock pynetdicom 3.0.4 trusts the peer: it allocates whatever a PDU length field
 claims, waits forever on a peer that trickles bytes, inflates deflated datasets
 without bound and spends two threads on every accepted socket. Here:
 
-* :class:`HardenedServer` (a ``ThreadedAssociationServer``) refuses a connection in
-  ``verify_request`` - after ``accept``, before any thread exists - when the source is
-  outside ``allowed_networks`` or ``max_connections`` / ``max_associations_per_source``
-  would be exceeded. TLS handshakes run in the connection's thread, under a deadline.
+* :class:`dicom_node.listener.HardenedServer` refuses excess connections before any
+  thread exists (see there).
 * :class:`HardenedDUL` (an event-driven DUL, see :mod:`dicom_node.reactor`) reads each
   PDU under one deadline (``idle_timeout_seconds`` for the whole PDU, not per ``recv``),
   checks the length field before reading the body, and meters P-DATA-TF fragments:
@@ -17,33 +15,24 @@ without bound and spends two threads on every accepted socket. Here:
 
 from __future__ import annotations
 
-import copy
-import functools
 import ipaddress
 import logging
 import socket
-import ssl
 import struct
-import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
-from pynetdicom.utils import make_target
+from pynetdicom.transport import AssociationSocket
 
 from dicom_node.config import NodeSection
-from dicom_node.reactor import EventDrivenDUL, serve_association
+from dicom_node.reactor import EventDrivenDUL
 
 if TYPE_CHECKING:
-    from pynetdicom import AE
     from pynetdicom.association import Association
 
 log = logging.getLogger(__name__)
@@ -57,9 +46,6 @@ MAX_QUEUED_MESSAGES = 4  # complete DIMSE messages waiting for the handler: then
 INFLATE_CHUNK = 1024 * KiB
 RECV_CHUNK = 1024 * KiB
 PDATA_TF = 0x04
-# kinds of connections turned away before any association (HardenedServer.on_refusal)
-REFUSED = "refused"  # node.allowed_networks, max_connections, max_associations_per_source
-TLS_FAILED = "tls_failed"
 
 # A-ABORT reason/diagnostic values (PS3.8 9.3.8), source 0x02: the service provider
 UNRECOGNIZED_PDU = 0x01
@@ -109,8 +95,16 @@ class Limits:
 def recv_exactly(sock: socket.socket, size: int, deadline: float) -> bytearray:
     """Read ``size`` bytes before ``deadline`` (time.monotonic) or raise TimeoutError."""
     buffer = bytearray(size)
-    view = memoryview(buffer)
-    received = 0
+    recv_into_exactly(sock, memoryview(buffer), deadline)
+    return buffer
+
+
+def recv_into_exactly(sock: socket.socket, view: memoryview, deadline: float) -> None:
+    """Fill ``view`` before ``deadline`` (time.monotonic) or raise TimeoutError.
+
+    A peer that closes first raises ConnectionError.
+    """
+    received, size = 0, len(view)
     while received < size:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -120,7 +114,6 @@ def recv_exactly(sock: socket.socket, size: int, deadline: float) -> bytearray:
         if not count:
             raise ConnectionError(f"peer closed after {received} of {size} bytes")
         received += count
-    return buffer
 
 
 class MessageMeter:
@@ -227,7 +220,7 @@ class HardenedDUL(EventDrivenDUL):
             wrapper.close()  # Evt17: transport connection closed
             return
         finally:
-            _restore_timeout(sock, self._limits.idle_timeout)
+            restore_timeout(sock, self._limits.idle_timeout)
         try:
             decoded, event = self._decode_pdu(pdu)
         except Exception as exc:
@@ -269,8 +262,11 @@ class HardenedDUL(EventDrivenDUL):
         wrapper.close()
 
 
-def _restore_timeout(sock: socket.socket, timeout: float) -> None:
-    # Also bounds send(): a peer that stops reading our responses cannot hold a thread.
+def restore_timeout(sock: socket.socket, timeout: float) -> None:
+    """Put back the idle timeout after a read with a deadline; a closed socket is left be.
+
+    Also bounds send(): a peer that stops reading our responses cannot hold a thread.
+    """
     try:
         sock.settimeout(timeout)
     except OSError:
@@ -282,193 +278,3 @@ def _peer(assoc: Association) -> str:
         return str(assoc.requestor.address)
     except Exception:
         return "?"
-
-
-@dataclass
-class _Connection:
-    sock: socket.socket
-    source: str
-    accepted_at: float
-    assoc: Association | None = field(default=None)
-
-    def alive(self, grace: float) -> bool:
-        if self.sock.fileno() == -1:
-            return False
-        if self.assoc is None or self.assoc.ident is None:  # its threads are not started yet
-            return time.monotonic() - self.accepted_at < grace
-        return self.assoc.is_alive() or self.assoc.dul.is_alive()
-
-
-class HardenedRequestHandler(RequestHandler):
-    """Bounded TLS handshake, then an association whose DUL is a :class:`HardenedDUL`."""
-
-    server: HardenedServer
-
-    def handle(self) -> None:
-        limits = self.server.limits
-        if isinstance(self.request, ssl.SSLSocket):
-            try:
-                self.request.settimeout(limits.idle_timeout)  # a total deadline for the handshake
-                self.request.do_handshake()
-            except (OSError, ValueError) as exc:
-                log.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
-                self.server.report_refusal(
-                    str(self.client_address[0]), f"TLS handshake failed: {exc}", TLS_FAILED
-                )
-                self.server.shutdown_request(self.request)
-                return
-        super().handle()
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        limits = self.server.limits
-        stock = assoc.dul
-        dul = HardenedDUL(assoc, limits)
-        dul.socket, dul.event_queue = stock.socket, stock.event_queue  # Evt5 is queued there
-        assoc.dul = dul
-        assoc._run_reactor = functools.partial(serve_association, assoc)  # type: ignore[method-assign]
-        # the setters arm the new DUL's timers: ARTIM (no A-ASSOCIATE-RQ) and idle
-        assoc.acse_timeout = min(assoc.acse_timeout or limits.idle_timeout, limits.idle_timeout)
-        assoc.network_timeout = limits.idle_timeout
-        _restore_timeout(self.request, limits.idle_timeout)
-        self.server.attach(self.request, assoc)
-        return assoc
-
-
-class SupportedContexts(list[PresentationContext]):
-    """The server's presentation contexts, copied cheaply for each new association.
-
-    pynetdicom deep-copies the acceptor's contexts for every association: with every
-    storage SOP class and ~30 transfer syntaxes that took about 0.1 s of CPU per
-    association here. A context's state is its scalar attributes and its list of
-    (immutable) transfer syntax UIDs, so a shallow copy plus a new list is a full copy.
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        copies = []
-        for context in self:
-            twin = copy.copy(context)
-            twin._transfer_syntax = list(context._transfer_syntax)
-            copies.append(twin)
-        return copies
-
-
-class HardenedServer(ThreadedAssociationServer):
-    """Counts connections and refuses the excess before any thread is spawned."""
-
-    request_queue_size = 128  # a flood of refused connects should not drop good SYNs
-
-    def __init__(self, ae: AE, address: tuple[str, int], limits: Limits, **kwargs: Any) -> None:
-        self.limits = limits
-        # (source address, reason, REFUSED or TLS_FAILED), for the metrics and the audit
-        self.on_refusal: Callable[[str, str, str], None] | None = None
-        self._connections: list[_Connection] = []
-        self._connections_lock = threading.Lock()
-        super().__init__(
-            ae,
-            address,
-            ae.ae_title,
-            ae.supported_contexts,
-            request_handler=HardenedRequestHandler,
-            **kwargs,
-        )
-        self.contexts = SupportedContexts(self.contexts)
-
-    @property
-    def open_connections(self) -> int:
-        with self._connections_lock:
-            self._prune()
-            return len(self._connections)
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        if self.ssl_context is not None:  # the handshake happens in the connection's thread
-            client = self.ssl_context.wrap_socket(
-                client, server_side=True, do_handshake_on_connect=False
-            )
-        return client, address
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        source = str(client_address[0])
-        with self._connections_lock:
-            self._prune()
-            reason = self._refusal(source)
-            if reason is None:
-                self._connections.append(_Connection(request, source, time.monotonic()))
-                return True
-        log.warning("refused a connection from %s: %s", source, reason)
-        self.report_refusal(source, reason, REFUSED)
-        return False
-
-    def report_refusal(self, source: str, reason: str, kind: str) -> None:
-        """Tell :attr:`on_refusal` of a connection turned away before any association."""
-        if self.on_refusal is None:
-            return
-        try:
-            self.on_refusal(source, reason, kind)
-        except Exception:  # reporting must never stop the server's loop
-            log.exception("reporting a refused connection failed")
-
-    def attach(self, sock: socket.socket, assoc: Association) -> None:
-        with self._connections_lock:
-            for connection in self._connections:
-                if connection.sock is sock:
-                    connection.assoc = assoc
-
-    def _refusal(self, source: str) -> str | None:
-        if not _in_networks(source, self.limits.allowed_networks):
-            return "source outside node.allowed_networks"
-        if len(self._connections) >= self.limits.max_connections:
-            return f"node.max_connections ({self.limits.max_connections}) reached"
-        same = sum(1 for c in self._connections if c.source == source)
-        if same >= self.limits.max_per_source:
-            return f"node.max_associations_per_source ({self.limits.max_per_source}) reached"
-        return None
-
-    def _prune(self) -> None:
-        grace = self.limits.idle_timeout + 5.0
-        keep = []
-        for connection in self._connections:
-            if connection.alive(grace):
-                keep.append(connection)
-            elif connection.sock.fileno() != -1:
-                self.shutdown_request(connection.sock)  # threads gone, socket left open
-        self._connections = keep
-
-
-def _in_networks(
-    source: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
-) -> bool:
-    if not networks:
-        return True
-    try:
-        address = ipaddress.ip_address(source.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
-
-
-def start_server(
-    ae: AE,
-    node: NodeSection,
-    evt_handlers: list[Any],
-    ssl_context: ssl.SSLContext | None = None,
-) -> HardenedServer:
-    """What ``AE.start_server(block=False)`` does, with :class:`HardenedServer`."""
-    server = HardenedServer(
-        ae,
-        (node.host, node.port),
-        Limits.from_config(node),
-        ssl_context=ssl_context,
-        evt_handlers=evt_handlers,
-    )
-    ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
-    timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
-    thread = threading.Thread(
-        target=make_target(server.serve_forever), name=f"AcceptorServer@{timestamp}", daemon=True
-    )
-    thread.start()
-    return server

@@ -29,10 +29,10 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import NodeSection
+from dicom_node.listener import SupportedContexts, _Connection, start_server
 from dicom_node.part10 import file_meta_bytes, read_file_meta
 from dicom_node.reactor import EventDrivenDUL
 from dicom_node.receive import _make_ae
-from dicom_node.transport import SupportedContexts, _Connection, start_server
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -266,7 +266,7 @@ def test_per_source_cap_leaves_other_sources_served(tmp_path: Path) -> None:
 def test_sources_outside_allowed_networks_are_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="dicom_node.transport")
+    caplog.set_level(logging.WARNING, logger="dicom_node.listener")
     with hostile_node(tmp_path, allowed_networks=["10.0.0.0/8"]) as watch:
         with pdus.raw_connection(watch.port) as sock:
             assert pdus.closed_by_peer(sock, 2.0)

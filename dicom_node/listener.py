@@ -1,0 +1,232 @@
+"""The listening side: pynetdicom's association server, refusing the excess early.
+
+:class:`HardenedServer` (a ``ThreadedAssociationServer``) refuses a connection in
+``verify_request`` - after ``accept``, before any thread exists - when the source is
+outside ``allowed_networks`` or ``max_connections`` / ``max_associations_per_source``
+would be exceeded. TLS handshakes run in the connection's thread, under a deadline.
+Every accepted association reads its PDUs through a
+:class:`~dicom_node.transport.HardenedDUL`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
+
+from dicom_node.config import NodeSection
+from dicom_node.reactor import serve_association
+from dicom_node.transport import HardenedDUL, Limits, restore_timeout
+
+if TYPE_CHECKING:
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+
+log = logging.getLogger(__name__)
+
+# kinds of connections turned away before any association (HardenedServer.on_refusal)
+REFUSED = "refused"  # node.allowed_networks, max_connections, max_associations_per_source
+TLS_FAILED = "tls_failed"
+
+
+@dataclass
+class _Connection:
+    sock: socket.socket
+    source: str
+    accepted_at: float
+    assoc: Association | None = field(default=None)
+
+    def alive(self, grace: float) -> bool:
+        if self.sock.fileno() == -1:
+            return False
+        if self.assoc is None or self.assoc.ident is None:  # its threads are not started yet
+            return time.monotonic() - self.accepted_at < grace
+        return self.assoc.is_alive() or self.assoc.dul.is_alive()
+
+
+class HardenedRequestHandler(RequestHandler):
+    """Bounded TLS handshake, then an association whose DUL is a :class:`HardenedDUL`."""
+
+    server: HardenedServer
+
+    def handle(self) -> None:
+        limits = self.server.limits
+        if isinstance(self.request, ssl.SSLSocket):
+            try:
+                self.request.settimeout(limits.idle_timeout)  # a total deadline for the handshake
+                self.request.do_handshake()
+            except (OSError, ValueError) as exc:
+                log.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
+                self.server.report_refusal(
+                    str(self.client_address[0]), f"TLS handshake failed: {exc}", TLS_FAILED
+                )
+                self.server.shutdown_request(self.request)
+                return
+        super().handle()
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        limits = self.server.limits
+        stock = assoc.dul
+        dul = HardenedDUL(assoc, limits)
+        dul.socket, dul.event_queue = stock.socket, stock.event_queue  # Evt5 is queued there
+        assoc.dul = dul
+        assoc._run_reactor = functools.partial(serve_association, assoc)  # type: ignore[method-assign]
+        # the setters arm the new DUL's timers: ARTIM (no A-ASSOCIATE-RQ) and idle
+        assoc.acse_timeout = min(assoc.acse_timeout or limits.idle_timeout, limits.idle_timeout)
+        assoc.network_timeout = limits.idle_timeout
+        restore_timeout(self.request, limits.idle_timeout)
+        self.server.attach(self.request, assoc)
+        return assoc
+
+
+class SupportedContexts(list[PresentationContext]):
+    """The server's presentation contexts, copied cheaply for each new association.
+
+    pynetdicom deep-copies the acceptor's contexts for every association: with every
+    storage SOP class and ~30 transfer syntaxes that took about 0.1 s of CPU per
+    association here. A context's state is its scalar attributes and its list of
+    (immutable) transfer syntax UIDs, so a shallow copy plus a new list is a full copy.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        copies = []
+        for context in self:
+            twin = copy.copy(context)
+            twin._transfer_syntax = list(context._transfer_syntax)
+            copies.append(twin)
+        return copies
+
+
+class HardenedServer(ThreadedAssociationServer):
+    """Counts connections and refuses the excess before any thread is spawned."""
+
+    request_queue_size = 128  # a flood of refused connects should not drop good SYNs
+
+    def __init__(self, ae: AE, address: tuple[str, int], limits: Limits, **kwargs: Any) -> None:
+        self.limits = limits
+        # (source address, reason, REFUSED or TLS_FAILED), for the metrics and the audit
+        self.on_refusal: Callable[[str, str, str], None] | None = None
+        self._connections: list[_Connection] = []
+        self._connections_lock = threading.Lock()
+        super().__init__(
+            ae,
+            address,
+            ae.ae_title,
+            ae.supported_contexts,
+            request_handler=HardenedRequestHandler,
+            **kwargs,
+        )
+        self.contexts = SupportedContexts(self.contexts)
+
+    @property
+    def open_connections(self) -> int:
+        with self._connections_lock:
+            self._prune()
+            return len(self._connections)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:  # the handshake happens in the connection's thread
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        source = str(client_address[0])
+        with self._connections_lock:
+            self._prune()
+            reason = self._refusal(source)
+            if reason is None:
+                self._connections.append(_Connection(request, source, time.monotonic()))
+                return True
+        log.warning("refused a connection from %s: %s", source, reason)
+        self.report_refusal(source, reason, REFUSED)
+        return False
+
+    def report_refusal(self, source: str, reason: str, kind: str) -> None:
+        """Tell :attr:`on_refusal` of a connection turned away before any association."""
+        if self.on_refusal is None:
+            return
+        try:
+            self.on_refusal(source, reason, kind)
+        except Exception:  # reporting must never stop the server's loop
+            log.exception("reporting a refused connection failed")
+
+    def attach(self, sock: socket.socket, assoc: Association) -> None:
+        with self._connections_lock:
+            for connection in self._connections:
+                if connection.sock is sock:
+                    connection.assoc = assoc
+
+    def _refusal(self, source: str) -> str | None:
+        if not _in_networks(source, self.limits.allowed_networks):
+            return "source outside node.allowed_networks"
+        if len(self._connections) >= self.limits.max_connections:
+            return f"node.max_connections ({self.limits.max_connections}) reached"
+        same = sum(1 for c in self._connections if c.source == source)
+        if same >= self.limits.max_per_source:
+            return f"node.max_associations_per_source ({self.limits.max_per_source}) reached"
+        return None
+
+    def _prune(self) -> None:
+        grace = self.limits.idle_timeout + 5.0
+        keep = []
+        for connection in self._connections:
+            if connection.alive(grace):
+                keep.append(connection)
+            elif connection.sock.fileno() != -1:
+                self.shutdown_request(connection.sock)  # threads gone, socket left open
+        self._connections = keep
+
+
+def _in_networks(
+    source: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    if not networks:
+        return True
+    try:
+        address = ipaddress.ip_address(source.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def start_server(
+    ae: AE,
+    node: NodeSection,
+    evt_handlers: list[Any],
+    ssl_context: ssl.SSLContext | None = None,
+) -> HardenedServer:
+    """What ``AE.start_server(block=False)`` does, with :class:`HardenedServer`."""
+    server = HardenedServer(
+        ae,
+        (node.host, node.port),
+        Limits.from_config(node),
+        ssl_context=ssl_context,
+        evt_handlers=evt_handlers,
+    )
+    ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
+    timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
+    thread = threading.Thread(
+        target=make_target(server.serve_forever), name=f"AcceptorServer@{timestamp}", daemon=True
+    )
+    thread.start()
+    return server
