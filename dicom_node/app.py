@@ -33,7 +33,8 @@ from dicom_node.encode.types import Equipment
 from dicom_node.journal import Journal, JournalSchemaError
 from dicom_node.leases import LeaseKeeper
 from dicom_node.objects import ObjectStore
-from dicom_node.receive import Receiver, reindex_orphans
+from dicom_node.receive import Receiver
+from dicom_node.reindex import reindex_orphans
 from dicom_node.send import Sender
 from dicom_node.store import Spool
 from dicom_node.tls import destination_tls

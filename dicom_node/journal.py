@@ -85,7 +85,7 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
         self.path = describe(location)  # for messages: never the password
         # Recording a received instance in SQLite does not sync the WAL: the instance file
         # is fsynced before the success status, and a row lost to a power failure is
-        # written again from the file at start (dicom_node.receive.reindex_orphans).
+        # written again from the file at start (dicom_node.reindex.reindex_orphans).
         # Every other commit stays synchronous=FULL, which also syncs these rows.
         self._engine, self._receive_engine = create_engines(location)
         self.shared = self._engine.dialect.name != "sqlite"  # other processes write too

@@ -39,7 +39,7 @@ from dicom_node.journal import (
     Recorded,
 )
 from dicom_node.leases import LeaseKeeper, LeaseLost
-from dicom_node.receive import reindex_orphans
+from dicom_node.reindex import reindex_orphans
 from dicom_node.schema import metadata
 from dicom_node.store import NameInUse, Spool
 
