@@ -112,6 +112,7 @@ class Node:
 
 
 def build_node(config: NodeConfig) -> Node:
+    """Every part of a node, wired together; nothing is started yet."""
     cluster = config.cluster
     name = cluster.name() if cluster.enabled else None
     spool = Spool(config.storage.path, config.storage.min_free_bytes, name, object_store(config))
@@ -123,35 +124,8 @@ def build_node(config: NodeConfig) -> Node:
     metrics = Metrics()
     metrics.watch_journal(journal.state_counts)
     metrics.watch_gpu()
-    audit_path = None
-    if config.audit.enabled:
-        default = "audit.jsonl" if name is None else f"audit-{name}.jsonl"
-        audit_path = config.audit.path or spool.root / default
-    audit = AuditTrail(audit_path, time.time)
-    commitments = Commitments(
-        journal,
-        metrics,
-        config.node.ae_title,
-        config.destinations,
-        config.sending,
-        time.time,
-        on_retry=lambda: sender.wake(),
-        audit=audit,
-        spool=spool,
-    )
-    sender = Sender(
-        journal,
-        spool,
-        metrics,
-        config.node.ae_title,
-        config.sending,
-        time.time,
-        commitments=commitments,
-        tls=destination_tls(config.destinations),
-        audit=audit,
-        destinations=config.destinations,
-        shared_journal=journal.shared,
-    )
+    audit = _audit_trail(config, spool, name)
+    commitments, sender = _sending(config, journal, spool, metrics, audit)
     leases = None
     worker = None
     if cluster.broker_url is None:  # analysis in this process
@@ -180,21 +154,8 @@ def build_node(config: NodeConfig) -> Node:
         models_path=config.analysis.models_path,
     )
     if journal.shared:
-        publisher = None
-        if cluster.broker_url is not None:
-            broker = celery_app(cluster.broker_url.get_secret_value(), cluster.lease_seconds)
-            publisher = Publisher(broker)
         wake = [sender.wake] + ([worker.wake] if worker is not None else [])
-        dispatcher = Dispatcher(
-            journal,
-            cluster,
-            assembler,
-            config.completion.study_idle_seconds,
-            time.time,
-            metrics,
-            publisher,
-            wake,
-        )
+        dispatcher = _dispatcher(config, journal, assembler, metrics, wake)
     receiver = Receiver(
         config.node,
         spool,
@@ -206,19 +167,12 @@ def build_node(config: NodeConfig) -> Node:
         on_event_report=commitments.handle_report,
     )
     metrics.watch_associations(lambda: receiver.active_associations)
-    web = None
-    if config.web.enabled:
-        monitor = DestinationMonitor(
-            config.node.ae_title, config.destinations, config.web.echo_interval_seconds, time.time
-        )
 
-        def on_retry() -> None:
-            on_jobs([])
-            sender.wake()
+    def on_retry() -> None:
+        on_jobs([])
+        sender.wake()
 
-        web = WebServer(
-            config, journal, metrics, monitor, lambda: receiver.running, on_retry, time.time
-        )
+    web = _web(config, journal, metrics, lambda: receiver.running, on_retry)
     return Node(
         config,
         spool,
@@ -234,6 +188,86 @@ def build_node(config: NodeConfig) -> Node:
         dispatcher,
         leases,
     )
+
+
+def _audit_trail(config: NodeConfig, spool: Spool, name: str | None) -> AuditTrail:
+    """The audit trail: ``audit.path``, else ``audit[-NAME].jsonl`` in the storage folder."""
+    path = None
+    if config.audit.enabled:
+        default = "audit.jsonl" if name is None else f"audit-{name}.jsonl"
+        path = config.audit.path or spool.root / default
+    return AuditTrail(path, time.time)
+
+
+def _sending(
+    config: NodeConfig, journal: Journal, spool: Spool, metrics: Metrics, audit: AuditTrail
+) -> tuple[Commitments, Sender]:
+    """The sender of results and the storage commitment it asks for (each wakes the other)."""
+    commitments = Commitments(
+        journal,
+        metrics,
+        config.node.ae_title,
+        config.destinations,
+        config.sending,
+        time.time,
+        on_retry=lambda: sender.wake(),
+        audit=audit,
+        spool=spool,
+    )
+    sender = Sender(
+        journal,
+        spool,
+        metrics,
+        config.node.ae_title,
+        config.sending,
+        time.time,
+        commitments=commitments,
+        tls=destination_tls(config.destinations),
+        audit=audit,
+        destinations=config.destinations,
+        shared_journal=journal.shared,
+    )
+    return commitments, sender
+
+
+def _dispatcher(
+    config: NodeConfig,
+    journal: Journal,
+    assembler: Assembler,
+    metrics: Metrics,
+    wake: list[Callable[[], None]],
+) -> Dispatcher:
+    """With a shared journal: hands jobs to the broker (if any) and completes others' studies."""
+    cluster = config.cluster
+    publisher = None
+    if cluster.broker_url is not None:
+        broker = celery_app(cluster.broker_url.get_secret_value(), cluster.lease_seconds)
+        publisher = Publisher(broker)
+    return Dispatcher(
+        journal,
+        cluster,
+        assembler,
+        config.completion.study_idle_seconds,
+        time.time,
+        metrics,
+        publisher,
+        wake,
+    )
+
+
+def _web(
+    config: NodeConfig,
+    journal: Journal,
+    metrics: Metrics,
+    receiving: Callable[[], bool],
+    on_retry: Callable[[], None],
+) -> WebServer | None:
+    if not config.web.enabled:
+        return None
+    monitor = DestinationMonitor(
+        config.node.ae_title, config.destinations, config.web.echo_interval_seconds, time.time
+    )
+    return WebServer(config, journal, metrics, monitor, receiving, on_retry, time.time)
 
 
 def object_store(config: NodeConfig) -> ObjectStore | None:
