@@ -41,7 +41,7 @@ from dicom_node.header import (
     received_header,
     valid_uid,
 )
-from dicom_node.journal import Journal, Recorded, UIDConflict
+from dicom_node.journal import Journal, ReceivedInstance, Recorded, UIDConflict
 from dicom_node.listener import start_server
 from dicom_node.logs import log_context
 from dicom_node.part10 import file_meta_bytes
@@ -217,15 +217,32 @@ class Receiver:
                 f" ({self._config.max_instance_bytes})",
             )
         header = received_header(meta, dataset, transfer_syntax, sop_class_uid, sop_instance_uid)
+        if self._known(header.sop_uid):  # a resend: nothing to write
+            return self._duplicate(calling)
+        relpath = self._write(pieces, size)
+        recorded = self._record(
+            header.instance(relpath, transfer_syntax, size, calling, self._clock())
+        )
+        if recorded.duplicate:  # a concurrent association stored it first
+            self._spool.remove(relpath)
+            return self._duplicate(calling)
+        self._on_recorded(recorded)  # first: the study's completion timer depends on it
+        self._metrics.instances_received.labels(calling_aet=calling).inc()
+        self._metrics.bytes_received.labels(calling_aet=calling).inc(size)
+        self._audit.instance_received(calling, header.study_uid, header.sop_uid, SUCCESS)
+        return SUCCESS
+
+    def _known(self, sop_uid: str) -> bool:
         try:
-            known = self._journal.has_instance(header.sop_uid)
+            return self._journal.has_instance(sop_uid)
         except Exception as exc:  # the journal's database is away: the sender will retry
             log.debug("journal error", exc_info=True)
             raise Rejected(
                 OUT_OF_RESOURCES, f"cannot reach the journal ({type(exc).__name__})"
             ) from exc
-        if known:  # a resend: nothing to write
-            return self._duplicate(calling)
+
+    def _write(self, pieces: Sequence[bytes | bytearray | memoryview], size: int) -> str:
+        """Write the instance durably into the spool; its relative path."""
         try:
             self._spool.ensure_space(size)
         except LowSpace as exc:
@@ -235,27 +252,22 @@ class Receiver:
             self._spool.write_atomic(relpath, pieces)
         except OSError as exc:
             raise Rejected(OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror}") from exc
-        received = header.instance(relpath, transfer_syntax, size, calling, self._clock())
+        return relpath
+
+    def _record(self, received: ReceivedInstance) -> Recorded:
+        """Record a written instance; its file is removed again when that fails."""
         try:
-            recorded = self._journal.record_instance(received)
+            return self._journal.record_instance(received)
         except UIDConflict as exc:
-            self._spool.remove(relpath)
+            self._spool.remove(received.relpath)
             raise Rejected(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
         except Exception as exc:
-            self._spool.remove(relpath)
+            self._spool.remove(received.relpath)
             # the exception text may quote the row (display details): keep it out of the log
             log.debug("journal error", exc_info=True)
             raise Rejected(
                 OUT_OF_RESOURCES, f"cannot record the instance ({type(exc).__name__})"
             ) from exc
-        if recorded.duplicate:  # a concurrent association stored it first
-            self._spool.remove(relpath)
-            return self._duplicate(calling)
-        self._on_recorded(recorded)  # first: the study's completion timer depends on it
-        self._metrics.instances_received.labels(calling_aet=calling).inc()
-        self._metrics.bytes_received.labels(calling_aet=calling).inc(size)
-        self._audit.instance_received(calling, header.study_uid, header.sop_uid, SUCCESS)
-        return SUCCESS
 
     def _duplicate(self, calling: str) -> int:
         self._metrics.instances_duplicate.labels(calling_aet=calling).inc()
