@@ -111,9 +111,11 @@ class Spool:
         for leftover in os.scandir(self.tmp):
             if leftover.is_dir():  # another process's tmp/<name>/ on a shared storage
                 continue
-            unused = leftover.name.endswith(READY_SUFFIX) and leftover.stat().st_size == 0
-            with contextlib.suppress(FileNotFoundError):
+            try:
+                unused = leftover.name.endswith(READY_SUFFIX) and leftover.stat().st_size == 0
                 os.unlink(leftover.path)
+            except FileNotFoundError:
+                continue
             removed += not unused
         if removed:
             log.warning(
