@@ -260,8 +260,7 @@ class Worker:
         that the sender, which sends the files that exist, sends the SR alone.
         """
         uids = ResultUIDs(job.seg_series_uid, job.seg_sop_uid, job.sr_series_uid, job.sr_sop_uid)
-        seg = build_seg(result, uids, self._equipment) if result.segments else None
-        sr = build_sr(result, seg, uids, self._equipment, predecessor=self._predecessor(job))
+        seg, sr = self._build_results(result, uids, self._predecessor(job))
         seg_relpath = self._spool.result_relpath(job.id, "seg")
         if seg is not None:
             self._spool.write_atomic(seg_relpath, _encode(seg))
@@ -370,10 +369,17 @@ class Worker:
     def _encode_sample(self, result: AnalysisResult) -> None:
         """Encode a sample run's SEG and SR as a job's would be, and drop them."""
         uids = ResultUIDs(generate_uid(), generate_uid(), generate_uid(), generate_uid())
-        seg = build_seg(result, uids, self._equipment) if result.segments else None
-        _encode(build_sr(result, seg, uids, self._equipment, predecessor=None))
+        seg, sr = self._build_results(result, uids, predecessor=None)
+        _encode(sr)
         if seg is not None:
             _encode(seg)
+
+    def _build_results(
+        self, result: AnalysisResult, uids: ResultUIDs, predecessor: Dataset | None
+    ) -> tuple[Dataset | None, Dataset]:
+        """The SEG (None for a result without segments) and the SR of ``result``."""
+        seg = build_seg(result, uids, self._equipment) if result.segments else None
+        return seg, build_sr(result, seg, uids, self._equipment, predecessor=predecessor)
 
     def _predecessor(self, job: Row) -> Dataset | None:
         if job.predecessor_id is None:
