@@ -29,6 +29,11 @@ READY_SUFFIX = ".ready"
 DEFAULT_SIZE = 32
 
 
+def unused_ready_file(name: str, size: int) -> bool:
+    """Whether a file in ``tmp/`` is a ready file nobody wrote into (not a partial one)."""
+    return name.endswith(READY_SUFFIX) and size == 0
+
+
 class FilePool:
     """Up to ``size`` empty files in ``folder``, refilled by a daemon thread once half are used.
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicom_node.filepool import READY_SUFFIX, FilePool
+from dicom_node.filepool import FilePool, unused_ready_file
 from dicom_node.header_scan import Buffer
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ class Spool:
             if leftover.is_dir():  # another process's tmp/<name>/ on a shared storage
                 continue
             try:
-                unused = leftover.name.endswith(READY_SUFFIX) and leftover.stat().st_size == 0
+                unused = unused_ready_file(leftover.name, leftover.stat().st_size)
                 os.unlink(leftover.path)
             except FileNotFoundError:
                 continue

@@ -19,16 +19,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.app import Node, build_node
 from dicom_node.config import NodeConfig, parse_config
-from dicom_node.filepool import READY_SUFFIX
+from dicom_node.filepool import unused_ready_file
 
 
 def partial_files(tmp: Path) -> list[Path]:
     """Files in a spool's ``tmp/`` other than empty ready files (dicom_node.filepool)."""
-    return [
-        path
-        for path in tmp.iterdir()
-        if not (path.name.endswith(READY_SUFFIX) and path.stat().st_size == 0)
-    ]
+    return [path for path in tmp.iterdir() if not unused_ready_file(path.name, path.stat().st_size)]
 
 
 def node_settings(storage: Path, **sections: Any) -> dict[str, Any]:
