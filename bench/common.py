@@ -140,6 +140,26 @@ def settle() -> None:
     os.sync()
 
 
+def evict_page_cache(folder: Path) -> None:
+    """Write back, then drop from the page cache, every file under ``folder``, keeping them.
+
+    The files must stay until the run ends. Deleting them at once was tried (2026-12-05):
+    on an ext4 without a journal, as on the VM of docs/performance.md, the kernel then
+    skips every inode freed in the last minute (five if its block is not yet written back)
+    whenever it creates a file. With a few hundred files freed per measurement, creating
+    one cost up to 1 ms of kernel CPU in the measurements that followed, whoever they
+    were. Dropping the pages still frees the memory (see :func:`measure` in receive.py).
+    """
+    os.sync()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def split(files: Sequence[Path], groups: int) -> list[list[Path]]:
     """``groups`` contiguous, near-equal slices of ``files`` (one per sender)."""
     if not 1 <= groups <= len(files):

@@ -13,7 +13,6 @@ ratios, the node's peak RSS and the targets; ``--check-targets`` exits 3 when on
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from common import (
     Target,
     console,
     ct_series,
+    evict_page_cache,
     machine,
     rates_table,
     run_storescu,
@@ -67,10 +67,11 @@ def measure(
         receiver.stop()
     if stored != len(files):
         raise PeerError(f"{receiver.name} stored {stored} of {len(files)} instances")
-    # Free the measurement's files and their page cache: on the VM of docs/performance.md,
-    # writing past about 1 GB of new page cache made every write 10x slower for the rest
-    # of a run (the guest's first use of memory), whoever was measured then.
-    shutil.rmtree(workdir, ignore_errors=True)
+    # Free the page cache of the measurement's files (they are removed with the whole run's
+    # folder at the end): on the VM of docs/performance.md, writing past about 1 GB of new
+    # page cache made every write 10x slower for the rest of a run (the guest's first use
+    # of memory), whoever was measured then.
+    evict_page_cache(workdir)
     rate = len(files) / seconds
     peak = "" if rss is None else f", peak RSS {rss / 1024:.0f} MiB"
     print(
