@@ -90,6 +90,7 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
         self._engine, self._receive_engine = create_engines(location)
         self.shared = self._engine.dialect.name != "sqlite"  # other processes write too
         self._intake = intake.statements(self._engine.dialect.name)
+        self._sqlite_intake = None if self.shared else intake.SQLiteIntake(Path(location))
         self._write_lock = threading.Lock()
 
     def create(self) -> None:
@@ -97,6 +98,8 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
         migrate(self._engine, self.location)
 
     def close(self) -> None:
+        if self._sqlite_intake is not None:
+            self._sqlite_intake.close()
         self._receive_engine.dispose()
         self._engine.dispose()
 
@@ -136,10 +139,13 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
 
     def record_instance(self, inst: ReceivedInstance) -> Recorded:
         """Record a stored instance; a known SOP Instance UID is a duplicate."""
+        if self._sqlite_intake is not None:
+            with self._write_lock:
+                return self._sqlite_intake.record(inst)
         for attempt in range(3):
             try:
                 with self._write_lock, self._receive_engine.begin() as conn:
-                    return intake.record(conn, inst, self._intake)
+                    return intake.record(conn.exec_driver_sql, inst, self._intake)
             except sa.exc.IntegrityError:
                 # Another receiver inserted the same new study, series or instance between
                 # our look-up and our insert (PostgreSQL); the next try finds its row.
@@ -148,6 +154,8 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
         raise AssertionError("unreachable")
 
     def has_instance(self, sop_uid: str) -> bool:
+        if self._sqlite_intake is not None:
+            return self._sqlite_intake.known(sop_uid)
         with self._receive_engine.connect() as conn:
             return conn.exec_driver_sql(self._intake.has_instance, (sop_uid,)).first() is not None
 
