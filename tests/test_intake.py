@@ -1,0 +1,122 @@
+"""Recording received instances in a SQLite journal (dicom_node.intake.SQLiteIntake).
+
+The receive path writes these rows through a ``sqlite3`` connection of its own, beside
+the journal's SQLAlchemy engine; the rest of the journal must see exactly what it wrote,
+and a refused instance must leave nothing behind. (PostgreSQL journals record through
+SQLAlchemy: tests/test_journal_shared.py.)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from dicom_node.domain import StudyState
+from dicom_node.journal import Journal, ReceivedInstance, UIDConflict
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    journal = Journal(tmp_path / "journal.sqlite")
+    journal.create()
+    yield journal
+    journal.close()
+
+
+def instance(study_uid: str, series_uid: str, at: float = 100.0) -> ReceivedInstance:
+    sop_uid = generate_uid()
+    return ReceivedInstance(
+        sop_uid=sop_uid,
+        sop_class_uid=CT_IMAGE,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        modality="CT",
+        relpath=f"instances/a/b/{sop_uid}.dcm",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        size=1234,
+        calling_aet="SCANNER",
+        received_at=at,
+        study_details={"PatientID": "P1"},
+        series_details={"SeriesDescription": "axial"},
+    )
+
+
+def counts(path: Path) -> tuple[int, int, int]:
+    with sqlite3.connect(path) as db:
+        return tuple(  # type: ignore[return-value]
+            db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            for table in ("studies", "series", "instances")
+        )
+
+
+def test_rows_are_seen_by_the_rest_of_the_journal_and_by_another_journal(
+    journal: Journal, tmp_path: Path
+) -> None:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    first = journal.record_instance(instance(study_uid, series_uid, at=100.0))
+    second = journal.record_instance(instance(study_uid, series_uid, at=105.0))
+    assert first.opened and not first.duplicate
+    assert second.study_id == first.study_id and not second.opened and not second.duplicate
+
+    snapshot = journal.study_snapshot(first.study_id)  # read through SQLAlchemy
+    assert snapshot.study.last_received_at == 105.0
+    assert [(s.series_uid, s.instance_count) for s in snapshot.series] == [(series_uid, 2)]
+    other = Journal(tmp_path / "journal.sqlite")
+    try:
+        assert [row.study_uid for row in other.open_studies()] == [study_uid]
+    finally:
+        other.close()
+
+
+def test_a_known_sop_instance_uid_is_a_duplicate_and_changes_nothing(journal: Journal) -> None:
+    received = instance(generate_uid(), generate_uid())
+    assert not journal.has_instance(received.sop_uid)
+    journal.record_instance(received)
+    assert journal.has_instance(received.sop_uid)
+    before = counts(Path(journal.path))
+
+    again = journal.record_instance(received)
+
+    assert again.duplicate and not again.opened
+    assert counts(Path(journal.path)) == before
+
+
+def test_a_series_of_another_study_is_refused_and_rolled_back(journal: Journal) -> None:
+    series_uid = generate_uid()
+    journal.record_instance(instance(generate_uid(), series_uid))
+    before = counts(Path(journal.path))
+
+    with pytest.raises(UIDConflict):
+        # its new study row is inserted before the series is checked: it must go too
+        journal.record_instance(instance(generate_uid(), series_uid))
+
+    assert counts(Path(journal.path)) == before
+    journal.record_instance(instance(generate_uid(), generate_uid()))  # the next one works
+    assert counts(Path(journal.path))[0] == before[0] + 1
+
+
+def test_an_instance_of_a_completed_study_reopens_it(journal: Journal) -> None:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    first = journal.record_instance(instance(study_uid, series_uid, at=100.0))
+    assert journal.complete_study(first.study_id, 100.0, now=200.0, specs=[]) == []
+
+    late = journal.record_instance(instance(study_uid, series_uid, at=300.0))
+
+    assert late.reopened and late.opened and late.study_id == first.study_id
+    study = journal.study(first.study_id)
+    assert (study.state, study.generation, study.completed_at) == (StudyState.OPEN, 2, None)
+
+
+def test_recording_after_close_opens_the_connection_again(journal: Journal) -> None:
+    journal.record_instance(instance(generate_uid(), generate_uid()))
+    journal.close()
+    received = instance(generate_uid(), generate_uid())
+
+    assert not journal.record_instance(received).duplicate
+    assert journal.has_instance(received.sop_uid)
