@@ -66,6 +66,7 @@ from dicom_node.transport import (
     recv_exactly,
     recv_into_exactly,
     restore_timeout,
+    sliced_reads,
 )
 
 if TYPE_CHECKING:
@@ -181,8 +182,11 @@ class FastStore:
         if sock is None or not _readable(sock) or not self._answered():
             return False
         held: list[bytearray] = []
+        sliced = not isinstance(sock, ssl.SSLSocket)
         try:
-            request, fragments = self._read_message(sock, held)
+            if sliced:
+                sliced_reads(sock)
+            request, fragments = self._read_message(sock, held, sliced)
         except _HandOver:
             self._hand_over(held)
             return True
@@ -239,19 +243,19 @@ class FastStore:
             time.sleep(0.0001)
         return True
 
-    def _read_pdu(self, sock: socket.socket, held: list[bytearray]) -> bytearray:
+    def _read_pdu(self, sock: socket.socket, held: list[bytearray], sliced: bool) -> bytearray:
         """The next PDU (header included) under the PDU deadline; any type but P-DATA-TF
         ends this: :class:`_HandOver`."""
         limits = self._dul._limits
         deadline = time.monotonic() + limits.idle_timeout
-        header = recv_exactly(sock, 6, deadline)
+        header = recv_exactly(sock, 6, deadline, sliced)
         pdu_type, _, length = _PDU_HEADER.unpack(header)
         limit = limits.max_body(pdu_type)  # raises Refused for an unknown type
         if length > limit:
             raise Refused(f"PDU type 0x{pdu_type:02X} of {length} bytes (limit {limit})")
         pdu = bytearray(6 + length)
         pdu[:6] = header
-        recv_into_exactly(sock, memoryview(pdu)[6:], deadline)
+        recv_into_exactly(sock, memoryview(pdu)[6:], deadline, sliced)
         held.append(pdu)
         self._dul._idle_timer.restart()  # a long message must not look like an idle peer
         if pdu_type != PDATA_TF:
@@ -259,7 +263,7 @@ class FastStore:
         return pdu
 
     def _read_message(
-        self, sock: socket.socket, held: list[bytearray]
+        self, sock: socket.socket, held: list[bytearray], sliced: bool
     ) -> tuple[_Request, list[memoryview]]:
         """Read one C-STORE-RQ: the request and its dataset fragments (views of ``held``)."""
         command = bytearray()
@@ -270,7 +274,7 @@ class FastStore:
         while True:
             if held and (self._dul._kill_thread or not self._dul.to_provider_queue.empty()):
                 raise _HandOver  # the local side wants to abort or send: as between PDUs
-            pdu = self._read_pdu(sock, held)
+            pdu = self._read_pdu(sock, held, sliced)
             view = memoryview(pdu)
             offset, end = 6, len(pdu)
             while offset < end:

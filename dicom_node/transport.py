@@ -45,6 +45,7 @@ MAX_COMMAND_BYTES = 64 * KiB  # a DIMSE command set is a few hundred bytes
 MAX_QUEUED_MESSAGES = 4  # complete DIMSE messages waiting for the handler: then stop reading
 INFLATE_CHUNK = 1024 * KiB
 RECV_CHUNK = 1024 * KiB
+RECV_SLICE_SECONDS = 0.5  # a sliced read (see sliced_reads) looks at its deadline this often
 PDATA_TF = 0x04
 
 # A-ABORT reason/diagnostic values (PS3.8 9.3.8), source 0x02: the service provider
@@ -92,25 +93,53 @@ class Limits:
         raise Refused(f"unknown PDU type 0x{pdu_type:02X}", UNRECOGNIZED_PDU)
 
 
-def recv_exactly(sock: socket.socket, size: int, deadline: float) -> bytearray:
+def sliced_reads(sock: socket.socket) -> None:
+    """Put a plain TCP socket in blocking mode, each ``recv`` bounded by SO_RCVTIMEO.
+
+    With a timeout, every Python ``recv`` is three system calls (``ioctl`` to set the
+    timeout, ``poll``, ``recvfrom``), and each wait hands the GIL over: with a deadline
+    per PDU, some 35 per 513 KiB image. A sliced read is one ``recvfrom``, which waits at
+    most :data:`RECV_SLICE_SECONDS` before its deadline is looked at again, so a deadline
+    holds to within that. Pass ``sliced=True`` to :func:`recv_into_exactly`, and call
+    :func:`restore_timeout` after the reads (SO_RCVTIMEO does nothing in timeout mode).
+    Not for TLS sockets (a timed-out ``recv`` under OpenSSL is not a clean retry).
+    """
+    seconds = int(RECV_SLICE_SECONDS)
+    micros = int((RECV_SLICE_SECONDS - seconds) * 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
+    sock.settimeout(None)
+
+
+def recv_exactly(
+    sock: socket.socket, size: int, deadline: float, sliced: bool = False
+) -> bytearray:
     """Read ``size`` bytes before ``deadline`` (time.monotonic) or raise TimeoutError."""
     buffer = bytearray(size)
-    recv_into_exactly(sock, memoryview(buffer), deadline)
+    recv_into_exactly(sock, memoryview(buffer), deadline, sliced)
     return buffer
 
 
-def recv_into_exactly(sock: socket.socket, view: memoryview, deadline: float) -> None:
+def recv_into_exactly(
+    sock: socket.socket, view: memoryview, deadline: float, sliced: bool = False
+) -> None:
     """Fill ``view`` before ``deadline`` (time.monotonic) or raise TimeoutError.
 
-    A peer that closes first raises ConnectionError.
+    ``sliced``: ``sock`` is in :func:`sliced_reads` mode. A peer that closes first
+    raises ConnectionError.
     """
     received, size = 0, len(view)
     while received < size:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"{received} of {size} bytes before the PDU deadline")
-        sock.settimeout(remaining)
-        count = sock.recv_into(view[received:], min(RECV_CHUNK, size - received))
+        if not sliced:
+            sock.settimeout(remaining)
+        try:
+            count = sock.recv_into(view[received:], min(RECV_CHUNK, size - received))
+        except BlockingIOError:
+            if not sliced:
+                raise
+            continue  # a slice passed without a byte: the deadline is looked at again
         if not count:
             raise ConnectionError(f"peer closed after {received} of {size} bytes")
         received += count

@@ -8,6 +8,7 @@ PDU cutting; its responses must be pynetdicom's bytes; everything else the peer 
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,7 @@ from dicom_node import store_scp_wire
 from dicom_node.app import Node
 from dicom_node.part10 import file_meta_bytes
 from dicom_node.store_scp_wire import FastStore, command_pdus, store_response
+from dicom_node.transport import RECV_SLICE_SECONDS
 
 MiB = 1024 * 1024
 GOOD = sorted(GE_3SLICE.glob("*.dcm"))[0]
@@ -227,6 +229,28 @@ def test_abort_mid_dataset_leaves_no_file_and_no_row(tmp_path: Path, served: lis
         wait_until(lambda: not running.receiver.active_associations, 5, what="abort seen")
         assert _total(running) == 0
         assert _instance_files(running) == []
+        assert served == []
+        assert echo_ok(_port(running))
+
+
+@pytest.mark.parametrize("cut", ["mid_header", "mid_body"])
+def test_a_peer_that_stops_mid_pdu_is_closed_at_the_pdu_deadline(
+    tmp_path: Path, served: list[int], cut: str
+) -> None:
+    """Sliced reads (transport.sliced_reads): a silent peer still meets the deadline
+    (idle_timeout_seconds 2.0 per PDU here, looked at every RECV_SLICE_SECONDS)."""
+    with node(tmp_path) as running:
+        with established(_port(running)) as sock:
+            sop = generate_uid(ROOT)
+            first, second = _message(sop, pdus.ct_dataset(GOOD, sop), 4000)[:2]
+            sock.sendall(first)  # the command: a whole PDU
+            sock.sendall(second[:3] if cut == "mid_header" else second[: len(second) // 2])
+            started = time.monotonic()
+            assert pdus.closed_by_peer(sock, 10)
+            held = time.monotonic() - started
+        assert 1.5 < held < 2.0 + RECV_SLICE_SECONDS + 1.0, f"closed after {held:.2f} s"
+        wait_until(lambda: not running.receiver.active_associations, 5, what="close seen")
+        assert _total(running) == 0 and _instance_files(running) == []
         assert served == []
         assert echo_ok(_port(running))
 
