@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -310,3 +311,76 @@ def test_algorithm_is_contributing_equipment_with_a_versioned_device_uid(seg, sr
         assert item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
     assert derived_device_uid(result.algorithm_name, "9.9.9") != expected
     assert derived_device_uid(result.algorithm_name, result.algorithm_version) == expected
+
+
+def test_seg_is_the_same_as_with_highdicoms_own_pixel_check(result, equipment, monkeypatch):
+    """StackedSegmentation skips two whole-volume copies, not a byte of the output."""
+    from dicom_node.encode import seg as seg_module
+
+    uids = _uids()
+    lean = seg_module.StackedSegmentation
+    ours = build_seg(result, uids, equipment)
+    monkeypatch.setattr(seg_module, "StackedSegmentation", hd.seg.Segmentation)
+    theirs = build_seg(result, uids, equipment)
+
+    assert type(ours) is lean and type(theirs) is hd.seg.Segmentation
+    assert ours.SegmentsOverlap == theirs.SegmentsOverlap == "YES"  # the lungs are in the body
+    assert ours.NumberOfFrames == theirs.NumberOfFrames
+    assert ours.PixelData == theirs.PixelData
+    assert ours.PerFrameFunctionalGroupsSequence == theirs.PerFrameFunctionalGroupsSequence
+    assert ours.SegmentSequence == theirs.SegmentSequence
+
+
+def _stack_of(*masks: np.ndarray) -> np.ndarray:
+    """Masks stacked as seg._stack hands them over: segments first in memory, last in shape."""
+    return np.moveaxis(np.stack(masks).astype(np.uint8), 0, -1)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [("disjoint", "NO"), ("one shared voxel", "YES"), ("in the last slab", "YES"), ("empty", "NO")],
+)
+def test_overlap_check_answers_as_highdicom(case, expected):
+    from dicom_node.encode.seg import OVERLAP_SLAB_FRAMES, StackedSegmentation
+
+    frames = OVERLAP_SLAB_FRAMES * 2 + 3  # three slabs, the last one short
+    first, second, third = (np.zeros((frames, 6, 5), dtype=bool) for _ in range(3))
+    if case != "empty":
+        first[:, :3], second[:, 3:], third[2, 0, 0] = True, True, False
+    if case == "one shared voxel":
+        third[4, 1, 1] = True  # inside ``first``
+    if case == "in the last slab":
+        third[frames - 1, 4, 4] = True  # inside ``second``
+    array = _stack_of(first, second, third)
+    numbers = np.array([1, 2, 3])
+    binary = hd.seg.SegmentationTypeValues.BINARY
+
+    ours = StackedSegmentation._check_and_cast_pixel_array(array, numbers, binary, np.uint8)
+    theirs = hd.seg.Segmentation._check_and_cast_pixel_array(array, numbers, binary, np.uint8)
+
+    assert ours[1].value == theirs[1].value == expected
+    assert ours[0] is array  # not copied
+    assert np.array_equal(ours[0], theirs[0])
+
+
+def test_arrays_the_overlap_check_does_not_know_go_to_highdicom():
+    from dicom_node.encode.seg import StackedSegmentation
+
+    binary = hd.seg.SegmentationTypeValues.BINARY
+    mask = np.zeros((2, 4, 4), dtype=bool)
+    mask[0, 0, 0] = True
+    not_binary = _stack_of(mask, mask) * 2
+    with pytest.raises(ValueError, match="must be binary"):
+        StackedSegmentation._check_and_cast_pixel_array(
+            not_binary, np.array([1, 2]), binary, np.uint8
+        )
+    with pytest.raises(ValueError, match="does not match"):
+        StackedSegmentation._check_and_cast_pixel_array(
+            _stack_of(mask, mask), np.array([1, 2, 3]), binary, np.uint8
+        )
+    as_bool = np.moveaxis(np.stack([mask, mask]), 0, -1)  # highdicom's own path, as before
+    args = (as_bool, np.array([1, 2]), binary, np.uint8)
+    array, overlap = StackedSegmentation._check_and_cast_pixel_array(*args)
+    their_array, their_overlap = hd.seg.Segmentation._check_and_cast_pixel_array(*args)
+    assert overlap == their_overlap and overlap.value == "YES"
+    assert array.dtype == their_array.dtype and np.array_equal(array, their_array)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import cast
 
 import highdicom as hd
 import numpy as np
@@ -30,6 +31,63 @@ from dicom_node.encode.types import AlgorithmEquipment, Equipment, ResultUIDs, d
 ALGORITHM_FAMILY = codes.cid7162.MorphologicalOperations
 #: CID 7005 purpose of the algorithm's Contributing Equipment item.
 PROCESSING_EQUIPMENT = codes.cid7005.ProcessingEquipment
+
+
+OVERLAP_SLAB_FRAMES = 16  # frames per step of StackedSegmentation's overlap check
+
+
+class StackedSegmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation, with a lighter pixel check for :func:`_stack`'s arrays.
+
+    For a 4D uint8 BINARY array, highdicom 0.28's check sums the segments axis in
+    uint64 (8 bytes per voxel) to find overlaps, keeps that sum, and then copies the
+    whole 4D array with ``astype(uint8)``, though it is uint8 already. For a 300-slice
+    CT with 7 segments those are 600 MiB and 525 MiB more, and they set the peak of
+    the whole analysis (measured: 1227 MiB before ``build_seg``, 2260 MiB during it).
+    Here the same answer (SegmentsOverlap YES or NO) is found slab by slab with a
+    uint8 count, and the array is used as it is. Any other array, or one that
+    highdicom would refuse (not binary, a segment count that does not match), goes
+    through highdicom's own check. The output is the same, byte for byte
+    (tests/test_encode.py).
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(
+        cls,
+        pixel_array: np.ndarray | hd.Volume,
+        segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        dtype: type,
+    ) -> tuple[np.ndarray | hd.Volume, hd.seg.SegmentsOverlapValues]:
+        ours = (
+            type(pixel_array) is np.ndarray
+            and pixel_array.ndim == 4
+            and pixel_array.dtype == np.uint8
+            and dtype is np.uint8
+            and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
+            and pixel_array.shape[-1] == len(segment_numbers) > 1
+        )
+        if not ours or cast(np.ndarray, pixel_array).max() > 1:
+            return super()._check_and_cast_pixel_array(
+                pixel_array, segment_numbers, segmentation_type, dtype
+            )
+        overlap = segments_overlap(cast(np.ndarray, pixel_array))
+        values = hd.seg.SegmentsOverlapValues
+        return pixel_array, values.YES if overlap else values.NO
+
+
+def segments_overlap(stack: np.ndarray) -> bool:
+    """Whether any voxel is in two segments of a binary (frames, rows, columns, segments)
+    uint8 stack; needs one count per voxel of a slab of frames."""
+    frames, segments = stack.shape[0], stack.shape[-1]
+    for start in range(0, frames, OVERLAP_SLAB_FRAMES):
+        slab = stack[start : start + OVERLAP_SLAB_FRAMES]
+        count = slab[..., 0].astype(np.uint16)  # up to 65535 segments without wrapping
+        for index in range(1, segments):
+            count += slab[..., index]
+        if (count > 1).any():
+            return True
+    return False
 
 
 def build_seg(
@@ -47,7 +105,7 @@ def build_seg(
                 f"differs from the volume's {expected}"
             )
     pixels = _stack(result.segments, expected)
-    seg = hd.seg.Segmentation(
+    seg = StackedSegmentation(
         source_images=list(volume.datasets),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
