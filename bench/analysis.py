@@ -16,6 +16,7 @@ round (a smoke run; its times mean nothing).
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import resource
@@ -113,7 +114,12 @@ def _measure(folder: Path, preference: str, rounds: int) -> dict:
         marks.append(time.perf_counter())
         for stage, start, end in zip(STAGES, marks[:-1], marks[1:], strict=True):
             times[stage].append(end - start)
-        candidates = len(masks.candidates)
+        candidates, shape = len(masks.candidates), list(volume.hu.shape)
+        # Free this round's arrays before the next one loads its own: the peak RSS is
+        # then one round's, as in the node, which analyses one job at a time per worker
+        # (before 2026-12-05, third session, round 2 ran beside round 1's leftovers).
+        del volume, prepared, masks, result, seg, sr
+        gc.collect()
     measured = {s: v[1:] or v for s, v in times.items()}  # round 1 warms up
     return {
         "device": str(device),
@@ -122,7 +128,7 @@ def _measure(folder: Path, preference: str, rounds: int) -> dict:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0,
         "candidates": candidates,
-        "shape": list(volume.hu.shape),
+        "shape": shape,
     }
 
 
