@@ -311,53 +311,60 @@ def serve_association(assoc: Association) -> None:
         _wait_for_message(messages)
         assoc._reactor_checkpoint.wait()
         assoc._is_paused = False
-
-        # ``serving`` is set before the message leaves the queue, so that a DUL that saw
-        # the queue empty and then ``serving`` False knows no request is being answered.
         if messages.queue:  # type: ignore[attr-defined]
-            dul = assoc.dul if isinstance(assoc.dul, EventDrivenDUL) else None
-            if dul is not None:
-                dul.serving = True
-            try:
-                context_id, msg = assoc.dimse.get_msg(block=False)
-                if msg:
-                    assoc._serve_request(msg, cast(int, context_id))
-            finally:
-                if dul is not None:
-                    dul.serving = False
-
-        if assoc.is_established and assoc.acse.is_release_requested():
-            assoc.acse.send_release(is_response=True)
-            log.debug("association released by the peer")
-            assoc.is_released = True
-            assoc.is_established = False
-            evt.trigger(assoc, evt.EVT_RELEASED, {})
+            _serve_one(assoc)
+        if _ended(assoc):
             assoc.kill()
             return
 
-        if assoc.acse.is_aborted():
-            assoc.dul.receive_pdu(wait=False)  # lets EVT_ACSE_RECV fire for subscribers
-            assoc.is_aborted = True
-            assoc.is_established = False
-            evt.trigger(assoc, evt.EVT_ABORTED, {})
-            assoc.kill()
-            return
 
-        if not assoc.dul.is_alive():
-            assoc.kill()
-            return
+def _serve_one(assoc: Association) -> None:
+    """Serve the DIMSE message at the head of the queue.
 
-        if assoc.dul.idle_timer_expired():
-            log.warning("network timeout on the association from %s", assoc.requestor.address)
-            if assoc.network_timeout_response == "A-RELEASE":
-                assoc._is_paused = True
-                assoc._reactor_checkpoint.wait()
-                assoc.release()
-                assoc._is_paused = False
-            else:
-                assoc.abort()
-            assoc.kill()
-            return
+    ``serving`` is set before the message leaves the queue, so that a DUL that saw the
+    queue empty and then ``serving`` False knows no request is being answered.
+    """
+    dul = assoc.dul if isinstance(assoc.dul, EventDrivenDUL) else None
+    if dul is not None:
+        dul.serving = True
+    try:
+        context_id, msg = assoc.dimse.get_msg(block=False)
+        if msg:
+            assoc._serve_request(msg, cast(int, context_id))
+    finally:
+        if dul is not None:
+            dul.serving = False
+
+
+def _ended(assoc: Association) -> bool:
+    """Whether the association is over: released or aborted by the peer, its DUL thread
+    gone, or idle past the network timeout (then released or aborted here)."""
+    if assoc.is_established and assoc.acse.is_release_requested():
+        assoc.acse.send_release(is_response=True)
+        log.debug("association released by the peer")
+        assoc.is_released = True
+        assoc.is_established = False
+        evt.trigger(assoc, evt.EVT_RELEASED, {})
+        return True
+    if assoc.acse.is_aborted():
+        assoc.dul.receive_pdu(wait=False)  # lets EVT_ACSE_RECV fire for subscribers
+        assoc.is_aborted = True
+        assoc.is_established = False
+        evt.trigger(assoc, evt.EVT_ABORTED, {})
+        return True
+    if not assoc.dul.is_alive():
+        return True
+    if assoc.dul.idle_timer_expired():
+        log.warning("network timeout on the association from %s", assoc.requestor.address)
+        if assoc.network_timeout_response == "A-RELEASE":
+            assoc._is_paused = True
+            assoc._reactor_checkpoint.wait()
+            assoc.release()
+            assoc._is_paused = False
+        else:
+            assoc.abort()
+        return True
+    return False
 
 
 def _wait_for_message(messages: queue.Queue[Any]) -> None:
