@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from prometheus_client import start_http_server
@@ -31,6 +31,11 @@ from dicom_node.journal import Journal
 from dicom_node.leases import LeaseKeeper
 from dicom_node.store import NameInUse, Spool
 from dicom_node.web.metrics import Metrics
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from dicom_node.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +76,10 @@ def run_worker(
     if cluster.broker_url is None or cluster.journal_url is None:
         log.error("dicom-node worker needs cluster.journal_url and cluster.broker_url")
         return 2
-    try:
-        spool = worker_spool(config, name)
-        journal = Journal(cluster.journal_location(spool.journal_path))
-        journal.create()
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
+    opened = _open_storage(config, name)
+    if opened is None:
         return 1
-    except sa.exc.OperationalError as exc:
-        log.error("cannot start: journal database unreachable: %s", exc.orig)
-        return 1
+    spool, journal = opened
     assert spool.name is not None
     spool.clear_tmp()
     owner = f"{spool.name}@{socket.gethostname()}:{os.getpid()}"
@@ -88,24 +87,11 @@ def run_worker(
     threads = concurrency or config.analysis.workers
     metrics = Metrics()
     metrics.watch_gpu()
-    if metrics_port is not None:
-        try:
-            start_http_server(metrics_port, config.web.host, registry=metrics.registry)
-        except OSError as exc:
-            log.error("cannot start: metrics port %d: %s", metrics_port, exc.strerror)
-            return 1
-        log.info("metrics on http://%s:%d/metrics", config.web.host, metrics_port)
+    if metrics_port is not None and not _serve_metrics(metrics, config.web.host, metrics_port):
+        return 1
     worker = build_worker(config, journal, spool, metrics, lambda: None, threads, leases)
     app = celery_app(cluster.broker_url.get_secret_value(), cluster.lease_seconds)
-
-    @app.task(name=TASK_ANALYSE, bind=True, acks_late=True, max_retries=None)  # type: ignore[untyped-decorator]
-    def analyse(task: Any, job_id: int) -> None:
-        try:
-            worker.run_claimed(int(job_id))
-        except sa.exc.OperationalError as exc:
-            log.error("job %s: journal unreachable (%s); retrying", job_id, type(exc).__name__)
-            raise task.retry(countdown=RETRY_SECONDS) from None
-
+    _register_analyse(app, worker)
     # before taking a message (an idle warm worker should get it instead), and with a sample
     # run, so that its first job is as fast as the next (dicom_node.analysis.warm)
     worker.warm_up(sample=True)
@@ -118,20 +104,7 @@ def run_worker(
         journal.path,
     )
     try:
-        consumer = app.Worker(
-            hostname=f"{spool.name}@{socket.gethostname()}",
-            pool_cls="threads" if threads > 1 else "solo",
-            concurrency=threads,
-            queues=[QUEUE],
-            without_mingle=True,
-            without_gossip=True,
-            without_heartbeat=True,
-            loglevel=logging.getLevelName(logging.getLogger("dicom_node").getEffectiveLevel()),
-            optimization="fair",
-            quiet=True,  # no banner: our own "ready" line says it
-        )
-        consumer.start()
-        code = int(getattr(consumer, "exitcode", 0) or 0)
+        code = _consume(app, f"{spool.name}@{socket.gethostname()}", threads)
     finally:
         worker.stop(5.0)
         leases.stop()
@@ -139,3 +112,59 @@ def run_worker(
         spool.release()
     log.info("worker %s stopped", owner)
     return code
+
+
+def _open_storage(config: NodeConfig, name: str | None) -> tuple[Spool, Journal] | None:
+    """The worker's spool and the shared journal (created or upgraded); None, logged,
+    when either cannot be opened."""
+    try:
+        spool = worker_spool(config, name)
+        journal = Journal(config.cluster.journal_location(spool.journal_path))
+        journal.create()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return None
+    except sa.exc.OperationalError as exc:
+        log.error("cannot start: journal database unreachable: %s", exc.orig)
+        return None
+    return spool, journal
+
+
+def _serve_metrics(metrics: Metrics, host: str, port: int) -> bool:
+    try:
+        start_http_server(port, host, registry=metrics.registry)
+    except OSError as exc:
+        log.error("cannot start: metrics port %d: %s", port, exc.strerror)
+        return False
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return True
+
+
+def _register_analyse(app: Celery, worker: Worker) -> None:
+    """The task that runs one queued job; a journal that is away retries it later."""
+
+    @app.task(name=TASK_ANALYSE, bind=True, acks_late=True, max_retries=None)  # type: ignore[untyped-decorator]
+    def analyse(task: Any, job_id: int) -> None:
+        try:
+            worker.run_claimed(int(job_id))
+        except sa.exc.OperationalError as exc:
+            log.error("job %s: journal unreachable (%s); retrying", job_id, type(exc).__name__)
+            raise task.retry(countdown=RETRY_SECONDS) from None
+
+
+def _consume(app: Celery, hostname: str, threads: int) -> int:
+    """Run Celery's consumer on the analysis queue until it stops; its exit code."""
+    consumer = app.Worker(
+        hostname=hostname,
+        pool_cls="threads" if threads > 1 else "solo",
+        concurrency=threads,
+        queues=[QUEUE],
+        without_mingle=True,
+        without_gossip=True,
+        without_heartbeat=True,
+        loglevel=logging.getLevelName(logging.getLogger("dicom_node").getEffectiveLevel()),
+        optimization="fair",
+        quiet=True,  # no banner: our own "ready" line says it
+    )
+    consumer.start()
+    return int(getattr(consumer, "exitcode", 0) or 0)
