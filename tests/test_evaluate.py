@@ -33,7 +33,6 @@ from dicom_node.analysis.volume import load_series
 from dicom_node.encode.seg import build_seg
 from dicom_node.encode.types import Equipment, ResultUIDs
 from dicom_node.evaluate import (
-    CSV_COLUMNS,
     EvaluationError,
     evaluate_result,
     find_references,
@@ -41,6 +40,7 @@ from dicom_node.evaluate import (
     parse_label_spec,
     resolve_labels,
 )
+from dicom_node.evaluate_report import CSV_COLUMNS
 
 TOTALSEG = SHARED_REAL / "totalseg-example-ct-dicom" / "reference" / "example_seg_dicom.nii.gz"
 DCMQI_SEG = SHARED_REAL / "dcmqi-ct-3slice" / "seg"
