@@ -8,17 +8,17 @@ SQLAlchemy: tests/test_journal_shared.py.)
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
+from test_journal_shared import received
 
 from dicom_node.domain import StudyState
 from dicom_node.journal import Journal, ReceivedInstance, UIDConflict
-
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 @pytest.fixture
@@ -30,20 +30,10 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
 
 
 def instance(study_uid: str, series_uid: str, at: float = 100.0) -> ReceivedInstance:
-    sop_uid = generate_uid()
-    return ReceivedInstance(
-        sop_uid=sop_uid,
-        sop_class_uid=CT_IMAGE,
-        study_uid=study_uid,
-        series_uid=series_uid,
-        modality="CT",
-        relpath=f"instances/a/b/{sop_uid}.dcm",
-        transfer_syntax="1.2.840.10008.1.2.1",
-        size=1234,
-        calling_aet="SCANNER",
-        received_at=at,
-        study_details={"PatientID": "P1"},
-        series_details={"SeriesDescription": "axial"},
+    """A new instance of that study and series, with study and series details."""
+    new = received(study_uid, series_uid, generate_uid(), at)
+    return dataclasses.replace(
+        new, study_details={"PatientID": "P1"}, series_details={"Modality": "CT"}
     )
 
 
