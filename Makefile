@@ -14,7 +14,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test peers
 	$(VENV)/bin/ruff check dicom_node tests bench
-	$(VENV)/bin/mypy dicom_node
+	$(VENV)/bin/mypy dicom_node bench
 	$(PY) -m pytest --cov=dicom_node --cov-report=term $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
@@ -55,7 +55,7 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format --check dicom_node tests bench
 
 typecheck: $(VENV)/.installed-test
-	$(VENV)/bin/mypy dicom_node
+	$(VENV)/bin/mypy dicom_node bench
 
 # Throughput against dcmtk storescp / storescu and Orthanc, study latency / memory / scaling
 # (bench/README.md); about 10 minutes.

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from rich.console import Console
 from rich.table import Table
 
@@ -101,7 +101,7 @@ def _phantom() -> np.ndarray:
 def _ct_slice(study: str, series: str, frame: str, sop: str, index: int) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop
+    meta.MediaStorageSOPInstanceUID = UID(sop)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -287,7 +287,13 @@ def status_kib(pid: int, field_name: str) -> int:
     raise KeyError(f'"{field_name}" not in /proc/{pid}/status')
 
 
-def wait_stored(receiver: Receiver, expected: int, timeout: float = 10.0) -> int:
+class Counting(Protocol):
+    """Anything that can say how many instances it holds (a receiver, the study node)."""
+
+    def stored(self) -> int: ...
+
+
+def wait_stored(receiver: Counting, expected: int, timeout: float = 10.0) -> int:
     """The receiver's stored count once it reaches ``expected`` (or what it has at the deadline)."""
     try:
         wait_until(lambda: receiver.stored() >= expected, timeout, 0.05, "stored instances")
