@@ -233,10 +233,10 @@ class SQLiteIntake:
             db.execute("BEGIN IMMEDIATE")
             try:
                 recorded = record(db.execute, inst, _SQLITE)
+                db.commit()
             except BaseException:
-                db.rollback()
+                self._roll_back(db)
                 raise
-            db.commit()
             return recorded
 
     def close(self) -> None:
@@ -244,6 +244,17 @@ class SQLiteIntake:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+    def _roll_back(self, db: sqlite3.Connection) -> None:
+        """End a failed transaction (a failed commit included), so that the next
+        ``BEGIN`` works; a connection that cannot even roll back is closed and the
+        next call opens a new one."""
+        try:
+            if db.in_transaction:
+                db.rollback()
+        except sqlite3.Error:
+            db.close()
+            self._db = None
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:

@@ -12,6 +12,7 @@ import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
@@ -110,3 +111,39 @@ def test_recording_after_close_opens_the_connection_again(journal: Journal) -> N
 
     assert not journal.record_instance(received).duplicate
     assert journal.has_instance(received.sop_uid)
+
+
+class _CommitFailsOnce:
+    """A sqlite3 connection whose next commit fails, as on a full disk (SQLITE_FULL)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self.failed = False
+
+    def commit(self) -> None:
+        if not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("database or disk is full")
+        self._db.commit()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+def test_a_failed_commit_is_rolled_back_and_the_next_instance_is_recorded(
+    journal: Journal,
+) -> None:
+    journal.record_instance(instance(generate_uid(), generate_uid()))  # opens the connection
+    sqlite_intake = journal._sqlite_intake
+    assert sqlite_intake is not None and sqlite_intake._db is not None
+    failing = _CommitFailsOnce(sqlite_intake._db)
+    sqlite_intake._db = failing  # type: ignore[assignment]
+    before = counts(Path(journal.path))
+
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        journal.record_instance(instance(generate_uid(), generate_uid()))
+
+    assert failing.failed and not failing.in_transaction
+    assert counts(Path(journal.path)) == before
+    assert not journal.record_instance(instance(generate_uid(), generate_uid())).duplicate
+    assert counts(Path(journal.path))[2] == before[2] + 1
