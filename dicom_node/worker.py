@@ -16,6 +16,7 @@ fit, or runs out of memory, is run on the CPU instead of failing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -242,6 +243,10 @@ class Worker:
             self._spool.evict(relpaths)  # copies from an object store are not kept
         result = self._run(job, volume)
         analysed = time.monotonic()
+        # The encoders use the volume's geometry and headers, not its voxels: free those
+        # first (300 MiB for 300 slices of 512 x 512), as the SEG's frames need room.
+        del volume
+        result = dataclasses.replace(result, volume=result.volume.without_voxels())
         self._write_results(job, result)
         timings = (analysed - started, time.monotonic() - analysed)
         self._metrics.stage_seconds.labels(stage="analyse").observe(timings[0])

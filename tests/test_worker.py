@@ -4,15 +4,21 @@ studies whose new SR names its predecessor, failures that end in FAILED with a r
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pydicom
+import pytest
 from dciodvfy import dciodvfy_errors
 from nodes import node_settings, running_node, send
 from peers import GE_3SLICE, LOCALHOST, Storescp, patch_siemens_copy, require_tools, wait_until
 from pydicom.uid import generate_uid
 from test_assemble import Clock, Harness
 
+from dicom_node import worker as worker_module
 from dicom_node.analysis.types import (
     AnalysisResult,
     Code,
@@ -189,3 +195,51 @@ def test_a_result_without_segments_is_written_as_an_sr_alone(tmp_path: Path) -> 
     assert len(evidence) == 1  # the CT series only: no SEG
     (delivery,) = harness.journal.job_deliveries(job.id)
     assert delivery.destination == "pacs"
+
+
+class WatchedClassifier(StudyClassifier):
+    """Keeps a weak reference to the voxels it was given."""
+
+    voxels: weakref.ref[np.ndarray] | None = None
+
+    def run(self, volume: Volume) -> AnalysisResult:
+        WatchedClassifier.voxels = weakref.ref(volume.hu)
+        return super().run(volume)
+
+
+def test_the_voxels_are_freed_before_the_results_are_encoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encoders get the geometry and headers; the voxels (4 bytes each) are gone."""
+    harness = Harness(tmp_path / "var", Clock())
+    job = harness.claimed_job()
+    seen: list[tuple[tuple[int, ...], tuple[int, ...], bool]] = []
+    build_sr = worker_module.build_sr
+
+    def watching(result: AnalysisResult, *args: Any, **kwargs: Any) -> pydicom.Dataset:
+        gc.collect()
+        voxels = WatchedClassifier.voxels
+        freed = voxels is not None and voxels() is None
+        seen.append((result.volume.hu.shape, result.volume.hu.strides, freed))
+        return build_sr(result, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "build_sr", watching)
+    equipment = Equipment(device_serial_number="TEST", device_observer_uid=generate_uid())
+    worker = Worker(
+        harness.journal,
+        harness.spool,
+        Metrics(),
+        {"pacs": Destination(ae_title="P", host=LOCALHOST, port=104)},
+        equipment,
+        lambda name, device: WatchedClassifier(),
+        harness.clock,
+        on_results=lambda: None,
+    )
+    worker.run_job(job)
+
+    assert harness.journal.job(job.id).state == JobState.SENDING, harness.journal.job(job.id).error
+    ((shape, strides, freed),) = seen
+    assert len(shape) == 3 and shape[0] >= 1 and strides == (0, 0, 0)
+    assert freed, "the analysed voxels were still referenced while encoding"
+    sr = pydicom.dcmread(harness.spool.path(harness.spool.result_relpath(job.id, "sr")))
+    assert sr.SOPInstanceUID == job.sr_sop_uid

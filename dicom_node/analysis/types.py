@@ -7,6 +7,7 @@ into a Segmentation and a TID 1500 Structured Report.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +38,12 @@ class Volume:
     origin: np.ndarray  # LPS position (mm) of the centre of voxel [0, 0, 0]
     direction: np.ndarray  # 3x3, columns: LPS unit vectors along column, row and slice index
     datasets: tuple[pydicom.Dataset, ...]  # source headers (no pixel data needed), slice order
+
+    def without_voxels(self) -> Volume:
+        """This volume with ``hu`` replaced by zeros of the same shape that take no memory
+        (a read-only broadcast view): the geometry and headers the encoders use, once the
+        analysis is done and the voxels (4 bytes each) can be freed."""
+        return dataclasses.replace(self, hu=np.broadcast_to(np.float32(0), self.hu.shape))
 
     def voxel_to_patient(self, index: np.ndarray) -> np.ndarray:
         """Map (N, 3) voxel indices ordered (slice, row, column) to (N, 3) LPS mm."""
