@@ -167,24 +167,28 @@ class StudyClassifier:
         return AnalysisResult(self.name, "Classifier", self.version, volume, (), (group,))
 
 
+def in_process_worker(harness: Harness, pipeline: StudyClassifier) -> Worker:
+    """A worker on the harness's journal and spool that runs ``pipeline`` for every job."""
+    equipment = Equipment(device_serial_number="TEST", device_observer_uid=generate_uid())
+    return Worker(
+        harness.journal,
+        harness.spool,
+        Metrics(),
+        {"pacs": Destination(ae_title="P", host=LOCALHOST, port=104)},
+        equipment,
+        lambda name, device: pipeline,
+        harness.clock,
+        on_results=lambda: None,
+    )
+
+
 def test_a_result_without_segments_is_written_as_an_sr_alone(tmp_path: Path) -> None:
     """No SEG is built; a SEG left by an earlier run of the job is removed, so the
     sender (which sends the files that exist) sends the SR alone."""
     harness = Harness(tmp_path / "var", Clock())
     job = harness.claimed_job()
     stale = harness.spool.write_atomic(harness.spool.result_relpath(job.id, "seg"), b"old")
-    equipment = Equipment(device_serial_number="TEST", device_observer_uid=generate_uid())
-    worker = Worker(
-        harness.journal,
-        harness.spool,
-        Metrics(),
-        {"pacs": Destination(ae_title="P", host=LOCALHOST, port=104)},
-        equipment,
-        lambda name, device: StudyClassifier(),
-        harness.clock,
-        on_results=lambda: None,
-    )
-    worker.run_job(job)
+    in_process_worker(harness, StudyClassifier()).run_job(job)
     assert harness.journal.job(job.id).state == JobState.SENDING, harness.journal.job(job.id).error
     assert not stale.exists()
     sr_path = harness.spool.path(harness.spool.result_relpath(job.id, "sr"))
@@ -224,18 +228,7 @@ def test_the_voxels_are_freed_before_the_results_are_encoded(
         return build_sr(result, *args, **kwargs)
 
     monkeypatch.setattr(worker_module, "build_sr", watching)
-    equipment = Equipment(device_serial_number="TEST", device_observer_uid=generate_uid())
-    worker = Worker(
-        harness.journal,
-        harness.spool,
-        Metrics(),
-        {"pacs": Destination(ae_title="P", host=LOCALHOST, port=104)},
-        equipment,
-        lambda name, device: WatchedClassifier(),
-        harness.clock,
-        on_results=lambda: None,
-    )
-    worker.run_job(job)
+    in_process_worker(harness, WatchedClassifier()).run_job(job)
 
     assert harness.journal.job(job.id).state == JobState.SENDING, harness.journal.job(job.id).error
     ((shape, strides, freed),) = seen
