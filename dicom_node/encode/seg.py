@@ -45,7 +45,7 @@ class StackedSegmentation(hd.seg.Segmentation):
     CT with 7 segments those are 600 MiB and 525 MiB more, and they set the peak of
     the whole analysis (measured: 1227 MiB before ``build_seg``, 2260 MiB during it).
     Here the same answer (SegmentsOverlap YES or NO) is found slab by slab with a
-    uint8 count, and the array is used as it is. Any other array, or one that
+    small per-voxel count, and the array is used as it is. Any other array, or one that
     highdicom would refuse (not binary, a segment count that does not match), goes
     through highdicom's own check. The output is the same, byte for byte
     (tests/test_encode.py).
@@ -141,8 +141,8 @@ def _stack(segments: Sequence[Segment], shape: tuple[int, ...]) -> np.ndarray:
     stack interleaves every voxel and took ~2 s for 300 slices x 7 segments. Only the
     slices from a mask's first to its last non-empty one are copied; the rest of the
     stack stays zero pages that were never written (a nodule spans a few slices). Handed
-    over as uint8 (highdicom's BINARY frame type): no per-frame cast, and its overlap
-    check sums uint8 several times faster than bool.
+    over as uint8, highdicom's BINARY frame type: no per-frame cast, and
+    :class:`StackedSegmentation` takes it as it is.
     """
     stacked = np.zeros((len(segments), *shape), dtype=bool)
     for target, segment in zip(stacked, segments, strict=True):
