@@ -120,6 +120,7 @@ class Receiver:
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_REQUESTED, self._requested),
             (evt.EVT_REJECTED, self._rejected),
             (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_ABORTED, self._aborted),
@@ -282,10 +283,14 @@ class Receiver:
                 return PROCESSING_FAILURE, None
             return self._on_event_report(event)
 
-    def _accepted(self, event: evt.Event) -> None:
-        # First: the A-ASSOCIATE-AC is on its way, and the peer's first C-STORE with it.
-        # Its plain C-STOREs are read and answered by its DUL thread from now on.
+    def _requested(self, event: evt.Event) -> None:
+        # Before the A-ASSOCIATE-AC is sent: a peer may send its first C-STORE right
+        # behind our AC, before EVT_ACCEPTED's handlers have run. The wire path serves
+        # nothing before the association is established (FastStore._idle, _answered);
+        # from then on its plain C-STOREs are read and answered by its DUL thread.
         store_scp_wire.install(event.assoc, self.store_status)
+
+    def _accepted(self, event: evt.Event) -> None:
         self._metrics.associations.labels(outcome="accepted").inc()
         requestor = event.assoc.requestor
         self._audit.association(requestor.ae_title, str(requestor.address), True, "accepted")

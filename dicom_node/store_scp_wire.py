@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 
 ENABLED = True  # tests switch it off to compare with pynetdicom's path
 SETTLE_WAIT = 0.1  # longest wait for the association thread (see FastStore._answered)
+ESTABLISH_WAIT = 1.0  # longest wait for it to mark a just-accepted association established
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 NO_DATASET = 0x0101
 # The elements of a C-STORE-RQ served here (PS3.7 9.3.1.1) without the move originator's
@@ -169,7 +170,7 @@ class FastStore:
         self._assoc = assoc
         self._dul = dul
         self._store = store
-        self._calling = str(assoc.requestor.ae_title)
+        self._calling = ""  # the requestor's AE title, once established (see __call__)
         self._storage_classes: dict[str, bool] = {}
         self._deflated = frozenset({DeflatedExplicitVRLittleEndian})
 
@@ -200,6 +201,8 @@ class FastStore:
         finally:
             restore_timeout(sock, self._dul._limits.idle_timeout)
         self._dul._idle_timer.restart()
+        if not self._calling:  # installed at EVT_REQUESTED, before pynetdicom had it
+            self._calling = str(self._assoc.requestor.ae_title)
         status = self._store(
             request.sop_class,
             request.sop_instance,
@@ -232,13 +235,17 @@ class FastStore:
         has our A-ASSOCIATE-AC or our last response may send its next request before
         that thread has marked the association established or come back from
         pynetdicom's service class, so it is given a moment (sleeping releases the GIL)
-        rather than the request going the slow way.
+        rather than the request going the slow way: up to :data:`ESTABLISH_WAIT` for the
+        thread to finish accepting (its EVT_ACCEPTED handlers, on a busy machine), up to
+        :data:`SETTLE_WAIT` for it to finish a request.
         """
         dul = self._dul
         assoc = self._assoc
-        deadline = time.monotonic() + SETTLE_WAIT
+        start = time.monotonic()
         while dul.serving or not assoc.is_established:
-            if not dul.to_provider_queue.empty() or time.monotonic() > deadline:
+            waited = time.monotonic() - start
+            limit = SETTLE_WAIT if dul.serving else ESTABLISH_WAIT
+            if not dul.to_provider_queue.empty() or waited > limit:
                 return False  # a response to send first, or a long request: not here
             time.sleep(0.0001)
         return True

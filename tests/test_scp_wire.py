@@ -43,6 +43,7 @@ from test_tls import Pki, _node_tls, pki  # noqa: F401 (pki: a fixture)
 from dicom_node import store_scp_wire
 from dicom_node.app import Node
 from dicom_node.part10 import file_meta_bytes
+from dicom_node.receive import Receiver
 from dicom_node.store_scp_wire import FastStore, command_pdus, store_response
 from dicom_node.transport import RECV_SLICE_SECONDS
 
@@ -106,11 +107,12 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @contextmanager
 def established(port: int) -> Iterator[Any]:
-    """A raw association, once the node has finished setting it up.
+    """A raw association, once the node has finished setting it up (a C-ECHO first).
 
-    A peer that sends its first C-STORE with no pause after the A-ASSOCIATE-AC may find
-    the fast path not yet installed (served correctly, the slow way); a C-ECHO first
-    makes the tests that count fast-path stores deterministic."""
+    A first C-STORE right behind the A-ASSOCIATE-AC is served by the wire path too
+    (test_a_first_store_right_behind_the_associate_ac_takes_the_wire_path), but only
+    after waiting up to ESTABLISH_WAIT for the association thread: the tests that time
+    or count fast-path stores do not depend on that wait."""
     with pdus.raw_association(port) as (sock, _):
         sock.sendall(pdus.c_echo_rq())
         assert _read_response(sock) == 0
@@ -253,6 +255,34 @@ def test_a_peer_that_stops_mid_pdu_is_closed_at_the_pdu_deadline(
         assert _total(running) == 0 and _instance_files(running) == []
         assert served == []
         assert echo_ok(_port(running))
+
+
+def test_a_first_store_right_behind_the_associate_ac_takes_the_wire_path(
+    tmp_path: Path, served: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wire path is installed before the A-ASSOCIATE-AC goes out (EVT_REQUESTED), so a
+    peer that sends its first C-STORE at once, as storescu does, is not served the slow
+    way while the association thread is still busy accepting. Before, on a busy machine,
+    it sometimes was: here EVT_ACCEPTED's handler is made slow on purpose."""
+    accepted = Receiver._accepted
+
+    def slow_accepted(self: Receiver, event: Any) -> None:
+        time.sleep(0.3)  # a loaded machine: the peer's C-STORE is already there
+        accepted(self, event)
+
+    monkeypatch.setattr(Receiver, "_accepted", slow_accepted)
+    rounds = 4
+    with node(tmp_path) as running:
+        for _ in range(rounds):
+            with pdus.raw_association(_port(running)) as (sock, _):
+                sop = generate_uid(ROOT)
+                sock.sendall(b"".join(_message(sop, pdus.ct_dataset(GOOD, sop), 16378)))
+                assert _read_response(sock) == 0
+                sock.sendall(pdus.pdu(pdus.A_RELEASE_RQ, bytes(4)))
+                reply = pdus.read_pdu(sock, 5)
+                assert reply is not None and reply[0] == pdus.A_RELEASE_RP
+        assert _total(running) == rounds
+    assert served == [0] * rounds
 
 
 def test_release_after_stores(tmp_path: Path, served: list[int]) -> None:
