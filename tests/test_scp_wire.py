@@ -257,6 +257,19 @@ def test_a_peer_that_stops_mid_pdu_is_closed_at_the_pdu_deadline(
         assert echo_ok(_port(running))
 
 
+def _store_good(sock: Any) -> None:
+    """Send the good CT with a new SOP Instance UID in 16378-byte fragments; expect success."""
+    sop = generate_uid(ROOT)
+    sock.sendall(b"".join(_message(sop, pdus.ct_dataset(GOOD, sop), 16378)))
+    assert _read_response(sock) == 0
+
+
+def _release(sock: Any) -> None:
+    sock.sendall(pdus.pdu(pdus.A_RELEASE_RQ, bytes(4)))
+    reply = pdus.read_pdu(sock, 5)
+    assert reply is not None and reply[0] == pdus.A_RELEASE_RP
+
+
 def test_a_first_store_right_behind_the_associate_ac_takes_the_wire_path(
     tmp_path: Path, served: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -275,12 +288,8 @@ def test_a_first_store_right_behind_the_associate_ac_takes_the_wire_path(
     with node(tmp_path) as running:
         for _ in range(rounds):
             with pdus.raw_association(_port(running)) as (sock, _):
-                sop = generate_uid(ROOT)
-                sock.sendall(b"".join(_message(sop, pdus.ct_dataset(GOOD, sop), 16378)))
-                assert _read_response(sock) == 0
-                sock.sendall(pdus.pdu(pdus.A_RELEASE_RQ, bytes(4)))
-                reply = pdus.read_pdu(sock, 5)
-                assert reply is not None and reply[0] == pdus.A_RELEASE_RP
+                _store_good(sock)
+                _release(sock)
         assert _total(running) == rounds
     assert served == [0] * rounds
 
@@ -289,12 +298,8 @@ def test_release_after_stores(tmp_path: Path, served: list[int]) -> None:
     with node(tmp_path) as running:
         with established(_port(running)) as sock:
             for _ in range(2):
-                sop = generate_uid(ROOT)
-                sock.sendall(b"".join(_message(sop, pdus.ct_dataset(GOOD, sop), 16378)))
-                assert _read_response(sock) == 0
-            sock.sendall(pdus.pdu(pdus.A_RELEASE_RQ, bytes(4)))
-            reply = pdus.read_pdu(sock, 5)
-            assert reply is not None and reply[0] == pdus.A_RELEASE_RP
+                _store_good(sock)
+            _release(sock)
         assert served == [0, 0]
         assert _total(running) == 2
 
