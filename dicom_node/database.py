@@ -53,17 +53,14 @@ def describe(location: Path | str) -> str:
     return str(location)
 
 
-def create_engines(location: Path | str) -> tuple[Engine, Engine]:
-    """(engine, receive engine) for a SQLite file path or a database URL.
+def create_engine(location: Path | str) -> Engine:
+    """The engine for a SQLite file path or a database URL.
 
-    SQLite gets two engines: the receive path commits without syncing the WAL (the
-    instance file itself is fsynced before the success status; see
-    :mod:`dicom_node.journal`). A server database has one engine for both.
+    A SQLite journal commits with ``synchronous=FULL`` here; received instances are
+    recorded on a connection of their own (:class:`dicom_node.intake.SQLiteIntake`).
     """
     if not is_url(location):
-        path = Path(location)
-        engine = _sqlite_engine(path, "FULL")
-        return engine, _sqlite_engine(path, "NORMAL")
+        return _sqlite_engine(Path(location))
     url = make_url(str(location))
     if url.get_backend_name() != "postgresql":
         raise JournalSchemaError(
@@ -77,10 +74,10 @@ def create_engines(location: Path | str) -> tuple[Engine, Engine]:
         max_overflow=8,
         pool_pre_ping=True,  # a restarted server costs one reconnect, not one failed job
     )
-    return engine, engine
+    return engine
 
 
-def _sqlite_engine(path: Path, synchronous: str) -> Engine:
+def _sqlite_engine(path: Path) -> Engine:
     engine = sa.create_engine(
         f"sqlite:///{path}",
         connect_args={"check_same_thread": False, "timeout": 30},
@@ -92,7 +89,7 @@ def _sqlite_engine(path: Path, synchronous: str) -> Engine:
     def configure(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()

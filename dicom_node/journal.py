@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from dicom_node import intake
-from dicom_node.database import create_engines, describe, migrate
+from dicom_node.database import create_engine, describe, migrate
 from dicom_node.domain import (
     DeliveryState,
     IllegalTransition,
@@ -83,11 +83,12 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
         """``location``: a SQLite file, or a ``postgresql+psycopg://`` URL (docs/scale-out.md)."""
         self.location = location
         self.path = describe(location)  # for messages: never the password
-        # Recording a received instance in SQLite does not sync the WAL: the instance file
-        # is fsynced before the success status, and a row lost to a power failure is
-        # written again from the file at start (dicom_node.reindex.reindex_orphans).
-        # Every other commit stays synchronous=FULL, which also syncs these rows.
-        self._engine, self._receive_engine = create_engines(location)
+        # Recording a received instance in SQLite does not sync the WAL (SQLiteIntake):
+        # the instance file is fsynced before the success status, and a row lost to a
+        # power failure is written again from the file at start
+        # (dicom_node.reindex.reindex_orphans). Every other commit is synchronous=FULL,
+        # which also syncs these rows.
+        self._engine = create_engine(location)
         self.shared = self._engine.dialect.name != "sqlite"  # other processes write too
         self._intake = intake.statements(self._engine.dialect.name)
         self._sqlite_intake = None if self.shared else intake.SQLiteIntake(Path(location))
@@ -100,7 +101,6 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
     def close(self) -> None:
         if self._sqlite_intake is not None:
             self._sqlite_intake.close()
-        self._receive_engine.dispose()
         self._engine.dispose()
 
     @contextmanager
@@ -144,7 +144,7 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
                 return self._sqlite_intake.record(inst)
         for attempt in range(3):
             try:
-                with self._write_lock, self._receive_engine.begin() as conn:
+                with self._write_lock, self._engine.begin() as conn:
                     return intake.record(conn.exec_driver_sql, inst, self._intake)
             except sa.exc.IntegrityError:
                 # Another receiver inserted the same new study, series or instance between
@@ -156,7 +156,7 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
     def has_instance(self, sop_uid: str) -> bool:
         if self._sqlite_intake is not None:
             return self._sqlite_intake.known(sop_uid)
-        with self._receive_engine.connect() as conn:
+        with self._engine.connect() as conn:
             return conn.exec_driver_sql(self._intake.has_instance, (sop_uid,)).first() is not None
 
     # -- completion ---------------------------------------------------------
