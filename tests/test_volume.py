@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,20 @@ def test_headers_keep_uids_but_drop_pixel_data(philips):
     sop_uids = {ds.SOPInstanceUID for ds in philips.datasets}
     assert len(sop_uids) == 64
     assert all("PixelData" not in ds for ds in philips.datasets)
+
+
+def test_only_a_slice_of_stored_pixels_is_held_at_a_time():
+    """The pixel data is read slice by slice as it is converted (deferred reads), so
+    loading takes the volume's memory, not the volume's and the series' stored pixels."""
+    files = _files(PHILIPS_HFS)
+    stored = sum(path.stat().st_size for path in files)  # 64 x 513 KiB, uncompressed
+    tracemalloc.start()
+    try:
+        volume = load_series(files)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - volume.hu.nbytes < stored / 4, f"{(peak - volume.hu.nbytes) / 2**20:.0f} MiB"
 
 
 def test_feet_first_signed_series_is_order_independent():

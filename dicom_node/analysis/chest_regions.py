@@ -28,6 +28,7 @@ from dicom_node.analysis.morphology import (
     image,
     label_slices,
 )
+from dicom_node.analysis.sparse import sparse_zeros
 from dicom_node.analysis.types import Volume
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def airways(
 
     ``internal``: the air inside the body; ``centres``: :func:`body_centres`.
     """
-    empty = np.zeros_like(internal)
+    empty = sparse_zeros(internal.shape)  # the airways' box is written, if any
     seed = trachea_seed(internal, centres, volume)
     if seed is None:
         log.info("ct-chest: no trachea in the top %.0f mm", AIRWAY_SEARCH_MM)
@@ -126,7 +127,7 @@ def trachea_seed(internal: np.ndarray, centres: np.ndarray, volume: Volume) -> n
         )
         fits[0] = False
         if fits.any():
-            seed = np.zeros_like(internal)
+            seed = sparse_zeros(internal.shape)  # one slice is written
             seed[k] = labels == int(np.argmax(np.where(fits, area, -1.0)))
             return seed
     return None
@@ -177,7 +178,7 @@ def grow_airways(
             best, best_ml = region, grown_ml
     if best is None:
         return None
-    lumen = np.zeros(hu.shape, dtype=bool)
+    lumen = sparse_zeros(hu.shape)
     lumen[box] = best
     return lumen
 

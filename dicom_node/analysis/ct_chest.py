@@ -56,6 +56,7 @@ from dicom_node.analysis.nodules import (  # laterality codes: one definition fo
     candidate_segment,
     find_candidates,
 )
+from dicom_node.analysis.sparse import sparse_zeros
 from dicom_node.analysis.types import (
     AnalysisError,
     AnalysisResult,
@@ -163,10 +164,13 @@ class CtChestPipeline:
         # the cropped view as it is (on the CPU no copy): it is only thresholded once
         hu = torch.from_numpy(np.asarray(volume.hu, dtype=np.float32)).to(self.device)
         internal = self._internal_air(hu, body)
+        del hu  # each mask the size of the cropped grid is let go once it has been used
         centres = body_centres(body, volume)
         airway_mask = airways(internal, centres, volume, self.device)
         lungs = remove_airways(internal & ~airway_mask, centres, volume)
+        del internal
         left, right = split_left_right(lungs, centres, volume)
+        del lungs  # the candidates' search has the peak of this stage: it needs none of them
         found = find_candidates(volume, left, right, airway_mask) if self.nodules else []
         return ChestMasks(body, left, right, airway_mask, tuple(found))
 
@@ -180,7 +184,7 @@ class CtChestPipeline:
             """``mask`` (cropped grid) on the source grid; only ``box`` of it, if given."""
             z, r, c = box or (slice(None), slice(None), slice(None))
             shift = (rows.start or 0, columns.start or 0)
-            whole = np.zeros(volume.hu.shape, dtype=bool)  # untouched pages stay unmapped
+            whole = sparse_zeros(volume.hu.shape)  # pages outside the box stay unmapped
             r0, r1, _ = r.indices(mask.shape[1])
             c0, c1, _ = c.indices(mask.shape[2])
             whole[z, r0 + shift[0] : r1 + shift[0], c0 + shift[1] : c1 + shift[1]] = mask[z, r, c]
@@ -274,9 +278,13 @@ def _check_axial(volume: Volume) -> None:
 
 
 def _lung_measurements(values: np.ndarray) -> tuple[Measurement, ...]:
-    """%LAA-950 and Perc15 of the HU ``values`` of a lung (or of both)."""
+    """%LAA-950 and Perc15 of the HU ``values`` of a lung (or of both).
+
+    ``values`` is the caller's own copy, and is reordered: the percentile is found by
+    partitioning it in place rather than in a copy (a lung is tens of millions of voxels).
+    """
     laa = 100.0 * float(np.count_nonzero(values < LAA_HU)) / values.size
-    perc15 = float(np.percentile(values, PERCENTILE))
+    perc15 = float(np.percentile(values, PERCENTILE, overwrite_input=True))
     return (
         Measurement(name=LAA_950, value=laa, unit=PERCENT),
         Measurement(name=ATTENUATION, value=perc15, unit=HOUNSFIELD_UNIT, derivation=PERCENTILE_15),
@@ -285,7 +293,8 @@ def _lung_measurements(values: np.ndarray) -> tuple[Measurement, ...]:
 
 def _lungs_group(lungs: np.ndarray, volume: Volume) -> SegmentGroup:
     """Both lungs together: volume, mean lung density, %LAA-950 and Perc15."""
-    values = volume.hu[lungs].astype(np.float64)
+    values = volume.hu[lungs]  # float32, as the volume: a float64 copy doubled this
+    mean = float(values.mean(dtype=np.float64))
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     return SegmentGroup(
         key="lungs",
@@ -294,9 +303,7 @@ def _lungs_group(lungs: np.ndarray, volume: Volume) -> SegmentGroup:
         segment_keys=("lung_left", "lung_right"),
         measurements=(
             Measurement(name=VOLUME, value=values.size * voxel_ml, unit=MILLILITER),
-            Measurement(
-                name=ATTENUATION, value=float(values.mean()), unit=HOUNSFIELD_UNIT, derivation=MEAN
-            ),
+            Measurement(name=ATTENUATION, value=mean, unit=HOUNSFIELD_UNIT, derivation=MEAN),
             *_lung_measurements(values),
         ),
     )
@@ -319,6 +326,7 @@ def _segment(key: str, cropped: np.ndarray, mask: np.ndarray, volume: Volume) ->
         "airways": ("Airways", TRACHEA_AND_BRONCHUS, None),
     }[key]
     values = volume.hu[cropped]
+    mean_hu = float(values.mean(dtype=np.float64))  # before _lung_measurements reorders values
     return Segment(
         key=key,
         label=label,
@@ -327,6 +335,6 @@ def _segment(key: str, cropped: np.ndarray, mask: np.ndarray, volume: Volume) ->
         laterality=laterality,
         mask=mask,
         volume_ml=count * voxel_ml,
-        mean_hu=float(values.mean(dtype=np.float64)),
+        mean_hu=mean_hu,
         measurements=_lung_measurements(values) if segment_type == LUNG else (),
     )

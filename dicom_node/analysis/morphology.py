@@ -120,7 +120,10 @@ def _every(mask: np.ndarray, axis: int, offset: int, k: int) -> np.ndarray:
 
 
 def image(mask: np.ndarray) -> sitk.Image:
-    return sitk.GetImageFromArray(mask.astype(np.uint8))
+    """``mask`` as a SimpleITK uint8 image (a bool mask is copied once, by SimpleITK)."""
+    return sitk.GetImageFromArray(
+        mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)
+    )
 
 
 MANY_LABELS = 2**16  # above this, counting in numpy beats per-label statistics
@@ -132,17 +135,24 @@ def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     The labels come back in the smallest unsigned type that holds them (uint32 only
     above 2**16 - 1 labels).
     """
+    labelled, count = _connected(mask)
+    return sitk.GetArrayFromImage(labelled), count
+
+
+def _connected(mask: np.ndarray) -> tuple[sitk.Image, int]:
+    """The face-connected components of ``mask`` as a label image in the smallest unsigned
+    type that holds their labels, and how many there are.
+
+    SimpleITK labels into uint32. The narrow copy is made here, where the uint32 image
+    is released with it, so that the numpy copy of the labels is made beside the narrow
+    image alone: for a 300 x 512 x 512 mask, 150 MiB less at that moment.
+    """
     labeller = sitk.ConnectedComponentImageFilter()
     labelled = labeller.Execute(image(mask))
     count = int(labeller.GetObjectCount())
-    return _labels_array(labelled, count), count
-
-
-def _labels_array(labelled: sitk.Image, count: int) -> np.ndarray:
     if count < 2**16 - 1:  # max + 1 still fits
-        pixel = sitk.sitkUInt8 if count < 2**8 - 1 else sitk.sitkUInt16
-        labelled = sitk.Cast(labelled, pixel)
-    return sitk.GetArrayFromImage(labelled)
+        labelled = sitk.Cast(labelled, sitk.sitkUInt8 if count < 2**8 - 1 else sitk.sitkUInt16)
+    return labelled, count
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,9 +163,7 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     uint32 label array (cast to int64 first) took about 2 s per call here, the whole
     call now about 0.4 s.
     """
-    labeller = sitk.ConnectedComponentImageFilter()
-    labelled = labeller.Execute(image(mask))
-    count = int(labeller.GetObjectCount())
+    labelled, count = _connected(mask)
     if count >= MANY_LABELS:
         labels = sitk.GetArrayFromImage(labelled)
         return labels, np.bincount(labels.ravel(), minlength=count + 1)
@@ -168,7 +176,7 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for number in stats.GetLabels():
         sizes[number] = stats.GetNumberOfPixels(number)
     sizes[0] = mask.size - int(sizes[1:].sum())
-    return _labels_array(labelled, count), sizes
+    return sitk.GetArrayFromImage(labelled), sizes
 
 
 def parts(mask: np.ndarray, minimum: float) -> list[np.ndarray]:

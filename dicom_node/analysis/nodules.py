@@ -55,6 +55,7 @@ from dicom_node.analysis.morphology import (
     parts,
     pool,
 )
+from dicom_node.analysis.sparse import sparse_zeros
 from dicom_node.analysis.types import Code, Measurement, Segment, Volume
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def find_candidates(
     hu = volume.hu[crop]
     envelope = _envelope((left[crop], right[crop]), volume.spacing)
     solid = envelope & ~lungs[crop] & ~airways[crop] & (hu > SOLID_MIN_HU)
+    del envelope, lungs  # a mask of the lungs' box less at the labelling of ``solid``
     fine = _opening(solid, _radius(FINE_OPENING_MM, volume.spacing, through=False))
     coarse = _opening(solid, _radius(COARSE_OPENING_MM, volume.spacing, through=True))
     found = _large(coarse, fine, volume.spacing) + _small(hu, solid, coarse, fine, volume.spacing)
@@ -304,7 +306,7 @@ def _measure(points: np.ndarray, volume: Volume, left: np.ndarray, right: np.nda
     part[tuple((points - [s.start for s in box]).T)] = True
     shell = dilate(torch.from_numpy(part), (1, 1, 1)).numpy() & ~part
     side = "left" if (shell & left[box]).sum() >= (shell & right[box]).sum() else "right"
-    mask = np.zeros(volume.hu.shape, dtype=bool)
+    mask = sparse_zeros(volume.hu.shape)  # the whole grid, set in a small box
     mask[box] = part
     return Candidate(
         mask=mask,

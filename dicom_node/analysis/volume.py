@@ -31,6 +31,9 @@ ORIENTATION_TOLERANCE = 1e-4
 DUPLICATE_TOLERANCE_MM = 1e-3
 #: Relative deviation from the median slice gap above which we log a warning.
 IRREGULAR_SPACING_RATIO = 0.01
+#: Elements at least this long (in practice the pixel data) are read from the file
+#: only when used (pydicom's ``defer_size``).
+DEFER_BYTES = 256 * 1024
 
 
 def load_series(paths: Sequence[Path]) -> Volume:
@@ -41,7 +44,9 @@ def load_series(paths: Sequence[Path]) -> Volume:
     """
     if len(paths) < 2:
         raise ValueError(f"a volume needs at least 2 slices, got {len(paths)}")
-    datasets = [pydicom.dcmread(Path(path)) for path in paths]
+    # The pixel data is read when a slice is converted and dropped right after, so that
+    # only one slice's stored pixels are in memory beside the volume, not the series'.
+    datasets = [pydicom.dcmread(Path(path), defer_size=DEFER_BYTES) for path in paths]
     names = [Path(path).name for path in paths]
     row_cos, col_cos = _common_orientation(datasets, names)
     normal = np.cross(row_cos, col_cos)
