@@ -113,27 +113,82 @@ class Node:
 
 def build_node(config: NodeConfig) -> Node:
     """Every part of a node, wired together; nothing is started yet."""
+    name = config.cluster.name() if config.cluster.enabled else None
+    spool, journal = _storage(config, name)
+    metrics = Metrics()
+    metrics.watch_journal(journal.state_counts)
+    metrics.watch_gpu()
+    audit = _audit_trail(config, spool, name)
+    commitments, sender = _sending(config, journal, spool, metrics, audit)
+    leases, worker = _analysis(config, journal, spool, metrics, sender.wake, name)
+    timers = SchedulerTimers()
+    assembler, dispatcher, on_jobs = _assembling(
+        config, journal, spool, metrics, timers, sender, worker
+    )
+    receiver = _receiver(config, journal, spool, metrics, audit, assembler, commitments)
+
+    def on_retry() -> None:
+        on_jobs([])
+        sender.wake()
+
+    web = _web(config, journal, metrics, lambda: receiver.running, on_retry)
+    return Node(
+        config,
+        spool,
+        journal,
+        metrics,
+        timers,
+        assembler,
+        receiver,
+        worker,
+        sender,
+        web,
+        audit,
+        dispatcher,
+        leases,
+    )
+
+
+def _storage(config: NodeConfig, name: str | None) -> tuple[Spool, Journal]:
+    """The storage folder (with the shared bucket, if any) and the journal, created or upgraded."""
     cluster = config.cluster
-    name = cluster.name() if cluster.enabled else None
     spool = Spool(config.storage.path, config.storage.min_free_bytes, name, object_store(config))
     spool.create()
     journal = Journal(cluster.journal_location(spool.journal_path))
     journal.create()
     if cluster.enabled:
         log.info("cluster: node %s, journal %s, folder %s", name, journal.path, spool.root)
-    metrics = Metrics()
-    metrics.watch_journal(journal.state_counts)
-    metrics.watch_gpu()
-    audit = _audit_trail(config, spool, name)
-    commitments, sender = _sending(config, journal, spool, metrics, audit)
+    return spool, journal
+
+
+def _analysis(
+    config: NodeConfig,
+    journal: Journal,
+    spool: Spool,
+    metrics: Metrics,
+    on_results: Callable[[], None],
+    name: str | None,
+) -> tuple[LeaseKeeper | None, Worker | None]:
+    """The worker and, with a shared journal, its leases; none when a broker has the analysis."""
+    if config.cluster.broker_url is not None:  # analysis on `dicom-node worker` processes
+        return None, None
     leases = None
-    worker = None
-    if cluster.broker_url is None:  # analysis in this process
-        if journal.shared:
-            owner = f"{name}:{os.getpid()}"
-            leases = LeaseKeeper(journal, owner, cluster.lease_seconds, time.time)
-        worker = build_worker(config, journal, spool, metrics, sender.wake, leases=leases)
-    timers = SchedulerTimers()
+    if journal.shared:
+        owner = f"{name}:{os.getpid()}"
+        leases = LeaseKeeper(journal, owner, config.cluster.lease_seconds, time.time)
+    return leases, build_worker(config, journal, spool, metrics, on_results, leases=leases)
+
+
+def _assembling(
+    config: NodeConfig,
+    journal: Journal,
+    spool: Spool,
+    metrics: Metrics,
+    timers: SchedulerTimers,
+    sender: Sender,
+    worker: Worker | None,
+) -> tuple[Assembler, Dispatcher | None, Callable[[list[int]], None]]:
+    """The assembler, the dispatcher (shared journal) and on_jobs, which wakes it and the worker."""
     dispatcher: Dispatcher | None = None
 
     def on_jobs(_ids: list[int]) -> None:
@@ -156,6 +211,19 @@ def build_node(config: NodeConfig) -> Node:
     if journal.shared:
         wake = [sender.wake] + ([worker.wake] if worker is not None else [])
         dispatcher = _dispatcher(config, journal, assembler, metrics, wake)
+    return assembler, dispatcher, on_jobs
+
+
+def _receiver(
+    config: NodeConfig,
+    journal: Journal,
+    spool: Spool,
+    metrics: Metrics,
+    audit: AuditTrail,
+    assembler: Assembler,
+    commitments: Commitments,
+) -> Receiver:
+    """The C-STORE SCP; its open associations are read at scrape time."""
     receiver = Receiver(
         config.node,
         spool,
@@ -167,27 +235,7 @@ def build_node(config: NodeConfig) -> Node:
         on_event_report=commitments.handle_report,
     )
     metrics.watch_associations(lambda: receiver.active_associations)
-
-    def on_retry() -> None:
-        on_jobs([])
-        sender.wake()
-
-    web = _web(config, journal, metrics, lambda: receiver.running, on_retry)
-    return Node(
-        config,
-        spool,
-        journal,
-        metrics,
-        timers,
-        assembler,
-        receiver,
-        worker,
-        sender,
-        web,
-        audit,
-        dispatcher,
-        leases,
-    )
+    return receiver
 
 
 def _audit_trail(config: NodeConfig, spool: Spool, name: str | None) -> AuditTrail:

@@ -20,6 +20,21 @@ STAGE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # declared in the order a scrape lists them
+        self._declare_receiving()
+        self.stage_seconds = Histogram(
+            "dicom_node_stage_seconds",
+            "Time spent per stage: receive (first to last instance), wait (idle window),"
+            " analyse, encode, send (results written to all destinations settled)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self._declare_analysis()
+        self._declare_sending()
+
+    def _declare_receiving(self) -> None:
+        """Associations and C-STORE requests: stored, duplicate, refused."""
         r = self.registry
         self.instances_received = Counter(
             "dicom_node_instances_received",
@@ -48,14 +63,10 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.stage_seconds = Histogram(
-            "dicom_node_stage_seconds",
-            "Time spent per stage: receive (first to last instance), wait (idle window),"
-            " analyse, encode, send (results written to all destinations settled)",
-            ["stage"],
-            buckets=STAGE_BUCKETS,
-            registry=r,
-        )
+
+    def _declare_analysis(self) -> None:
+        """Analysis outcomes, CPU fallbacks and the jobs of scale-out workers."""
+        r = self.registry
         self.jobs_finished = Counter(
             "dicom_node_jobs_analysed", "Analysis outcomes", ["pipeline", "outcome"], registry=r
         )
@@ -76,11 +87,14 @@ class Metrics:
             "Jobs queued again because their worker's lease ran out (scale-out)",
             registry=r,
         )
+
+    def _declare_sending(self) -> None:
+        """Attempts to send results."""
         self.sends = Counter(
             "dicom_node_send_attempts",
             "C-STORE send attempts of results, by destination and outcome",
             ["destination", "outcome"],
-            registry=r,
+            registry=self.registry,
         )
 
     def watch_journal(self, counts: Callable[[], dict[str, dict[str, int]]]) -> None:
