@@ -7,11 +7,9 @@ sends whichever result files a job has (:func:`dicom_node.send.result_files`).
 the job's FAILED state with a reason; nothing inside it logs patient data.
 
 The worker is its device's one user in the process. Pipelines stay loaded
-(built once per pipeline and device, those of the routes optionally at start).
-On a CUDA device one job at a time runs on the GPU (:func:`device_gate`) while
-other analysis threads load series and encode results; a job is admitted only
-when the device has the memory it is estimated to need, and one that does not
-fit, or runs out of memory, is run on the CPU instead of failing.
+(those of the routes optionally built at start); how a job's pipeline runs on
+the device, or on the CPU when the GPU cannot take it, is
+:class:`dicom_node.pipeline_runner.PipelineRunner`.
 """
 
 from __future__ import annotations
@@ -31,15 +29,8 @@ import torch
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.analysis.device import (
-    CPU,
-    MemoryProbe,
-    cuda_memory,
-    device_gate,
-    is_out_of_memory,
-    release_cached,
-)
-from dicom_node.analysis.types import AnalysisResult, Pipeline, Volume
+from dicom_node.analysis.device import CPU, MemoryProbe, cuda_memory
+from dicom_node.analysis.types import AnalysisResult, Pipeline
 from dicom_node.analysis.volume import load_images
 from dicom_node.analysis.warm import sample_volume, warm_with_sample
 from dicom_node.config import SOURCE_DESTINATION, Destination
@@ -50,18 +41,11 @@ from dicom_node.encode.types import Equipment, ResultUIDs
 from dicom_node.journal import DeliverySpec, Journal, Row
 from dicom_node.leases import LeaseKeeper, LeaseLost
 from dicom_node.logs import log_context
+from dicom_node.pipeline_runner import ADMISSION_WAIT_SECONDS, PipelineRunner
 from dicom_node.store import Spool
 from dicom_node.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-# GPU memory a job needs per voxel of its volume unless its pipeline declares
-# ``memory_bytes(volume)``: the float32 volume plus a few same-sized intermediates.
-DEFAULT_BYTES_PER_VOXEL = 16
-# How long a job waits for GPU memory held elsewhere before it runs on the CPU.
-ADMISSION_WAIT_SECONDS = 30.0
-ADMISSION_POLL_SECONDS = 0.5
-_MIB = 1 << 20
 
 
 class Worker:
@@ -90,22 +74,19 @@ class Worker:
         self._metrics = metrics
         self._destinations = destinations
         self._equipment = equipment
-        self._pipeline_factory = pipeline_factory
-        self._pipelines: dict[tuple[str, str], Pipeline] = {}
-        self._building: dict[tuple[str, str], threading.Lock] = {}
-        self._pipelines_lock = threading.Lock()
         self._clock = clock
         self._on_results = on_results
         self._thread_count = threads
         self.device = device
         self._warm_up_names = tuple(dict.fromkeys(warm_up))
-        self._memory_probe = memory_probe
-        self._admission_wait = admission_wait
         # Several processes share the journal: jobs are held under renewed leases.
         self._leases = leases
         self._owner = None if leases is None else leases.owner
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._runner = PipelineRunner(
+            pipeline_factory, metrics, device, memory_probe, admission_wait, self._stopping
+        )
         self._threads: list[threading.Thread] = []
         # job id -> (pipeline, reason): failures the journal could not take yet
         self._unrecorded: dict[int, tuple[str, str]] = {}
@@ -241,7 +222,7 @@ class Worker:
             volume = load_images([self._spool.fetch(p) for p in relpaths])  # slices, or a DX
         finally:
             self._spool.evict(relpaths)  # copies from an object store are not kept
-        result = self._run(job, volume)
+        result = self._runner.run(job, volume)
         analysed = time.monotonic()
         # The encoders use the volume's geometry and headers, not its voxels: free those
         # first (300 MiB for 300 slices of 512 x 512), as the SEG's frames need room.
@@ -273,82 +254,6 @@ class Worker:
             self._spool.remove(seg_relpath)
         self._spool.write_atomic(self._spool.result_relpath(job.id, "sr"), _encode(sr))
 
-    def _run(self, job: Row, volume: Volume) -> AnalysisResult:
-        """Run the job's pipeline on the worker's device, or on the CPU if the GPU cannot."""
-        if self.device.type != "cuda":
-            return self._pipeline(job.pipeline, self.device).run(volume)
-        with device_gate(self.device):  # our other GPU jobs have finished once we hold it
-            try:
-                pipeline = self._pipeline(job.pipeline, self.device)
-                if self._admitted(job, pipeline, volume):
-                    return pipeline.run(volume)
-                reason = "memory"
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                log.warning("job %d (%s): out of memory on %s", job.id, job.pipeline, self.device)
-                reason = "out_of_memory"
-            # the exception, and the frames holding its tensors, are gone here
-            release_cached(self.device)
-        log.warning("job %d (%s): running it on the CPU instead", job.id, job.pipeline)
-        self._metrics.cpu_fallbacks.labels(pipeline=job.pipeline, reason=reason).inc()
-        return self._pipeline(job.pipeline, CPU).run(volume)
-
-    def _admitted(self, job: Row, pipeline: Pipeline, volume: Volume) -> bool:
-        """Whether the device has the memory the job needs, waiting a bounded time for it.
-
-        Called holding the device gate, so what is missing is held by another
-        process or by torch's cache: the cache is emptied once, then free
-        memory is polled for ``admission_wait`` seconds.
-        """
-        need = memory_needed(pipeline, volume)
-        deadline = time.monotonic() + self._admission_wait
-        emptied = False
-        while True:
-            free, total = self._memory_probe(self.device)
-            if free >= need:
-                return True
-            if not emptied:
-                release_cached(self.device)
-                emptied = True
-                continue
-            remaining = deadline - time.monotonic()
-            if need > total or remaining <= 0 or self._stopping.is_set():
-                log.warning(
-                    "job %d (%s): needs about %d MiB of %s; %d MiB of %d MiB free",
-                    job.id,
-                    job.pipeline,
-                    need // _MIB,
-                    self.device,
-                    free // _MIB,
-                    total // _MIB,
-                )
-                return False
-            self._stopping.wait(min(ADMISSION_POLL_SECONDS, remaining))
-
-    def _pipeline(self, name: str, device: torch.device) -> Pipeline:
-        """The pipeline ``name`` on ``device``, built on first use and kept (models stay loaded).
-
-        One lock per (name, device): a pipeline is built once even when the
-        warm-up and a job ask for it together, and building one never holds up
-        the use of another.
-        """
-        key = (name, str(device))
-        with self._pipelines_lock:
-            if key in self._pipelines:
-                return self._pipelines[key]
-            building = self._building.setdefault(key, threading.Lock())
-        with building:
-            with self._pipelines_lock:
-                if key in self._pipelines:
-                    return self._pipelines[key]
-            started = time.monotonic()
-            pipeline = self._pipeline_factory(name, device)
-            log.info("pipeline %s loaded on %s in %.1f s", name, device, time.monotonic() - started)
-            with self._pipelines_lock:
-                self._pipelines[key] = pipeline
-            return pipeline
-
     def warm_up(self, sample: bool = False) -> None:
         """Load the routes' pipelines at start, so that the first study does not wait for it.
 
@@ -360,7 +265,7 @@ class Worker:
             if self._stopping.is_set():
                 return
             try:
-                pipeline = self._pipeline(name, self.device)
+                pipeline = self._runner.pipeline(name, self.device)
             except Exception as exc:  # the jobs that need it will try again, and fail visibly
                 log.error(
                     "warm-up: pipeline %s on %s: %s", name, self.device, describe_failure(exc)
@@ -410,14 +315,6 @@ class Worker:
             log.error("cannot send: %s", error)
             return DeliverySpec(name, "", "", 0, DeliveryState.DEAD, error)
         return DeliverySpec(name, dest.ae_title, dest.host, dest.port)
-
-
-def memory_needed(pipeline: Pipeline, volume: Volume) -> int:
-    """Device memory the pipeline needs for ``volume``: its own ``memory_bytes`` or an estimate."""
-    declared = getattr(pipeline, "memory_bytes", None)
-    if callable(declared):
-        return int(declared(volume))
-    return int(volume.hu.size) * DEFAULT_BYTES_PER_VOXEL
 
 
 def describe_failure(exc: BaseException) -> str:

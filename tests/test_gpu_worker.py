@@ -38,9 +38,10 @@ from dicom_node.config import parse_config
 from dicom_node.domain import JobState
 from dicom_node.encode.types import Equipment
 from dicom_node.journal import JobSpec, Journal, JournalSchemaError
+from dicom_node.pipeline_runner import DEFAULT_BYTES_PER_VOXEL, memory_needed
 from dicom_node.route import SeriesInfo, plan_jobs
 from dicom_node.web.metrics import Metrics
-from dicom_node.worker import DEFAULT_BYTES_PER_VOXEL, Worker, memory_needed
+from dicom_node.worker import Worker
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
