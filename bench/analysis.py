@@ -101,6 +101,7 @@ def _measure(folder: Path, preference: str, rounds: int) -> dict:
         volume = load_series(files)
         marks.append(time.perf_counter())
         prepared = pipeline.preprocess(volume)
+        del volume  # as in the node: the pipeline keeps what it needs (ct-chest: the crop)
         marks.append(_sync(torch, device))
         masks = pipeline.infer(prepared)
         marks.append(_sync(torch, device))
@@ -114,11 +115,11 @@ def _measure(folder: Path, preference: str, rounds: int) -> dict:
         marks.append(time.perf_counter())
         for stage, start, end in zip(STAGES, marks[:-1], marks[1:], strict=True):
             times[stage].append(end - start)
-        candidates, shape = len(masks.candidates), list(volume.hu.shape)
+        candidates, shape = len(masks.candidates), list(prepared.volume.hu.shape)
         # Free this round's arrays before the next one loads its own: the peak RSS is
         # then one round's, as in the node, which analyses one job at a time per worker
         # (before 2026-12-05, third session, round 2 ran beside round 1's leftovers).
-        del volume, prepared, masks, result, seg, sr
+        del prepared, masks, result, seg, sr
         gc.collect()
     measured = {s: v[1:] or v for s, v in times.items()}  # round 1 warms up
     return {

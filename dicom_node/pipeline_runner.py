@@ -62,15 +62,22 @@ class PipelineRunner:
         self._admission_wait = admission_wait
         self._stopping = stopping  # the worker's: a stopping worker waits for no memory
 
-    def run(self, job: Row, volume: Volume) -> AnalysisResult:
-        """Run the job's pipeline on the worker's device, or on the CPU if the GPU cannot."""
+    def run(self, job: Row, load: Callable[[], Volume]) -> AnalysisResult:
+        """Run the job's pipeline on the worker's device, or on the CPU if the GPU cannot.
+
+        ``load`` reads the series. Its volume is handed to the pipeline with no other
+        reference left here, so that a pipeline can free the voxels it no longer needs
+        (ct-chest keeps the body's crop). A job that falls back to the CPU after its GPU
+        run began reads the series again.
+        """
         if self._device.type != "cuda":
-            return self.pipeline(job.pipeline, self._device).run(volume)
+            return self.pipeline(job.pipeline, self._device).run(load())
+        loaded = [load()]  # before the gate: another job can use the GPU meanwhile
         with device_gate(self._device):  # our other GPU jobs have finished once we hold it
             try:
                 pipeline = self.pipeline(job.pipeline, self._device)
-                if self._admitted(job, pipeline, volume):
-                    return pipeline.run(volume)
+                if self._admitted(job, pipeline, loaded[0]):
+                    return pipeline.run(loaded.pop())
                 reason = "memory"
             except Exception as exc:
                 if not is_out_of_memory(exc):
@@ -81,7 +88,7 @@ class PipelineRunner:
             release_cached(self._device)
         log.warning("job %d (%s): running it on the CPU instead", job.id, job.pipeline)
         self._metrics.cpu_fallbacks.labels(pipeline=job.pipeline, reason=reason).inc()
-        return self.pipeline(job.pipeline, CPU).run(volume)
+        return self.pipeline(job.pipeline, CPU).run(loaded.pop() if loaded else load())
 
     def _admitted(self, job: Row, pipeline: Pipeline, volume: Volume) -> bool:
         """Whether the device has the memory the job needs, waiting a bounded time for it.

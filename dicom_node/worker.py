@@ -30,7 +30,7 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_node.analysis.device import CPU, MemoryProbe, cuda_memory
-from dicom_node.analysis.types import AnalysisResult, Pipeline
+from dicom_node.analysis.types import AnalysisResult, Pipeline, Volume
 from dicom_node.analysis.volume import load_images
 from dicom_node.analysis.warm import sample_volume, warm_with_sample
 from dicom_node.config import SOURCE_DESTINATION, Destination
@@ -218,15 +218,18 @@ class Worker:
         _, study, _ = self._journal.job_context(job.id)
         relpaths = self._journal.instance_relpaths(job.series_id)
         started = time.monotonic()
-        try:
-            volume = load_images([self._spool.fetch(p) for p in relpaths])  # slices, or a DX
-        finally:
-            self._spool.evict(relpaths)  # copies from an object store are not kept
-        result = self._runner.run(job, volume)
+
+        def load() -> Volume:
+            try:
+                return load_images([self._spool.fetch(p) for p in relpaths])  # slices, or a DX
+            finally:
+                self._spool.evict(relpaths)  # copies from an object store are not kept
+
+        # The volume is not held here: the pipeline may free voxels it is done with.
+        result = self._runner.run(job, load)
         analysed = time.monotonic()
-        # The encoders use the volume's geometry and headers, not its voxels: free those
-        # first (300 MiB for 300 slices of 512 x 512), as the SEG's frames need room.
-        del volume
+        # The encoders use the volume's geometry and headers, not its voxels: those are
+        # freed first (300 MiB for 300 slices of 512 x 512), as the SEG's frames need room.
         result = dataclasses.replace(result, volume=result.volume.without_voxels())
         self._write_results(job, result)
         timings = (analysed - started, time.monotonic() - analysed)

@@ -7,6 +7,8 @@ lung must stay the left lung.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +45,13 @@ def _centroid(volume: Volume, mask: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def philips_result():
-    return CtChestPipeline(CPU, airways_segment=True).run(load_series(_files(PHILIPS_HFS)))
+def philips_volume():
+    return load_series(_files(PHILIPS_HFS))
+
+
+@pytest.fixture(scope="module")
+def philips_result(philips_volume):
+    return CtChestPipeline(CPU, airways_segment=True).run(philips_volume)
 
 
 def test_segments_and_codes(philips_result):
@@ -107,7 +114,7 @@ def test_airways_run_from_the_top_between_the_lungs(philips_result):
     assert centre[2] > lungs[2] + 30  # above the lungs' centre
 
 
-def test_lung_densitometry(philips_result):
+def test_lung_densitometry(philips_result, philips_volume):
     """Kernel L (sharp), 5 mm slices: %LAA-950 about 14 %, Perc15 about -946 HU.
 
     The sharp kernel's noise spreads the histogram: the kernel B series of the
@@ -116,7 +123,7 @@ def test_lung_densitometry(philips_result):
     segments = _by_key(philips_result)
     for key in ("lung_left", "lung_right"):
         segment = segments[key]
-        values = philips_result.volume.hu[segment.mask]
+        values = philips_volume.hu[segment.mask]
         (laa, perc15) = segment.measurements
         assert (laa.name, laa.unit.value, laa.derivation) == (LAA_950, "%", None)
         assert (perc15.name.value, perc15.unit.value, perc15.derivation) == (
@@ -276,6 +283,27 @@ def test_airway_growth_stops_before_leaking_into_dark_lung():
     segments = _by_key(CtChestPipeline(CPU, airways_segment=True).run(volume))
     np.testing.assert_array_equal(segments["airways"].mask, _synthetic_airways(volume))
     assert segments["lung_right"].volume_ml == pytest.approx((16 * 56 * 40 - 14 * 18) * 0.005)
+
+
+def test_the_whole_volume_is_let_go_once_the_body_is_cropped(monkeypatch):
+    """Given the only reference (as the worker passes it), ct-chest works on a copy of
+    the body's rows and columns and frees the whole array before ``infer``."""
+    volumes = [_synthetic_chest()]
+    whole = weakref.ref(volumes[0].hu)
+    pipeline = CtChestPipeline(CPU)
+    infer = pipeline.infer
+    seen = []
+
+    def watching(prepared):
+        gc.collect()
+        seen.append((whole() is None, prepared.cropped.hu.base is None))
+        return infer(prepared)
+
+    monkeypatch.setattr(pipeline, "infer", watching)
+    result = pipeline.run(volumes.pop())
+    assert seen == [(True, True)]
+    assert result.volume.hu.strides == (0, 0, 0)  # geometry and headers only
+    assert _by_key(result)["lung_left"].volume_ml > 0
 
 
 def test_densitometry_of_synthetic_lungs():

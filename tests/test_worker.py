@@ -211,6 +211,32 @@ class WatchedClassifier(StudyClassifier):
         return super().run(volume)
 
 
+class LettingGo(StudyClassifier):
+    """Lets go of the volume inside ``run``, as ct-chest does after cropping, and notes
+    whether that freed its voxels: then nobody else, worker or runner, holds them."""
+
+    freed: bool | None = None
+
+    def run(self, volume: Volume) -> AnalysisResult:
+        voxels = weakref.ref(volume.hu)
+        kept = volume.without_voxels()
+        del volume
+        gc.collect()
+        LettingGo.freed = voxels() is None
+        return super().run(kept)
+
+
+def test_the_pipeline_holds_the_only_reference_to_the_volume(tmp_path: Path) -> None:
+    """A pipeline that is done with the voxels early can free them (ct-chest: 150 MiB of
+    300 on a 300-slice phantom): the worker passes the volume on and keeps none."""
+    harness = Harness(tmp_path / "var", Clock())
+    job = harness.claimed_job()
+    LettingGo.freed = None
+    in_process_worker(harness, LettingGo()).run_job(job)
+    assert harness.journal.job(job.id).state == JobState.SENDING, harness.journal.job(job.id).error
+    assert LettingGo.freed is True
+
+
 def test_the_voxels_are_freed_before_the_results_are_encoded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -125,6 +125,8 @@ class AnalysisResult:
     pipeline: str  # pipeline name, e.g. "ct-chest"
     algorithm_name: str  # SegmentAlgorithmName
     algorithm_version: str
+    # The analysed volume's geometry and headers, which the encoders use. A pipeline may
+    # hand it back without its voxels (Volume.without_voxels), having let them go early.
     volume: Volume
     segments: tuple[Segment, ...]
     groups: tuple[SegmentGroup, ...] = ()
@@ -145,7 +147,10 @@ class Pipeline(Protocol):
     name: str
     version: str
 
-    def run(self, volume: Volume) -> AnalysisResult: ...
+    def run(self, volume: Volume) -> AnalysisResult:
+        """Analyse ``volume``. A caller that passes its only reference on lets the
+        pipeline free the voxels once it no longer needs them (the worker does)."""
+        ...
 
 
 class AnalysisError(Exception):
