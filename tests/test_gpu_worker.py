@@ -368,13 +368,27 @@ def _results(harness: Harness, job_id: int) -> dict[str, pydicom.Dataset]:
     return {kind: pydicom.dcmread(path) for kind, path in paths.items()}
 
 
+def _count_loads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times the worker reads a series (one entry per read)."""
+    loads: list[int] = []
+    load_images = dicom_node.worker.load_images
+
+    def counting(paths: list[Path]) -> Volume:
+        loads.append(len(paths))
+        return load_images(paths)
+
+    monkeypatch.setattr(dicom_node.worker, "load_images", counting)
+    return loads
+
+
 def test_out_of_memory_on_the_gpu_reruns_the_job_on_the_cpu(
-    harness: Harness, caplog: pytest.LogCaptureFixture
+    harness: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     factory = Factory(fail_on_gpu=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
     metrics = Metrics()
     worker = make_worker(harness, factory, metrics)
     job = harness.claimed_job()
+    loads = _count_loads(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="dicom_node.worker"):
         worker.run_job(job)
     assert harness.journal.job(job.id).state == JobState.SENDING
@@ -385,6 +399,7 @@ def test_out_of_memory_on_the_gpu_reruns_the_job_on_the_cpu(
     assert factory.built == [("ct-chest", "cuda:0"), ("ct-chest", "cpu")]
     assert factory.pipelines["cuda:0"].runs == factory.pipelines["cpu"].runs == 1
     assert fallbacks(metrics, "out_of_memory") == 1
+    assert len(loads) == 2  # the GPU run had the only reference: the CPU run reads again
     assert "out of memory on cuda:0" in caplog.text
     assert "running it on the CPU instead" in caplog.text
 
@@ -434,13 +449,14 @@ def test_a_failure_the_journal_cannot_take_is_recorded_once_it_can(
 
 
 def test_a_job_that_does_not_fit_waits_a_bounded_time_then_runs_on_the_cpu(
-    harness: Harness,
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     factory = Factory()
     metrics = Metrics()
     probe = Probe((1 * MIB, 80 * GIB))  # another process holds the GPU throughout
     worker = make_worker(harness, factory, metrics, memory_probe=probe, admission_wait=0.5)
     job = harness.claimed_job()
+    loads = _count_loads(monkeypatch)
     started = time.monotonic()
     worker.run_job(job)
     assert time.monotonic() - started >= 0.5
@@ -449,6 +465,7 @@ def test_a_job_that_does_not_fit_waits_a_bounded_time_then_runs_on_the_cpu(
     assert factory.pipelines["cpu"].runs == 1
     assert harness.journal.job(job.id).state == JobState.SENDING
     assert fallbacks(metrics, "memory") == 1
+    assert len(loads) == 1  # the series read for the GPU goes to the CPU run
 
 
 def test_a_job_admitted_once_memory_is_freed_runs_on_the_gpu(harness: Harness) -> None:
