@@ -29,7 +29,12 @@ import torch
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.analysis.device import CPU, MemoryProbe, cuda_memory
+from dicom_node.analysis.device import (
+    CPU,
+    MemoryProbe,
+    cuda_memory,
+    release_freed_host_memory,
+)
 from dicom_node.analysis.types import AnalysisResult, Pipeline, Volume
 from dicom_node.analysis.volume import load_images
 from dicom_node.analysis.warm import sample_volume, warm_with_sample
@@ -156,6 +161,12 @@ class Worker:
         return True
 
     def run_job(self, job: Row) -> None:
+        try:
+            self._run_job(job)
+        finally:
+            release_freed_host_memory()  # the job's arrays are gone; their pages go too
+
+    def _run_job(self, job: Row) -> None:
         with log_context(job_id=job.id, study_id=job.study_id), self._holding(job.id):
             started = time.monotonic()
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import platform
 import weakref
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from pydicom.uid import generate_uid
 from test_assemble import Clock, Harness
 
 from dicom_node import worker as worker_module
+from dicom_node.analysis.device import release_freed_host_memory
 from dicom_node.analysis.types import (
+    AnalysisError,
     AnalysisResult,
     Code,
     Evaluation,
@@ -209,6 +212,35 @@ class WatchedClassifier(StudyClassifier):
     def run(self, volume: Volume) -> AnalysisResult:
         WatchedClassifier.voxels = weakref.ref(volume.hu)
         return super().run(volume)
+
+
+class Failing(StudyClassifier):
+    def run(self, volume: Volume) -> AnalysisResult:
+        raise AnalysisError("no lungs found")
+
+
+@pytest.mark.parametrize("pipeline", [StudyClassifier(), Failing()], ids=["done", "failed"])
+def test_the_heap_is_trimmed_after_every_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pipeline: StudyClassifier
+) -> None:
+    harness = Harness(tmp_path / "var", Clock())
+    job = harness.claimed_job()
+    trims: list[JobState] = []
+
+    def trim() -> bool:  # after the job's outcome is in the journal
+        trims.append(harness.journal.job(job.id).state)
+        return True
+
+    monkeypatch.setattr(worker_module, "release_freed_host_memory", trim)
+    in_process_worker(harness, pipeline).run_job(job)
+    expected = JobState.FAILED if isinstance(pipeline, Failing) else JobState.SENDING
+    assert trims == [expected]
+
+
+def test_freed_host_memory_is_handed_back_where_glibc_runs_the_heap() -> None:
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    assert release_freed_host_memory() is True
 
 
 class LettingGo(StudyClassifier):
