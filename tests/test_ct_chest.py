@@ -306,6 +306,13 @@ def test_the_whole_volume_is_let_go_once_the_body_is_cropped(monkeypatch):
     assert _by_key(result)["lung_left"].volume_ml > 0
 
 
+def test_a_body_that_fills_the_grid_is_not_copied():
+    volume = _synthetic_volume(np.full((6, 40, 40), 40.0))  # soft tissue to every edge
+    prepared = CtChestPipeline(CPU).preprocess(volume)
+    assert prepared.box == (slice(0, 40), slice(0, 40))
+    assert prepared.cropped.hu is volume.hu
+
+
 def test_densitometry_of_synthetic_lungs():
     result = CtChestPipeline(CPU).run(_synthetic_chest())
     left = _by_key(result)["lung_left"]

@@ -147,17 +147,19 @@ class CtChestPipeline:
     def preprocess(self, volume: Volume) -> Prepared:
         """Check the geometry, find the body, and crop rows and columns to it.
 
-        The crop is a copy, and the result keeps none of ``volume``'s voxels: once the
-        caller lets ``volume`` go, the whole series' voxels are freed (on the phantom
-        the body's rows and columns are half of them: 150 of 300 MiB).
+        The crop is a copy (unless it is the whole grid), and the result keeps none of
+        the rest of ``volume``'s voxels: once the caller lets ``volume`` go, they are
+        freed (on the phantom the body's rows and columns are half of them: 150 of
+        300 MiB).
         """
         _check_axial(volume)
         hu = torch.from_numpy(np.ascontiguousarray(volume.hu, dtype=np.float32)).to(self.device)
         body, box = self._body(hu, volume.spacing)
         del hu
         corner = volume.voxel_to_patient(np.array([[0, box[0].start, box[1].start]]))[0]
+        whole = box == (slice(0, volume.hu.shape[1]), slice(0, volume.hu.shape[2]))
         cropped = Volume(
-            hu=np.ascontiguousarray(volume.hu[:, box[0], box[1]]),
+            hu=volume.hu if whole else np.ascontiguousarray(volume.hu[:, box[0], box[1]]),
             spacing=volume.spacing,
             origin=corner,
             direction=volume.direction,

@@ -143,9 +143,10 @@ def _connected(mask: np.ndarray) -> tuple[sitk.Image, int]:
     """The face-connected components of ``mask`` as a label image in the smallest unsigned
     type that holds their labels, and how many there are.
 
-    SimpleITK labels into uint32. The narrow copy is made here, where the uint32 image
-    is released with it, so that the numpy copy of the labels is made beside the narrow
-    image alone: for a 300 x 512 x 512 mask, 150 MiB less at that moment.
+    SimpleITK labels into uint32. The narrow copy is made here, and the uint32 image is
+    released with it, before any numpy copy of the labels is made: the peak is the uint32
+    image and its narrow copy, no longer both and the numpy copy (for 300 x 512 x 512
+    labels in uint16, 150 MiB less).
     """
     labeller = sitk.ConnectedComponentImageFilter()
     labelled = labeller.Execute(image(mask))
