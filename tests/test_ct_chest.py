@@ -7,6 +7,7 @@ lung must stay the left lung.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 from pathlib import Path
@@ -20,7 +21,7 @@ from peers import SHARED_REAL
 
 from dicom_node.analysis import morphology
 from dicom_node.analysis.chest_regions import AIRWAY_MAX_OFFSET_MM, largest_lung
-from dicom_node.analysis.ct_chest import LAA_950, PERCENTILE_15, CtChestPipeline
+from dicom_node.analysis.ct_chest import LAA_950, PERCENTILE_15, CtChestPipeline, compact_hu
 from dicom_node.analysis.device import select_device
 from dicom_node.analysis.pipelines import PIPELINE_NAMES, build_pipeline
 from dicom_node.analysis.types import AnalysisError, Volume
@@ -306,11 +307,27 @@ def test_the_whole_volume_is_let_go_once_the_body_is_cropped(monkeypatch):
     assert _by_key(result)["lung_left"].volume_ml > 0
 
 
-def test_a_body_that_fills_the_grid_is_not_copied():
-    volume = _synthetic_volume(np.full((6, 40, 40), 40.0))  # soft tissue to every edge
-    prepared = CtChestPipeline(CPU).preprocess(volume)
-    assert prepared.box == (slice(0, 40), slice(0, 40))
-    assert prepared.cropped.hu is volume.hu
+def test_integer_hu_are_kept_as_int16_and_others_as_float32():
+    integers = np.array([[[-1024.0, 0.0], [40.0, 3071.0]]], dtype=np.float32)
+    kept = compact_hu(integers[:, :, ::-1])  # a view, as the crop is
+    assert kept.dtype == np.int16 and kept.flags.c_contiguous
+    np.testing.assert_array_equal(kept, integers[:, :, ::-1])
+    for values in ([[[-1024.0, 0.5]]], [[[40000.0, 0.0]]], [[[np.nan, 0.0]]]):
+        other = compact_hu(np.array(values, dtype=np.float32))
+        assert other.dtype == np.float32
+        np.testing.assert_array_equal(other, np.array(values, dtype=np.float32))
+
+
+def test_half_integer_hu_give_the_same_result_as_before():
+    """A series whose HU have fractions (Rescale Slope 0.5) is analysed on float32 values."""
+    volume = _synthetic_chest()
+    halves = dataclasses.replace(volume, hu=volume.hu + np.float32(0.5))
+    prepared = CtChestPipeline(CPU).preprocess(halves)
+    assert prepared.cropped.hu.dtype == np.float32
+    lungs = _by_key(CtChestPipeline(CPU).run(halves))
+    assert lungs["lung_left"].mean_hu == pytest.approx(
+        _by_key(CtChestPipeline(CPU).run(volume))["lung_left"].mean_hu + 0.5
+    )
 
 
 def test_densitometry_of_synthetic_lungs():
