@@ -100,8 +100,10 @@ def _measure(folder: Path, preference: str, rounds: int) -> dict:
         marks = [time.perf_counter()]
         volume = load_series(files)
         marks.append(time.perf_counter())
-        prepared = pipeline.preprocess(volume)
-        del volume  # as in the node: the pipeline keeps what it needs (ct-chest: the crop)
+        located = pipeline.locate(volume)  # as in the node, which keeps no reference:
+        del volume  # the whole float32 volume goes before the body is labelled
+        prepared = pipeline.crop(located)
+        del located
         marks.append(_sync(torch, device))
         masks = pipeline.infer(prepared)
         marks.append(_sync(torch, device))

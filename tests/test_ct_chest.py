@@ -286,23 +286,29 @@ def test_airway_growth_stops_before_leaking_into_dark_lung():
     assert segments["lung_right"].volume_ml == pytest.approx((16 * 56 * 40 - 14 * 18) * 0.005)
 
 
-def test_the_whole_volume_is_let_go_once_the_body_is_cropped(monkeypatch):
-    """Given the only reference (as the worker passes it), ct-chest works on a copy of
-    the body's rows and columns and frees the whole array before ``infer``."""
+def test_the_whole_volume_is_let_go_before_the_body_is_labelled(monkeypatch):
+    """Given the only reference (as the worker passes it), ct-chest cuts out the tissue's
+    rows and columns and frees the whole array before it labels the body."""
     volumes = [_synthetic_chest()]
     whole = weakref.ref(volumes[0].hu)
     pipeline = CtChestPipeline(CPU)
-    infer = pipeline.infer
+    crop, infer = pipeline.crop, pipeline.infer
     seen = []
 
-    def watching(prepared):
+    def cropping(located):
         gc.collect()
-        seen.append((whole() is None, prepared.cropped.hu.base is None))
+        seen.append(("crop", whole() is None, located.hu.base is None))
+        return crop(located)
+
+    def watching(prepared):
+        hu = prepared.cropped.hu
+        seen.append(("infer", hu.dtype == np.int16, hu.base is None))
         return infer(prepared)
 
+    monkeypatch.setattr(pipeline, "crop", cropping)
     monkeypatch.setattr(pipeline, "infer", watching)
     result = pipeline.run(volumes.pop())
-    assert seen == [(True, True)]
+    assert seen == [("crop", True, True), ("infer", True, True)]
     assert result.volume.hu.strides == (0, 0, 0)  # geometry and headers only
     assert _by_key(result)["lung_left"].volume_ml > 0
 

@@ -96,6 +96,18 @@ PERCENTILE_15 = Code("PERC15", PRIVATE_SCHEME, "15th percentile")
 
 
 @dataclass(frozen=True)
+class Located:
+    """The tissue's rows and columns, widened by the body opening's radius, cut out of a
+    series: all of its voxels that the later steps read (:meth:`CtChestPipeline.locate`)."""
+
+    volume: Volume  # the whole series' geometry and headers, without its voxels
+    hu: np.ndarray  # compact_hu of the rows and columns
+    tissue: torch.Tensor  # hu > BODY_MIN_HU there, on the pipeline's device
+    rows: slice  # in ``volume``
+    columns: slice
+
+
+@dataclass(frozen=True)
 class Prepared:
     """The volume on the device, its body outline, and the in-plane crop to the body."""
 
@@ -142,31 +154,60 @@ class CtChestPipeline:
         self.nodules = nodules
 
     def run(self, volume: Volume) -> AnalysisResult:
-        prepared = self.preprocess(volume)
+        located = self.locate(volume)
         del volume  # the caller's was the only other reference, if it passed the volume on
+        prepared = self.crop(located)
+        del located
         return self.postprocess(prepared, self.infer(prepared))
 
     def preprocess(self, volume: Volume) -> Prepared:
-        """Check the geometry, find the body, and crop rows and columns to it.
+        """Check the geometry, find the body, and crop rows and columns to it:
+        ``crop(locate(volume))``."""
+        return self.crop(self.locate(volume))
 
-        The crop is a copy (:func:`compact_hu`: int16 where that is exact), and the
-        result keeps none of ``volume``'s voxels: once the caller lets ``volume`` go, they
-        are freed. On the 300-slice phantom the crop is half of the rows and columns and
-        takes 75 MiB, where the whole float32 volume took 300.
+    def locate(self, volume: Volume) -> Located:
+        """Check the geometry and cut out the tissue's rows and columns, widened by the
+        body opening's radius (so that the erosion still sees the background around it).
+
+        The cut is a copy (:func:`compact_hu`: int16 where that is exact), and the result
+        keeps none of ``volume``'s voxels: once the caller lets ``volume`` go, the whole
+        float32 series is freed before the body is labelled (300 MiB for 300 slices of
+        512 x 512, against 90 MiB for the cut of the phantom).
         """
         _check_axial(volume)
         hu = torch.from_numpy(np.ascontiguousarray(volume.hu, dtype=np.float32)).to(self.device)
-        body, box = self._body(hu, volume.spacing)
+        tissue = hu > BODY_MIN_HU
         del hu
+        radius = inplane_radius(BODY_OPENING_MM, volume.spacing)
+        rows = _extent(tissue.any(dim=2).any(dim=0), radius[1])
+        columns = _extent(tissue.any(dim=1).any(dim=0), radius[2])
+        if rows is None or columns is None:
+            raise AnalysisError(f"no body found: no voxel above {BODY_MIN_HU} HU")
+        return Located(
+            volume=volume.without_voxels(),
+            hu=compact_hu(volume.hu[:, rows, columns]),
+            tissue=tissue[:, rows, columns].contiguous(),
+            rows=rows,
+            columns=columns,
+        )
+
+    def crop(self, located: Located) -> Prepared:
+        """Find the body in ``located`` and crop its rows and columns to the body's."""
+        volume = located.volume
+        body, inner = self._body(located.tissue, volume.spacing)
+        box = (
+            slice(located.rows.start + inner[0].start, located.rows.start + inner[0].stop),
+            slice(located.columns.start + inner[1].start, located.columns.start + inner[1].stop),
+        )
         corner = volume.voxel_to_patient(np.array([[0, box[0].start, box[1].start]]))[0]
         cropped = Volume(
-            hu=compact_hu(volume.hu[:, box[0], box[1]]),
+            hu=np.ascontiguousarray(located.hu[:, inner[0], inner[1]]),
             spacing=volume.spacing,
             origin=corner,
             direction=volume.direction,
             datasets=volume.datasets,
         )
-        return Prepared(volume=volume.without_voxels(), cropped=cropped, box=box, body=body)
+        return Prepared(volume=volume, cropped=cropped, box=box, body=body)
 
     def infer(self, prepared: Prepared) -> ChestMasks:
         """Internal air, airways, both lungs and the lesion candidates (cropped grid)."""
@@ -225,32 +266,22 @@ class CtChestPipeline:
         )
 
     def _body(
-        self, hu: torch.Tensor, spacing: tuple[float, float, float]
+        self, tissue: torch.Tensor, spacing: tuple[float, float, float]
     ) -> tuple[np.ndarray, tuple[slice, slice]]:
         """Largest tissue component after an in-plane opening, holes filled per slice.
 
-        Returns the body cropped to its rows and columns, and that crop. The work is
-        done on the tissue's rows and columns plus the opening radius (so the erosion
-        still sees the background around the tissue), never on the whole slices.
+        ``tissue``: the tissue's rows and columns plus the opening radius (:meth:`locate`),
+        never the whole slices. Returns the body cropped to its rows and columns, and
+        those rows and columns within ``tissue``.
         """
-        tissue = hu > BODY_MIN_HU
         radius = inplane_radius(BODY_OPENING_MM, spacing)
-        rows = _extent(tissue.any(dim=2).any(dim=0), radius[1])
-        columns = _extent(tissue.any(dim=1).any(dim=0), radius[2])
-        if rows is None or columns is None:
-            raise AnalysisError(f"no body found: no voxel above {BODY_MIN_HU} HU")
-        tissue = tissue[:, rows, columns]
         core = largest_component(erode(tissue, radius).cpu().numpy())
         if not core.any():
             raise AnalysisError(f"no body found: no voxel above {BODY_MIN_HU} HU after opening")
         core_t = torch.from_numpy(core).to(self.device)
         body = (dilate(core_t, radius) & tissue).cpu().numpy()
         inner = _box(body)
-        box = (
-            slice(rows.start + inner[0].start, rows.start + inner[0].stop),
-            slice(columns.start + inner[1].start, columns.start + inner[1].stop),
-        )
-        return fill_holes_per_slice(body[:, inner[0], inner[1]]), box
+        return fill_holes_per_slice(body[:, inner[0], inner[1]]), inner
 
     def _internal_air(self, hu: torch.Tensor, body: np.ndarray) -> np.ndarray:
         """Low-HU voxels in the body not connected to the air around the patient."""
