@@ -74,7 +74,7 @@ class EventDrivenDUL(DULServiceProvider):
         self._lease_state = _FREE
         # Consulted before pynetdicom reads a PDU (see _is_transport_event); the
         # receiver's C-STORE data phase (dicom_node.store_scp_wire) sets it.
-        self.receive_hook: Callable[[], bool] | None = None
+        self.receive_hook: Callable[[], bool | None] | None = None
         self.serving = False  # the association thread is serving a DIMSE request
 
     def lend_socket(self, timeout: float) -> bool:
@@ -134,10 +134,15 @@ class EventDrivenDUL(DULServiceProvider):
 
     def _is_transport_event(self) -> bool:
         # The hook reads (and acts on) what the socket holds when it can, and says so;
-        # otherwise pynetdicom's step reads one PDU for the state machine.
+        # otherwise pynetdicom's step reads one PDU for the state machine. None: nothing
+        # to read, and what comes next is the hook's (the next turn's) to read.
         hook = self.receive_hook
-        if hook is not None and hook():
-            return True
+        if hook is not None:
+            read = hook()
+            if read is None:
+                return False
+            if read:
+                return True
         return bool(super()._is_transport_event())
 
     def send_pdu(self, primitive: Any) -> None:

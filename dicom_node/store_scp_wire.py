@@ -174,13 +174,22 @@ class FastStore:
         self._storage_classes: dict[str, bool] = {}
         self._deflated = frozenset({DeflatedExplicitVRLittleEndian})
 
-    def __call__(self) -> bool:
-        """Read from the socket if the association is idle; False: let pynetdicom read."""
+    def __call__(self) -> bool | None:
+        """Read from the socket if the association is idle.
+
+        True: a message was read here (served, or handed to the state machine); False:
+        let pynetdicom read; None: idle, with nothing to read yet. Then pynetdicom must not
+        look either: a request arriving between the two looks would go its slow way.
+        """
         if not self._idle():
             return False
         wrapper = cast(AssociationSocket, self._dul.socket)
         sock = wrapper.socket if wrapper is not None else None
-        if sock is None or not _readable(sock) or not self._answered():
+        if sock is None:
+            return False
+        if not _readable(sock):
+            return None
+        if not self._answered():
             return False
         held: list[bytearray] = []
         sliced = not isinstance(sock, ssl.SSLSocket)
@@ -245,6 +254,8 @@ class FastStore:
         while dul.serving or not assoc.is_established:
             waited = time.monotonic() - start
             limit = SETTLE_WAIT if dul.serving else ESTABLISH_WAIT
+            if dul._kill_thread or assoc.is_aborted or assoc.is_released:
+                return False  # ending: pynetdicom's way sees it through
             if not dul.to_provider_queue.empty() or waited > limit:
                 return False  # a response to send first, or a long request: not here
             time.sleep(0.0001)

@@ -294,6 +294,34 @@ def test_a_first_store_right_behind_the_associate_ac_takes_the_wire_path(
     assert served == [0] * rounds
 
 
+def test_a_request_that_arrives_right_after_the_wire_path_looked_is_still_its_own(
+    tmp_path: Path, served: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wire path found nothing to read, and the request arrived just after (here: it
+    is already there, and the first look says no). pynetdicom must not read it in the
+    same turn: the next turn's wire path does. Before, on a loaded machine, such a
+    request now and then went the slow way."""
+    readable = store_scp_wire._readable
+    missed: list[bool] = []
+
+    def late(sock: Any) -> bool:
+        if armed and not missed:
+            missed.append(True)
+            return False  # as if the request arrived right after this look
+        return readable(sock)
+
+    armed = False
+    monkeypatch.setattr(store_scp_wire, "_readable", late)
+    with node(tmp_path) as running:
+        with established(_port(running)) as sock:
+            armed = True
+            _store_good(sock)
+            _release(sock)
+        assert _total(running) == 1
+    assert missed == [True]
+    assert served == [0]
+
+
 def test_release_after_stores(tmp_path: Path, served: list[int]) -> None:
     with node(tmp_path) as running:
         with established(_port(running)) as sock:
