@@ -87,15 +87,26 @@ def _sqlite_engine(path: Path) -> Engine:
     )
 
     def configure(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.close()
+        configure_sqlite(dbapi_connection, "FULL")
 
     sa.event.listen(engine, "connect", configure)
     return engine
+
+
+def configure_sqlite(connection: Any, synchronous: str) -> None:
+    """What every connection to a SQLite journal is set to: WAL, foreign keys, a 30 s busy
+    timeout, and ``synchronous`` (FULL; NORMAL for the intake's own connection)."""
+    cursor = connection.cursor()
+    try:
+        for pragma in (
+            "journal_mode=WAL",
+            f"synchronous={synchronous}",
+            "foreign_keys=ON",
+            "busy_timeout=30000",
+        ):
+            cursor.execute(f"PRAGMA {pragma}")
+    finally:
+        cursor.close()
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicom_node.database import configure_sqlite
 from dicom_node.domain import StudyState, check_study
 
 
@@ -263,8 +264,7 @@ class SQLiteIntake:
                 self.path, timeout=30, isolation_level=None, check_same_thread=False
             )
             try:
-                for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
-                    db.execute(f"PRAGMA {pragma}")
+                configure_sqlite(db, "NORMAL")
             except BaseException:
                 db.close()
                 raise
