@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_node.analysis.morphology import bounding_box
 from dicom_node.analysis.sparse import sparse_zeros
 from dicom_node.analysis.types import AnalysisResult, Code, Segment
 from dicom_node.encode.types import AlgorithmEquipment, Equipment, ResultUIDs, derived_device_uid
@@ -139,32 +140,19 @@ def _stack(segments: Sequence[Segment], shape: tuple[int, ...]) -> np.ndarray:
     """The masks stacked along a new first axis, seen with segments last (highdicom's layout).
 
     Stacked segments-first, so that each frame of a segment is contiguous: an axis=-1
-    stack interleaves every voxel and took ~2 s for 300 slices x 7 segments. Only the
-    slices and rows from a mask's first to its last true voxel are copied (:func:`_extent`);
-    the rest of the stack stays zero pages that were never written (a nodule spans a few
-    slices and rows). Handed
-    over as uint8, highdicom's BINARY frame type: no per-frame cast, and
-    :class:`StackedSegmentation` takes it as it is.
+    stack interleaves every voxel and took ~2 s for 300 slices x 7 segments. Only each
+    mask's bounding box is copied; the rest of the stack stays zero pages that were never
+    written (a nodule spans a few slices and rows). Handed over as uint8, highdicom's
+    BINARY frame type: no per-frame cast, and :class:`StackedSegmentation` takes it as
+    it is.
     """
     stacked = sparse_zeros((len(segments), *shape))
     for target, segment in zip(stacked, segments, strict=True):
         mask = segment.mask.astype(bool, copy=False)
-        box = _extent(mask)
+        box = bounding_box(mask)
         if box is not None:
             target[box] = mask[box]
     return np.moveaxis(stacked.view(np.uint8), 0, -1)
-
-
-def _extent(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The slices and rows from a (slices, rows, columns) mask's first true voxel to its
-    last; None if it has none. Copying only those leaves the rest of the stack's pages
-    unwritten: the body spans every slice but not every row."""
-    present = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
-    if not len(present):
-        return None
-    slab = slice(int(present[0]), int(present[-1]) + 1)
-    rows = np.flatnonzero(mask[slab].any(axis=(0, 2)))
-    return slab, slice(int(rows[0]), int(rows[-1]) + 1)
 
 
 def segment_descriptions(
