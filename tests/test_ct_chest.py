@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 from peers import SHARED_REAL
 
-from dicom_node.analysis import morphology
+from dicom_node.analysis import grid, morphology
 from dicom_node.analysis.chest_regions import AIRWAY_MAX_OFFSET_MM, largest_lung
 from dicom_node.analysis.ct_chest import LAA_950, PERCENTILE_15, CtChestPipeline, compact_hu
 from dicom_node.analysis.device import select_device
@@ -425,7 +425,7 @@ def _box_dilate_reference(mask: np.ndarray, radius: tuple[int, int, int]) -> np.
 
 @pytest.mark.parametrize("radius", [(0, 1, 1), (2, 1, 0), (3, 2, 2), (1, 0, 3)])
 def test_slabbed_morphology_equals_whole_volume(monkeypatch, radius):
-    monkeypatch.setattr(morphology, "SLAB_VOXELS", 200)  # many thin slabs: halos matter
+    monkeypatch.setattr(grid, "SLAB_VOXELS", 200)  # many thin slabs: halos matter
     mask = np.random.default_rng(7).random((23, 11, 13)) > 0.6
     tensor = torch.from_numpy(mask)
     dilated = _box_dilate_reference(mask, radius)
@@ -437,7 +437,7 @@ def test_slabbed_morphology_equals_whole_volume(monkeypatch, radius):
 
 
 def test_fill_holes_and_slice_labels_equal_slice_by_slice(monkeypatch):
-    monkeypatch.setattr(morphology, "SLAB_VOXELS", 300)
+    monkeypatch.setattr(grid, "SLAB_VOXELS", 300)
     rng = np.random.default_rng(3)
     mask = rng.random((9, 20, 17)) > 0.45
     mask[:, 4:15, 3:14] |= True

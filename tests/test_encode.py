@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import highdicom as hd
 import numpy as np
@@ -384,3 +386,15 @@ def test_arrays_the_overlap_check_does_not_know_go_to_highdicom():
     their_array, their_overlap = hd.seg.Segmentation._check_and_cast_pixel_array(*args)
     assert overlap == their_overlap and overlap.value == "YES"
     assert array.dtype == their_array.dtype and np.array_equal(array, their_array)
+
+
+def test_the_encoders_load_neither_torch_nor_simpleitk():
+    """A receive-only node imports the encoders but analyses nothing: torch and SimpleITK
+    would add about 90 MiB to its resident memory (the SEG stack once pulled both in
+    through ``analysis.morphology``; its box helper now lives in ``analysis.grid``)."""
+    code = (
+        "import sys, dicom_node.encode.seg, dicom_node.encode.sr; "
+        "print(sorted(m for m in ('torch', 'SimpleITK') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

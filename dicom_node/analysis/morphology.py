@@ -18,17 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-SLAB_VOXELS = 2**22  # about 4 MiB of bool per slab
-
-
-def slabs(count: int, slice_voxels: int, halo: int = 0) -> list[slice]:
-    """Consecutive ranges of ``count`` slices of about ``SLAB_VOXELS`` voxels each.
-
-    With a ``halo`` (slices read on each side of a slab), slabs are at least four
-    halos thick, so that the halos are not most of the work.
-    """
-    step = max(1, SLAB_VOXELS // max(1, slice_voxels), 4 * halo)
-    return [slice(start, min(count, start + step)) for start in range(0, count, step)]
+from dicom_node.analysis.grid import bounding_box, slabs
 
 
 def dilate(mask: torch.Tensor, radius: tuple[int, int, int]) -> torch.Tensor:
@@ -240,17 +230,6 @@ def boxed_components(
         return None
     labels, sizes = components(mask[box])
     return (box, labels, sizes) if sizes.size >= 2 else None
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box that holds every true voxel of a 3-D ``mask``; None if it has none."""
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if not len(hit):
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
 
 
 def label_slices(mask: np.ndarray) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:

@@ -46,8 +46,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from dicom_node.analysis.grid import bounding_box
 from dicom_node.analysis.morphology import (
-    bounding_box,
     components,
     dilate,
     erode,

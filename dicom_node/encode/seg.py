@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.analysis.morphology import bounding_box
+from dicom_node.analysis.grid import bounding_box
 from dicom_node.analysis.sparse import sparse_zeros
 from dicom_node.analysis.types import AnalysisResult, Code, Segment
 from dicom_node.encode.types import AlgorithmEquipment, Equipment, ResultUIDs, derived_device_uid
