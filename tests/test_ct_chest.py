@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import tracemalloc
 import weakref
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import SimpleITK as sitk
 import torch
 from peers import SHARED_REAL
 
-from dicom_node.analysis import grid, morphology
+from dicom_node.analysis import ct_chest, grid, morphology
 from dicom_node.analysis.chest_regions import AIRWAY_MAX_OFFSET_MM, largest_lung
 from dicom_node.analysis.ct_chest import LAA_950, PERCENTILE_15, CtChestPipeline, compact_hu
 from dicom_node.analysis.device import select_device
@@ -478,3 +479,60 @@ def test_pool_equals_torch_max_pool_with_ceil_mode(kernel):
     as_float = torch.from_numpy(mask).to(torch.float32)[None]
     expected = torch.nn.functional.max_pool3d(as_float, kernel, ceil_mode=True)[0] > 0
     assert np.array_equal(morphology.pool(mask, kernel), expected.numpy())
+
+
+def test_postprocess_lets_each_cropped_mask_go_once_it_is_placed(monkeypatch):
+    """Given the only reference to the masks (as ``run`` passes them), postprocess places
+    them on the source grid one at a time and frees each cropped lung mask before the
+    next mask is placed: the cropped and the placed copies of every mask were all held at
+    once. (The cropped body is ``prepared.body`` as well, so it stays.)"""
+    pipeline = CtChestPipeline(CPU)
+    prepared = pipeline.preprocess(_synthetic_chest())
+    holder = [pipeline.infer(prepared)]
+    keys = ("lung_left", "lung_right")
+    alive = {key: weakref.ref(getattr(holder[0], key)) for key in keys}
+    place = ct_chest.sparse_zeros
+    seen = []
+
+    def placing(shape):
+        gc.collect()
+        seen.append(tuple(key for key in keys if alive[key]() is not None))
+        return place(shape)
+
+    monkeypatch.setattr(ct_chest, "sparse_zeros", placing)
+    result = pipeline.postprocess(prepared, holder.pop())
+    assert seen == [keys, keys, keys[1:]]  # placing the body, the left lung, the right lung
+    expected = _by_key(CtChestPipeline(CPU).run(_synthetic_chest()))
+    for key, segment in _by_key(result).items():
+        assert segment.volume_ml == expected[key].volume_ml
+        assert segment.mean_hu == expected[key].mean_hu
+        np.testing.assert_array_equal(segment.mask, expected[key].mask)
+
+
+def test_compact_hu_copies_slab_by_slab_without_a_temporary_of_the_whole():
+    """64 slices of 512 x 512: the int16 copy is 32 MiB. Converting and comparing the
+    whole at once added a 16 MiB comparison mask (and more) on top of it."""
+    hu = np.full((64, 512, 512), -1000.0, dtype=np.float32)
+    hu[:, 100:400, 120:380] = 40.0
+    tracemalloc.start()
+    try:
+        kept = compact_hu(hu)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept.dtype == np.int16
+    np.testing.assert_array_equal(kept, hu)
+    assert peak - kept.nbytes < 8 * 2**20, f"{(peak - kept.nbytes) / 2**20:.1f} MiB on top"
+
+
+def test_the_tissue_rows_and_columns_are_the_same_slab_by_slab(monkeypatch):
+    monkeypatch.setattr(grid, "SLAB_VOXELS", 50)  # a slab of one slice
+    rng = np.random.default_rng(11)
+    hu = np.full((7, 9, 12), -1000.0, dtype=np.float32)
+    hu[
+        tuple(rng.integers(0, 7, 3)), tuple(rng.integers(2, 8, 3)), tuple(rng.integers(0, 12, 3))
+    ] = 40.0
+    rows, columns = ct_chest._tissue_rows_and_columns(hu)
+    np.testing.assert_array_equal(rows, (hu > ct_chest.BODY_MIN_HU).any(axis=(0, 2)))
+    np.testing.assert_array_equal(columns, (hu > ct_chest.BODY_MIN_HU).any(axis=(0, 1)))
+    assert rows.any() and not rows.all()

@@ -42,6 +42,8 @@ from dicom_node.analysis.chest_regions import (
     remove_airways,
     split_left_right,
 )
+from dicom_node.analysis.densitometry import HuSummary
+from dicom_node.analysis.grid import slabs
 from dicom_node.analysis.morphology import (
     dilate,
     erode,
@@ -102,7 +104,6 @@ class Located:
 
     volume: Volume  # the whole series' geometry and headers, without its voxels
     hu: np.ndarray  # compact_hu of the rows and columns
-    tissue: torch.Tensor  # hu > BODY_MIN_HU there, on the pipeline's device
     rows: slice  # in ``volume``
     columns: slice
 
@@ -169,24 +170,21 @@ class CtChestPipeline:
         """Check the geometry and cut out the tissue's rows and columns, widened by the
         body opening's radius (so that the erosion still sees the background around it).
 
-        The cut is a copy (:func:`compact_hu`: int16 where that is exact), and the result
-        keeps none of ``volume``'s voxels: once the caller lets ``volume`` go, the whole
-        float32 series is freed before the body is labelled (300 MiB for 300 slices of
-        512 x 512, against 90 MiB for the cut of the phantom).
+        The rows and columns are found slab by slab, and the cut is a copy
+        (:func:`compact_hu`: int16 where that is exact), so that besides ``volume`` only
+        the cut is held: once the caller lets ``volume`` go, the whole float32 series is
+        freed before the body is labelled (300 MiB for 300 slices of 512 x 512).
         """
         _check_axial(volume)
-        hu = torch.from_numpy(np.ascontiguousarray(volume.hu, dtype=np.float32)).to(self.device)
-        tissue = hu > BODY_MIN_HU
-        del hu
         radius = inplane_radius(BODY_OPENING_MM, volume.spacing)
-        rows = _extent(tissue.any(dim=2).any(dim=0), radius[1])
-        columns = _extent(tissue.any(dim=1).any(dim=0), radius[2])
+        rows_present, columns_present = _tissue_rows_and_columns(volume.hu)
+        rows = _extent(rows_present, radius[1])
+        columns = _extent(columns_present, radius[2])
         if rows is None or columns is None:
             raise AnalysisError(f"no body found: no voxel above {BODY_MIN_HU} HU")
         return Located(
             volume=volume.without_voxels(),
             hu=compact_hu(volume.hu[:, rows, columns]),
-            tissue=tissue[:, rows, columns].contiguous(),
             rows=rows,
             columns=columns,
         )
@@ -194,7 +192,10 @@ class CtChestPipeline:
     def crop(self, located: Located) -> Prepared:
         """Find the body in ``located`` and crop its rows and columns to the body's."""
         volume = located.volume
-        body, inner = self._body(located.tissue, volume.spacing)
+        # the same voxels as hu > BODY_MIN_HU of the float32 series: the cut holds them exactly
+        tissue = torch.from_numpy(located.hu).to(self.device) > BODY_MIN_HU
+        body, inner = self._body(tissue, volume.spacing)
+        del tissue
         box = (
             slice(located.rows.start + inner[0].start, located.rows.start + inner[0].stop),
             slice(located.columns.start + inner[1].start, located.columns.start + inner[1].stop),
@@ -226,9 +227,15 @@ class CtChestPipeline:
         return ChestMasks(body, left, right, airway_mask, tuple(found))
 
     def postprocess(self, prepared: Prepared, masks: ChestMasks) -> AnalysisResult:
-        """Masks back on the source grid, segments with their measurements, the lungs group."""
-        volume = prepared.volume
+        """Masks back on the source grid, segments with their measurements, the lungs group.
 
+        The HU under each mask are summarised first (:class:`HuSummary`: no copy of the
+        voxels), then each mask is placed on the source grid and its cropped copy let go
+        before the next is placed (the body is ``prepared.body`` too, and stays). ``run``
+        passes the only reference to ``masks``; a caller that keeps its own keeps the
+        cropped masks alive until it lets them go.
+        """
+        volume, hu = prepared.volume, prepared.cropped.hu
         rows, columns = prepared.box
 
         def full(mask: np.ndarray, box: tuple[slice, ...] | None = None) -> np.ndarray:
@@ -244,17 +251,27 @@ class CtChestPipeline:
         named = {"body": masks.body, "lung_left": masks.lung_left, "lung_right": masks.lung_right}
         if self.airways_segment and masks.airways.any():
             named["airways"] = masks.airways
-        segments = [
-            _segment(key, mask, full(mask), prepared.cropped) for key, mask in named.items()
-        ]
+        candidates = masks.candidates
+        del masks  # from here on ``named`` holds the cropped masks, and lets each go once placed
+        summaries = {key: HuSummary.of(hu, mask) for key, mask in named.items()}
+        for key, summary in summaries.items():
+            _check_found(key, summary.count, volume.spacing)
+        group = _lungs_group(summaries["lung_left"].merged(summaries["lung_right"]), volume.spacing)
+        segments = []
+        for key in list(named):
+            cropped = named.pop(key)
+            segments.append(_segment(key, summaries.pop(key), full(cropped), volume.spacing))
+            del cropped
         voxel_mm3 = float(np.prod(volume.spacing))
-        for number, candidate in enumerate(masks.candidates, start=1):
+        for number, candidate in enumerate(candidates, start=1):
             placed = dataclasses.replace(candidate, mask=full(candidate.mask, candidate.box))
             segments.append(candidate_segment(number, placed, voxel_mm3))
         log.info(
             "ct-chest: %s; %d nodule/mass candidates",
-            ", ".join(f"{s.key} {s.volume_ml:.0f} ml" for s in segments[: len(named)]),
-            len(masks.candidates),
+            ", ".join(
+                f"{s.key} {s.volume_ml:.0f} ml" for s in segments[: len(segments) - len(candidates)]
+            ),
+            len(candidates),
         )
         return AnalysisResult(
             pipeline=self.name,
@@ -262,7 +279,7 @@ class CtChestPipeline:
             algorithm_version=self.version,
             volume=volume,
             segments=tuple(segments),
-            groups=(_lungs_group(masks.lung_left | masks.lung_right, prepared.cropped),),
+            groups=(group,),
         )
 
     def _body(
@@ -296,18 +313,34 @@ def compact_hu(hu: np.ndarray) -> np.ndarray:
     """A contiguous copy of ``hu``: int16 when that holds every value exactly, else float32.
 
     CT stores integers, and with the usual Rescale Slope of 1 and an integer intercept
-    the HU are integers within int16: half the memory of float32, the same values.
+    the HU are integers within int16: half the memory of float32, the same values. The
+    copy and its check go slab by slab, so that no temporary of the whole is made.
     """
-    with np.errstate(invalid="ignore"):  # NaN or out of range: caught by the comparison
-        small = hu.astype(np.int16)
-    if np.array_equal(small, hu):  # no fraction, no value beyond int16, no NaN
-        return small
-    return np.ascontiguousarray(hu, dtype=np.float32)
+    small = np.empty(hu.shape, dtype=np.int16)
+    for part in slabs(hu.shape[0], hu.shape[1] * hu.shape[2]):
+        with np.errstate(invalid="ignore"):  # NaN or out of range: caught by the comparison
+            np.copyto(small[part], hu[part], casting="unsafe")
+        if not np.array_equal(small[part], hu[part]):  # a fraction, beyond int16, or NaN
+            del small
+            return np.ascontiguousarray(hu, dtype=np.float32)
+    return small
 
 
-def _extent(present: torch.Tensor, margin: int) -> slice | None:
+def _tissue_rows_and_columns(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows and which columns of the (slices, rows, columns) ``hu`` hold a voxel
+    above :data:`BODY_MIN_HU` in any slice; slab by slab, with one slab's mask at a time."""
+    rows = np.zeros(hu.shape[1], dtype=bool)
+    columns = np.zeros(hu.shape[2], dtype=bool)
+    for part in slabs(hu.shape[0], hu.shape[1] * hu.shape[2]):
+        tissue = hu[part] > BODY_MIN_HU
+        rows |= tissue.any(axis=(0, 2))
+        columns |= tissue.any(axis=(0, 1))
+    return rows, columns
+
+
+def _extent(present: np.ndarray, margin: int) -> slice | None:
     """The range of the true entries of a 1-D ``present``, widened by ``margin`` (clamped)."""
-    where = torch.nonzero(present).flatten()
+    where = np.flatnonzero(present)
     if not len(where):
         return None
     return slice(max(0, int(where[0]) - margin), min(len(present), int(where[-1]) + margin + 1))
@@ -331,56 +364,59 @@ def _check_axial(volume: Volume) -> None:
         raise AnalysisError(f"ct-chest needs at least 2 slices, got {volume.hu.shape[0]}")
 
 
-def _lung_measurements(values: np.ndarray) -> tuple[Measurement, ...]:
-    """%LAA-950 and Perc15 of the HU ``values`` of a lung (or of both).
-
-    ``values`` is the caller's own copy, and is reordered: the percentile is found by
-    partitioning it in place rather than in a copy (a lung is tens of millions of voxels).
-    """
-    laa = 100.0 * float(np.count_nonzero(values < LAA_HU)) / values.size
-    perc15 = float(np.percentile(values, PERCENTILE, overwrite_input=True))
+def _lung_measurements(summary: HuSummary) -> tuple[Measurement, ...]:
+    """%LAA-950 and Perc15 of the HU of a lung (or of both)."""
     return (
-        Measurement(name=LAA_950, value=laa, unit=PERCENT),
-        Measurement(name=ATTENUATION, value=perc15, unit=HOUNSFIELD_UNIT, derivation=PERCENTILE_15),
+        Measurement(name=LAA_950, value=summary.percent_below(LAA_HU), unit=PERCENT),
+        Measurement(
+            name=ATTENUATION,
+            value=summary.percentile(PERCENTILE),
+            unit=HOUNSFIELD_UNIT,
+            derivation=PERCENTILE_15,
+        ),
     )
 
 
-def _lungs_group(lungs: np.ndarray, volume: Volume) -> SegmentGroup:
+def _lungs_group(lungs: HuSummary, spacing: tuple[float, float, float]) -> SegmentGroup:
     """Both lungs together: volume, mean lung density, %LAA-950 and Perc15."""
-    values = volume.hu[lungs]  # as the crop (int16 or float32): a float64 copy doubled this
-    mean = float(values.mean(dtype=np.float64))
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    mean = lungs.mean()  # before a float summary's values are reordered for the percentile
+    voxel_ml = float(np.prod(spacing)) / 1000.0
     return SegmentGroup(
         key="lungs",
         label="Lungs",
         type=LUNG,
         segment_keys=("lung_left", "lung_right"),
         measurements=(
-            Measurement(name=VOLUME, value=values.size * voxel_ml, unit=MILLILITER),
+            Measurement(name=VOLUME, value=lungs.count * voxel_ml, unit=MILLILITER),
             Measurement(name=ATTENUATION, value=mean, unit=HOUNSFIELD_UNIT, derivation=MEAN),
-            *_lung_measurements(values),
+            *_lung_measurements(lungs),
         ),
     )
 
 
-def _segment(key: str, cropped: np.ndarray, mask: np.ndarray, volume: Volume) -> Segment:
-    """Segment ``key`` with the source-grid ``mask``; measured on the ``cropped`` grid
-    (the same voxels in the same order, in a smaller array)."""
-    count = int(np.count_nonzero(cropped))
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+def _check_found(key: str, count: int, spacing: tuple[float, float, float]) -> None:
+    """Raise :class:`AnalysisError` if segment ``key`` has too few voxels to be reported."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
     if count * voxel_ml < MIN_SEGMENT_ML:
         raise AnalysisError(
             f"ct-chest found no {key!r}: {count} voxels ({count * voxel_ml:.2f} ml), "
             f"less than {MIN_SEGMENT_ML} ml"
         )
+
+
+def _segment(
+    key: str, summary: HuSummary, mask: np.ndarray, spacing: tuple[float, float, float]
+) -> Segment:
+    """Segment ``key`` with the source-grid ``mask``, measured from the ``summary`` of the
+    HU under it."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
     label, segment_type, laterality = {
         "body": ("Body", ENTIRE_BODY, None),
         "lung_left": ("Left lung", LUNG, LEFT),
         "lung_right": ("Right lung", LUNG, RIGHT),
         "airways": ("Airways", TRACHEA_AND_BRONCHUS, None),
     }[key]
-    values = volume.hu[cropped]
-    mean_hu = float(values.mean(dtype=np.float64))  # before _lung_measurements reorders values
+    mean_hu = summary.mean()  # before a float summary's values are reordered for Perc15
     return Segment(
         key=key,
         label=label,
@@ -388,7 +424,7 @@ def _segment(key: str, cropped: np.ndarray, mask: np.ndarray, volume: Volume) ->
         type=segment_type,
         laterality=laterality,
         mask=mask,
-        volume_ml=count * voxel_ml,
+        volume_ml=summary.count * voxel_ml,
         mean_hu=mean_hu,
-        measurements=_lung_measurements(values) if segment_type == LUNG else (),
+        measurements=_lung_measurements(summary) if segment_type == LUNG else (),
     )
