@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import tracemalloc
 import weakref
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from peers import SHARED_REAL
+from traced import peak_of
 
 from dicom_node.analysis import ct_chest, grid, morphology
 from dicom_node.analysis.chest_regions import AIRWAY_MAX_OFFSET_MM, largest_lung
@@ -514,12 +514,7 @@ def test_compact_hu_copies_slab_by_slab_without_a_temporary_of_the_whole():
     whole at once added a 16 MiB comparison mask (and more) on top of it."""
     hu = np.full((64, 512, 512), -1000.0, dtype=np.float32)
     hu[:, 100:400, 120:380] = 40.0
-    tracemalloc.start()
-    try:
-        kept = compact_hu(hu)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    kept, peak = peak_of(lambda: compact_hu(hu))
     assert kept.dtype == np.int16
     np.testing.assert_array_equal(kept, hu)
     assert peak - kept.nbytes < 8 * 2**20, f"{(peak - kept.nbytes) / 2**20:.1f} MiB on top"

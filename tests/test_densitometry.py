@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
+from traced import peak_of
 
 from dicom_node.analysis.densitometry import HuSummary
 
@@ -97,12 +96,7 @@ def test_integer_hu_are_summarised_without_a_copy_of_the_selected_voxels():
     hu = np.full((64, 512, 512), -870, dtype=np.int16)
     hu[::2, ::3] = 40
     mask = np.ones(hu.shape, dtype=bool)
-    tracemalloc.start()
-    try:
-        summary = HuSummary.of(hu, mask)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    summary, peak = peak_of(lambda: HuSummary.of(hu, mask))
     assert peak < hu.nbytes // 2, f"{peak / 2**20:.1f} MiB for {hu.nbytes / 2**20:.0f} MiB of HU"
     assert summary.count == hu.size
     assert summary.mean() == float(hu.mean(dtype=np.float64))

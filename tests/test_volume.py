@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from peers import SHARED_REAL
+from traced import peak_of
 
 from dicom_node.analysis.volume import load_series
 
@@ -68,12 +68,7 @@ def test_only_a_slice_of_stored_pixels_is_held_at_a_time():
     loading takes the volume's memory, not the volume's and the series' stored pixels."""
     files = _files(PHILIPS_HFS)
     stored = sum(path.stat().st_size for path in files)  # 64 x 513 KiB, uncompressed
-    tracemalloc.start()
-    try:
-        volume = load_series(files)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    volume, peak = peak_of(lambda: load_series(files))
     assert peak - volume.hu.nbytes < stored / 4, f"{(peak - volume.hu.nbytes) / 2**20:.0f} MiB"
 
 
