@@ -325,8 +325,8 @@ class NodeConfig(_Section):
             )
         if self.sending.backoff_max_seconds < self.sending.backoff_initial_seconds:
             problems.append("sending.backoff_max_seconds: smaller than backoff_initial_seconds")
-        if problems:
-            raise ValueError("; ".join(problems))
+        if problems:  # one per line: a problem's own text may hold "; "
+            raise ValueError("\n".join(problems))
         return self
 
 

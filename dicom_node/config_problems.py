@@ -22,8 +22,8 @@ def format_error(error: ErrorDetails) -> list[str]:
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     if error["type"] == "value_error" and not path:
-        # model-level checks already carry their own paths, joined by '; '
-        return [part.removeprefix("Value error, ") for part in message.split("; ")]
+        # model-level checks already carry their own paths, one problem per line
+        return [part.removeprefix("Value error, ") for part in message.split("\n")]
     message = message.removeprefix("Value error, ")
     return [f"{path or '(top level)'}: {message}"]
 

@@ -82,9 +82,13 @@ def test_cross_references_are_checked() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(data)
     problems = err.value.problems
-    assert any(p.startswith("routes.0.pipeline: unknown pipeline 'no-such'") for p in problems)
+    unknown = [p for p in problems if "no-such" in p or "model packages are looked for" in p]
+    assert len(unknown) == 1, problems  # whole, once: its text holds "; " (it was split too)
+    assert unknown[0].startswith("routes.0.pipeline: unknown pipeline 'no-such' (known: ")
+    assert unknown[0].endswith(")")
     assert "routes.0.send_to: unknown destination 'nowhere'" in problems
     assert "routes.1.name: 'a' is used twice" in problems
+    assert len(problems) == 4, problems  # routes.0.name is reported too
 
 
 def test_rule_operators_are_validated() -> None:
