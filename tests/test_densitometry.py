@@ -68,12 +68,32 @@ def test_two_masks_merge_into_the_summary_of_their_union(dtype):
     assert both.percentile(15.0) == float(np.percentile(values, 15.0))
 
 
-def test_summaries_of_integer_and_other_hu_do_not_merge():
+def test_summaries_of_different_kinds_do_not_merge():
     mask = np.ones((2, 2, 2), dtype=bool)
     whole = HuSummary.of(np.zeros(mask.shape, np.int16), mask)
     real = HuSummary.of(np.zeros(mask.shape, np.float32), mask)
-    with pytest.raises(ValueError, match="do not merge"):
-        whole.merged(real)
+    summed = HuSummary.of(np.zeros(mask.shape, np.float32), mask, distribution=False)
+    for one, other in ((whole, real), (real, summed), (summed, whole)):
+        with pytest.raises(ValueError, match="do not merge"):
+            one.merged(other)
+
+
+def test_other_hu_without_their_distribution_keep_only_a_sum():
+    """The body needs its mean only: its float32 values (200 MiB for 300 slices) are
+    summed slab by slab, not kept."""
+    rng = np.random.default_rng(8)
+    real = (rng.integers(-1024, 400, (40, 30, 20)) + 0.25).astype(np.float32)
+    mask = rng.random(real.shape) < 0.7
+    summary = HuSummary.of(real, mask, distribution=False)
+    assert summary.values is None and summary.histogram is None
+    assert summary.count == np.count_nonzero(mask)
+    assert summary.mean() == pytest.approx(float(real[mask].mean(dtype=np.float64)), rel=1e-12)
+    both = summary.merged(HuSummary.of(real, ~mask, distribution=False))
+    assert both.mean() == pytest.approx(float(real.mean(dtype=np.float64)), rel=1e-12)
+    with pytest.raises(ValueError, match="without the distribution"):
+        summary.percentile(15.0)
+    with pytest.raises(ValueError, match="without the distribution"):
+        summary.percent_below(-950.0)
 
 
 def test_no_voxels():

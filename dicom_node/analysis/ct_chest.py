@@ -253,7 +253,10 @@ class CtChestPipeline:
             named["airways"] = masks.airways
         candidates = masks.candidates
         del masks  # from here on ``named`` holds the cropped masks, and lets each go once placed
-        summaries = {key: HuSummary.of(hu, mask) for key, mask in named.items()}
+        summaries = {  # the lungs' distributions for %LAA-950 and Perc15; of others the mean
+            key: HuSummary.of(hu, mask, distribution=key in ("lung_left", "lung_right"))
+            for key, mask in named.items()
+        }
         for key, summary in summaries.items():
             _check_found(key, summary.count, volume.spacing)
         group = _lungs_group(summaries["lung_left"].merged(summaries["lung_right"]), volume.spacing)

@@ -33,15 +33,22 @@ _CHUNK = 2**19  # values per np.bincount call: 4 MiB of its int64 copy
 @dataclass(frozen=True)
 class HuSummary:
     """What the measurements need of the HU under one mask: a histogram of integer HU
-    (``histogram``) or the values themselves (``values``); exactly one is set."""
+    (``histogram``), the values themselves (``values``), or for other HU whose
+    distribution is not asked for only their sum (``total``)."""
 
     count: int
     histogram: np.ndarray | None = None  # int64, 65536 bins: HU -32768 .. 32767
     values: np.ndarray | None = None  # as ``hu`` (float32 from compact_hu), in any order
+    total: float | None = None  # the sum of other HU, when their values are not kept
 
     @classmethod
-    def of(cls, hu: np.ndarray, mask: np.ndarray) -> HuSummary:
-        """The HU of ``hu`` where the same-shaped 3-D ``mask`` is set, read slab by slab."""
+    def of(cls, hu: np.ndarray, mask: np.ndarray, *, distribution: bool = True) -> HuSummary:
+        """The HU of ``hu`` where the same-shaped 3-D ``mask`` is set, read slab by slab.
+
+        ``distribution=False``: only the count and the mean will be asked for. Integer HU
+        get their histogram anyway (512 KiB); other HU are then summed, not kept (a body's
+        float32 values are 200 MiB for 300 slices).
+        """
         if hu.shape != mask.shape:
             raise ValueError(f"HU of shape {hu.shape} and mask of shape {mask.shape}")
         # slabs of a quarter of morphology's size: about 2**20 voxels each
@@ -55,6 +62,12 @@ class HuSummary:
                 for start in range(0, bins.size, _CHUNK):  # bincount copies its input to int64
                     histogram += np.bincount(bins[start : start + _CHUNK], minlength=2**16)
             return cls(count=int(histogram.sum()), histogram=histogram)
+        if not distribution:
+            count, total = 0, 0.0
+            for values in parts:
+                count += values.size
+                total += float(values.sum(dtype=np.float64))
+            return cls(count=count, total=total)
         values = np.concatenate([np.empty(0, hu.dtype), *parts])
         return cls(count=int(values.size), values=values)
 
@@ -65,7 +78,9 @@ class HuSummary:
             return HuSummary(count=count, histogram=self.histogram + other.histogram)
         if self.values is not None and other.values is not None:
             return HuSummary(count=count, values=np.concatenate([self.values, other.values]))
-        raise ValueError("a summary of integer HU and one of other HU do not merge")
+        if self.total is not None and other.total is not None:
+            return HuSummary(count=count, total=self.total + other.total)
+        raise ValueError("summaries of different kinds do not merge")
 
     def mean(self) -> float:
         """The mean HU (NaN for no voxels), as ``values.mean(dtype=np.float64)``."""
@@ -73,7 +88,9 @@ class HuSummary:
             return math.nan
         if self.histogram is not None:
             return float(np.dot(self.histogram, _HU_OF_BIN)) / self.count
-        assert self.values is not None
+        if self.values is None:
+            assert self.total is not None
+            return self.total / self.count  # summed slab by slab: equal up to rounding
         return float(self.values.mean(dtype=np.float64))
 
     def percent_below(self, threshold: float) -> float:
@@ -81,8 +98,7 @@ class HuSummary:
         if self.histogram is not None:
             below = int(self.histogram[_HU_OF_BIN < threshold].sum())
         else:
-            assert self.values is not None
-            below = int(np.count_nonzero(self.values < threshold))
+            below = int(np.count_nonzero(self._values() < threshold))
         return 100.0 * below / self.count
 
     def percentile(self, q: float) -> float:
@@ -93,8 +109,7 @@ class HuSummary:
         if self.count == 0:
             raise ValueError("percentile of no voxels")
         if self.histogram is None:
-            assert self.values is not None
-            return float(np.percentile(self.values, q, overwrite_input=True))
+            return float(np.percentile(self._values(), q, overwrite_input=True))
         # numpy's linear method: the virtual index (n - 1) * q / 100, the two order
         # statistics around it, and numpy's _lerp (which interpolates from the upper one
         # when the weight is 0.5 or more)
@@ -108,6 +123,11 @@ class HuSummary:
         )
         step = high - low
         return float(high - step * (1 - weight) if weight >= 0.5 else low + step * weight)
+
+    def _values(self) -> np.ndarray:
+        if self.values is None:
+            raise ValueError("summarised without the distribution (distribution=False)")
+        return self.values
 
 
 _HU_OF_BIN = np.arange(2**16, dtype=np.int64) - _INT16_OFFSET
