@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 from peers import Orthanc, Storescp, require_tools
+from pynetdicom import AE
+from requestors import associate_keeping_responses
 from services import PostgresServer, RedisServer, require_services
+
+
+@pytest.fixture(autouse=True)
+def _requestors_keep_their_responses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pynetdicom requestor of a test keeps its responses (tests/requestors.py)."""
+    monkeypatch.setattr(AE, "associate", associate_keeping_responses)
 
 
 @pytest.fixture
