@@ -10,9 +10,10 @@ placed on the source grid. :class:`HuSummary` reads the mask slab by slab instea
   threshold and numpy's linear percentile come out of it exactly as numpy computes them
   from the values (a sum of integers in float64 is exact below 2**53; the percentile's
   two order statistics are read from the cumulative counts);
-- other HU (float32) are gathered as before, since a percentile of real numbers needs
-  the numbers (the mean of both lungs together may then differ in the last bits, because
-  the values are summed in another order).
+- other HU (float32) are gathered as before where a percentile is asked for (the
+  lungs), since a percentile of real numbers needs the numbers; elsewhere only their sum
+  is kept. Means of these may differ from before in the last bits (another order of
+  summation).
 
 Two summaries merge (both lungs together) without a mask of their union.
 """
