@@ -242,20 +242,29 @@ class OrthancReceiver:
 class NodeReceiver:
     """``dicom-node serve`` as a child process: no routes, fresh storage, no free-space floor."""
 
-    name = "dicom_node"
     aet = "AINODE"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, processes: int = 1) -> None:
+        """``processes``: node.receive_processes."""
+        self.name = self.contender_name(processes)
         self._storage = workdir / "var"
-        settings = node_settings(self._storage, node={"ae_title": self.aet}, routes=[])
+        node = {"ae_title": self.aet, "receive_processes": processes}
+        settings = node_settings(self._storage, node=node, routes=[])
         self._node = NodeProcess(settings, workdir)
 
     @property
     def port(self) -> int:
         return self._node.port
 
+    @staticmethod
+    def contender_name(processes: int) -> str:
+        return "dicom_node" if processes == 1 else f"dicom_node x{processes}"
+
     def start(self) -> None:
         self._node.start()
+        # It answers C-ECHO as soon as it listens; its receiving processes (if any) are
+        # ready only once it logs "ready".
+        wait_until(lambda: " ready: " in self._node.log(), 60, 0.05, "the node's ready line")
 
     def stored(self) -> int:
         """Instances in the journal; each must also be a file under ``instances/``."""
@@ -270,13 +279,24 @@ class NodeReceiver:
         return total
 
     def peak_rss_kib(self) -> int | None:
+        """The node's peak RSS; with receiving processes, the sum of every process's peak
+        (an upper bound: they need not peak at once)."""
         assert self._node.proc is not None
-        return status_kib(self._node.proc.pid, "VmHWM")
+        pids = [self._node.proc.pid, *child_pids(self._node.proc.pid)]
+        return sum(status_kib(pid, "VmHWM") for pid in pids)
 
     def stop(self) -> None:
         code = self._node.stop()
         if code != 0:
             raise PeerError(f"node exited with {code}:\n{self._node.log()[-4000:]}")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started and that still run (Linux: /proc/PID/task/*/children)."""
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        found += [int(child) for child in children.read_text().split()]
+    return found
 
 
 def status_kib(pid: int, field_name: str) -> int:

@@ -1,6 +1,7 @@
 """Receive benchmark: dcmtk storescp, Orthanc and our node, fed by dcmtk storescu.
 
     .venv/bin/python bench/receive.py --slices 300 --rounds 3 [--concurrency 1 4] [--quick]
+        [--receive-processes 1 2]
 
 Every round runs each load against each receiver in turn (storescp, Orthanc, node, storescp,
 ...); every measurement gets a freshly started receiver with empty storage, so no run sees
@@ -39,12 +40,28 @@ from common import (
     warm_page_cache,
 )
 
-# name -> factory(workdir, concurrency); the order is the order of the alternation
-RECEIVERS: dict[str, Callable[[Path, int], Receiver]] = {
-    "dcmtk storescp": lambda workdir, level: StorescpReceiver(workdir, fork=level > 1),
-    "Orthanc": lambda workdir, level: OrthancReceiver(workdir),
-    "dicom_node": lambda workdir, level: NodeReceiver(workdir),
-}
+Factory = Callable[[Path, int], Receiver]  # (workdir, concurrency) -> a fresh contender
+
+
+def receivers(node_processes: Sequence[int]) -> dict[str, Factory]:
+    """name -> factory: the peers, then the node with each ``node.receive_processes``;
+    the order is the order of the alternation."""
+    found: dict[str, Factory] = {
+        "dcmtk storescp": lambda workdir, level: StorescpReceiver(workdir, fork=level > 1),
+        "Orthanc": lambda workdir, level: OrthancReceiver(workdir),
+    }
+    for processes in node_processes:
+        found[NodeReceiver.contender_name(processes)] = _node_factory(processes)
+    return found
+
+
+def _node_factory(processes: int) -> Factory:
+    def make(workdir: Path, _level: int) -> Receiver:
+        return NodeReceiver(workdir, processes)
+
+    return make
+
+
 ONE_ASSOC_VS_STORESCP = 0.5
 ONE_ASSOC_VS_ORTHANC = 1.5
 CONCURRENT_VS_STORESCP = 0.8
@@ -83,48 +100,57 @@ def measure(
 
 
 def run(
-    files: Sequence[Path], rounds: int, levels: Sequence[int], tmp: Path
-) -> tuple[dict[int, list[Series]], dict[int, int]]:
+    files: Sequence[Path],
+    rounds: int,
+    levels: Sequence[int],
+    tmp: Path,
+    contenders: dict[str, Factory],
+) -> tuple[dict[int, list[Series]], dict[tuple[str, int], int]]:
     """Alternate the receivers for each load, ``rounds`` times.
 
-    Returns the rates per load (one :class:`Series` per receiver) and the node's peak RSS
-    (KiB, highest over the rounds) per load.
+    Returns the rates per load (one :class:`Series` per receiver) and each node's peak RSS
+    (KiB, highest over the rounds) per (node, load).
     """
-    results = {level: [Series(name) for name in RECEIVERS] for level in levels}
-    peak_rss: dict[int, int] = {}
+    results = {level: [Series(name) for name in contenders] for level in levels}
+    peak_rss: dict[tuple[str, int], int] = {}
     for round_no in range(1, rounds + 1):
         print(f"round {round_no}/{rounds}", flush=True)
         for level in levels:
-            for index, factory in enumerate(RECEIVERS.values()):
+            for index, (name, factory) in enumerate(contenders.items()):
                 workdir = tmp / f"r{round_no}-c{level}-{index}"
                 rate, rss = measure(factory(workdir, level), files, level, workdir)
                 results[level][index].rates.append(rate)
                 if rss is not None:
-                    peak_rss[level] = max(rss, peak_rss.get(level, 0))
+                    key = (name, level)
+                    peak_rss[key] = max(rss, peak_rss.get(key, 0))
     return results, peak_rss
 
 
 def targets(results: dict[int, list[Series]]) -> list[Target]:
-    """The issue's targets for the loads that were run."""
+    """The issue's targets for the loads that were run, for each node contender."""
     found: list[Target] = []
-    for level, (storescp, orthanc, node) in results.items():
-        if level == 1:
-            found.append(Target("1 assoc: node vs storescp", node, storescp, ONE_ASSOC_VS_STORESCP))
-            found.append(Target("1 assoc: node vs Orthanc", node, orthanc, ONE_ASSOC_VS_ORTHANC))
-        else:
-            label = f"{level} assoc: node vs storescp"
-            found.append(Target(label, node, storescp, CONCURRENT_VS_STORESCP))
+    for level, (storescp, orthanc, *nodes) in results.items():
+        for node in nodes:
+            if level == 1:
+                label = f"1 assoc: {node.name} vs "
+                found.append(Target(label + "storescp", node, storescp, ONE_ASSOC_VS_STORESCP))
+                found.append(Target(label + "Orthanc", node, orthanc, ONE_ASSOC_VS_ORTHANC))
+            else:
+                label = f"{level} assoc: {node.name} vs storescp"
+                found.append(Target(label, node, storescp, CONCURRENT_VS_STORESCP))
     return found
 
 
-def report(results: dict[int, list[Series]], peak_rss: dict[int, int], slices: int) -> bool:
-    """Print one table per load, the node's peak RSS and the targets; True if all pass."""
+def report(
+    results: dict[int, list[Series]], peak_rss: dict[tuple[str, int], int], slices: int
+) -> bool:
+    """Print one table per load, the nodes' peak RSS and the targets; True if all pass."""
     out = console()
     for level, series in results.items():
         title = f"receive {slices} CT slices, {level} association(s) at once"
         out.print(rates_table(title, series, baselines=series[:2]))
-    for level, rss in peak_rss.items():
-        out.print(f"node peak RSS (VmHWM) x{level}: {rss / 1024:.0f} MiB")
+    for (name, level), rss in peak_rss.items():
+        out.print(f"{name} peak RSS (VmHWM, all its processes) x{level}: {rss / 1024:.0f} MiB")
     found = targets(results)
     out.print(targets_table(found))
     out.print(f"machine after the run: {machine()}")
@@ -139,7 +165,16 @@ def _parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, nargs="+", default=[1, 4], help="storescu processes at once"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 20 slices, 1 round, concurrency 1 2"
+        "--quick",
+        action="store_true",
+        help="smoke run: 20 slices, 1 round, concurrency 1 2, receive processes 1 2",
+    )
+    parser.add_argument(
+        "--receive-processes",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="node.receive_processes of each node contender (e.g. 1 2: two nodes)",
     )
     parser.add_argument("--check-targets", action="store_true", help="exit 3 if a target fails")
     return parser
@@ -149,12 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
         args.slices, args.rounds, args.concurrency = 20, 1, [1, 2]
+        args.receive_processes = [1, 2]
     print(f"machine: {machine()}", flush=True)
     files = ct_series(args.slices)
     warm_page_cache(files)
     try:
         with tempfile.TemporaryDirectory(prefix="dicom-node-bench-") as tmp:
-            results, peak_rss = run(files, args.rounds, args.concurrency, Path(tmp))
+            contenders = receivers(args.receive_processes)
+            results, peak_rss = run(files, args.rounds, args.concurrency, Path(tmp), contenders)
     except PeerError as exc:
         print(f"receive benchmark FAILED: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import sqlalchemy as sa
@@ -32,8 +33,10 @@ from dicom_node.dispatch import Dispatcher
 from dicom_node.encode.types import Equipment
 from dicom_node.journal import Journal, JournalSchemaError
 from dicom_node.leases import LeaseKeeper
+from dicom_node.logs import current_logging
 from dicom_node.objects import ObjectStore
 from dicom_node.receive import Receiver
+from dicom_node.receivers import DRAIN_SECONDS, ProcessSettings, ReceiverPool
 from dicom_node.reindex import reindex_orphans
 from dicom_node.send import Sender
 from dicom_node.store import Spool
@@ -45,7 +48,7 @@ from dicom_node.worker import Worker
 
 log = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_SECONDS = 30.0
+DRAIN_TIMEOUT_SECONDS = DRAIN_SECONDS
 
 
 @dataclass
@@ -223,7 +226,30 @@ def _receiver(
     assembler: Assembler,
     commitments: Commitments,
 ) -> Receiver:
-    """The C-STORE SCP; its open associations are read at scrape time."""
+    """The C-STORE SCP (and its other processes); open associations are read at scrape time."""
+    pool = None
+    if config.node.receive_processes > 1:
+        level, fmt = current_logging()
+        settings = [
+            ProcessSettings(
+                f"receiver-{number}",
+                config.node,
+                spool.root,
+                spool.min_free_bytes,
+                _audit_path(config, spool, None),
+                level,
+                fmt,
+            )
+            for number in range(2, config.node.receive_processes + 1)
+        ]
+        pool = ReceiverPool(
+            settings,
+            journal,
+            metrics,
+            on_opened=assembler.instance_recorded,
+            on_report=commitments.answer_report,
+            reschedule=assembler.resume,
+        )
     receiver = Receiver(
         config.node,
         spool,
@@ -233,18 +259,27 @@ def _receiver(
         on_recorded=assembler.instance_recorded,
         audit=audit,
         on_event_report=commitments.handle_report,
+        pool=pool,
     )
     metrics.watch_associations(lambda: receiver.active_associations)
+    metrics.watch_receiving_processes(
+        lambda: int(receiver.running) + (0 if pool is None else pool.ready)
+    )
     return receiver
 
 
 def _audit_trail(config: NodeConfig, spool: Spool, name: str | None) -> AuditTrail:
-    """The audit trail: ``audit.path``, else ``audit[-NAME].jsonl`` in the storage folder."""
-    path = None
-    if config.audit.enabled:
-        default = "audit.jsonl" if name is None else f"audit-{name}.jsonl"
-        path = config.audit.path or spool.root / default
-    return AuditTrail(path, time.time)
+    return AuditTrail(_audit_path(config, spool, name), time.time)
+
+
+def _audit_path(config: NodeConfig, spool: Spool, name: str | None) -> Path | None:
+    """``audit.path``, else ``audit[-NAME].jsonl`` in the storage folder; None: no trail.
+
+    Every receiving process of a node appends to the same file (one ``write`` each)."""
+    if not config.audit.enabled:
+        return None
+    default = "audit.jsonl" if name is None else f"audit-{name}.jsonl"
+    return config.audit.path or spool.root / default
 
 
 def _sending(

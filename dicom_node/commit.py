@@ -208,7 +208,20 @@ class Commitments:
         """EVT_N_EVENT_REPORT handler: the one place a report becomes a response status."""
         try:
             info = event.event_information
-            report = parse_report(int(event.event_type or 0), info)
+            event_type = int(event.event_type or 0)
+        except ValueError as exc:
+            log.warning("refused a storage commitment report: %s", exc)
+            return INVALID_ARGUMENT_VALUE, None
+        except Exception:
+            log.exception("cannot read a storage commitment report")
+            return PROCESSING_FAILURE, None
+        return self.answer_report(event_type, info)
+
+    def answer_report(self, event_type: int, info: Dataset) -> tuple[int, Dataset | None]:
+        """A report's response status; also for reports that another receiving process
+        took and passes on (:mod:`dicom_node.receivers`)."""
+        try:
+            report = parse_report(event_type, info)
         except ValueError as exc:
             log.warning("refused a storage commitment report: %s", exc)
             return INVALID_ARGUMENT_VALUE, None

@@ -93,6 +93,9 @@ class NodeSection(_Section):
     idle_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0  # per PDU, slow senders
     accept_deflate: bool = False  # Deflated Explicit VR LE invites decompression bombs
     tls: ServerTLS | None = None
+    # Processes that receive, this one included: the main process accepts each connection
+    # and hands it to the least busy (dicom_node.receivers). More than 1 uses more cores.
+    receive_processes: Annotated[int, Field(ge=1, le=64)] = 1
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -322,6 +325,11 @@ class NodeConfig(_Section):
         if self.storage.object_store is not None and not self.cluster.enabled:
             problems.append(
                 "storage.object_store: needs cluster.journal_url (it is shared storage)"
+            )
+        if self.node.receive_processes > 1 and self.cluster.enabled:
+            problems.append(
+                "node.receive_processes: more than 1 needs the node's own SQLite journal;"
+                " with cluster.journal_url run more receivers instead (docs/scale-out.md)"
             )
         if self.sending.backoff_max_seconds < self.sending.backoff_initial_seconds:
             problems.append("sending.backoff_max_seconds: smaller than backoff_initial_seconds")

@@ -2,12 +2,12 @@
 
 Every state change goes through :mod:`dicom_node.domain`'s transition checks
 inside one write transaction, so a crash leaves either the old or the new
-state. Writers are serialised by a lock; readers run concurrently (WAL).
+state. Writers are serialised by a lock, across processes too
+(:class:`dicom_node.database.WriterLock`); readers run concurrently (WAL).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from dicom_node import intake
-from dicom_node.database import create_engine, describe, migrate
+from dicom_node.database import create_engine, describe, migrate, writer_lock
 from dicom_node.domain import (
     DeliveryState,
     IllegalTransition,
@@ -92,7 +92,9 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
         self.shared = self._engine.dialect.name != "sqlite"  # other processes write too
         self._intake = intake.statements(self._engine.dialect.name)
         self._sqlite_intake = None if self.shared else intake.SQLiteIntake(Path(location))
-        self._write_lock = threading.Lock()
+        # Writers of this process and, on SQLite, of every process on this host
+        # (node.receive_processes) take it before they begin a transaction.
+        self._write_lock = writer_lock(location)
 
     def create(self) -> None:
         """Create the tables of a new journal, upgrade an older one (see :mod:`database`)."""
@@ -102,6 +104,7 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
         if self._sqlite_intake is not None:
             self._sqlite_intake.close()
         self._engine.dispose()
+        self._write_lock.close()
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -42,14 +42,29 @@ REFUSED = "refused"  # node.allowed_networks, max_connections, max_associations_
 TLS_FAILED = "tls_failed"
 
 
+class Elsewhere(Protocol):
+    """A connection handed to another receiving process (:mod:`dicom_node.receivers`)."""
+
+    @property
+    def open(self) -> bool: ...
+
+
+# Hands an accepted (not yet TLS-wrapped) connection to another receiving process;
+# returns what tells when it is closed there, or None to serve it here.
+HandOff = Callable[[socket.socket, tuple[str, int]], "Elsewhere | None"]
+
+
 @dataclass
 class _Connection:
     sock: socket.socket
     source: str
     accepted_at: float
     assoc: Association | None = field(default=None)
+    elsewhere: Elsewhere | None = field(default=None)
 
     def alive(self, grace: float) -> bool:
+        if self.elsewhere is not None:
+            return self.elsewhere.open
         if self.sock.fileno() == -1:
             return False
         if self.assoc is None or self.assoc.ident is None:  # its threads are not started yet
@@ -120,6 +135,7 @@ class HardenedServer(ThreadedAssociationServer):
         self.limits = limits
         # (source address, reason, REFUSED or TLS_FAILED), for the metrics and the audit
         self.on_refusal: Callable[[str, str, str], None] | None = None
+        self.hand_off: HandOff | None = None  # node.receive_processes > 1
         self._connections: list[_Connection] = []
         self._connections_lock = threading.Lock()
         super().__init__(
@@ -138,14 +154,46 @@ class HardenedServer(ThreadedAssociationServer):
             self._prune()
             return len(self._connections)
 
+    @property
+    def local_connections(self) -> int:
+        """Open connections served by this process (not handed to another)."""
+        with self._connections_lock:
+            self._prune()
+            return sum(1 for c in self._connections if c.elsewhere is None)
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
-        client, address = self.socket.accept()
+        return self.socket.accept()  # TLS-wrapped in process_request, if served here
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve an accepted connection here, or hand it to another receiving process."""
+        if self.hand_off is not None:
+            elsewhere = self.hand_off(request, client_address)
+            if elsewhere is not None:
+                self._mark(request, elsewhere=elsewhere)
+                request.close()  # our copy only: the other process has its own descriptor
+                return
         if self.ssl_context is not None:  # the handshake happens in the connection's thread
-            client = self.ssl_context.wrap_socket(
-                client, server_side=True, do_handshake_on_connect=False
+            wrapped = self.ssl_context.wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False
             )
-        return client, address
+            self._mark(request, replacement=wrapped)
+            request = wrapped
+        super().process_request(request, client_address)
+
+    def _mark(
+        self,
+        sock: socket.socket,
+        *,
+        elsewhere: Elsewhere | None = None,
+        replacement: socket.socket | None = None,
+    ) -> None:
+        """Record that ``sock`` was handed elsewhere, or is now ``replacement`` (TLS)."""
+        with self._connections_lock:
+            for connection in self._connections:
+                if connection.sock is sock:
+                    connection.elsewhere = elsewhere
+                    connection.sock = replacement or sock
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         source = str(client_address[0])
@@ -195,6 +243,78 @@ class HardenedServer(ThreadedAssociationServer):
         self._connections = keep
 
 
+class HandedServer(HardenedServer):
+    """The server of a receiving process that does not listen (node.receive_processes).
+
+    The main process accepts every connection, applies the node-wide limits and passes
+    some to this process (:mod:`dicom_node.receivers`), which serves them like its own
+    through :meth:`take`. Its socket is never bound.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._closed_callbacks: dict[int, Callable[[], None]] = {}
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        pass  # server_address stays the main process's, for the logs
+
+    def server_activate(self) -> None:
+        pass
+
+    def take(
+        self, sock: socket.socket, address: tuple[str, int], on_closed: Callable[[], None]
+    ) -> None:
+        """Serve ``sock`` (accepted by the main process); ``on_closed`` once it is done."""
+        if not self.verify_request(sock, address):
+            self.shutdown_request(sock)
+            on_closed()
+            return
+        with self._connections_lock:
+            self._closed_callbacks[sock.fileno()] = on_closed
+        try:
+            self.process_request(sock, address)
+        except BaseException:
+            with self._connections_lock:
+                self._closed_callbacks.pop(sock.fileno(), None)
+            self.shutdown_request(sock)
+            on_closed()
+            raise
+
+    def attach(self, sock: socket.socket, assoc: Association) -> None:
+        """The connection's association runs in a thread of its own: ``on_closed`` once
+        that thread ends."""
+        super().attach(sock, assoc)
+        with self._connections_lock:
+            on_closed = self._closed_callbacks.pop(sock.fileno(), None)
+        if on_closed is None:
+            return
+        run = assoc.run
+
+        def run_then_report() -> None:
+            try:
+                run()
+            finally:
+                on_closed()
+
+        assoc.run = run_then_report  # type: ignore[method-assign]
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        fd = request.fileno()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:  # no association was made (a failed TLS handshake, ...)
+            with self._connections_lock:
+                on_closed = self._closed_callbacks.pop(fd, None)
+            if on_closed is not None:
+                on_closed()
+
+    def shutdown(self) -> None:
+        """No accept loop to stop: close the unbound socket, forget the server."""
+        self.server_close()
+        if self in self.ae._servers:
+            self.ae._servers.remove(self)
+
+
 def _in_networks(
     source: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
 ) -> bool:
@@ -214,9 +334,15 @@ def start_server(
     node: NodeSection,
     evt_handlers: list[Any],
     ssl_context: ssl.SSLContext | None = None,
+    listening: bool = True,
 ) -> HardenedServer:
-    """What ``AE.start_server(block=False)`` does, with :class:`HardenedServer`."""
-    server = HardenedServer(
+    """What ``AE.start_server(block=False)`` does, with :class:`HardenedServer`.
+
+    ``listening=False``: a :class:`HandedServer`, which serves the connections it is
+    given and has no accept loop.
+    """
+    kind = HardenedServer if listening else HandedServer
+    server = kind(
         ae,
         (node.host, node.port),
         Limits.from_config(node),
@@ -224,6 +350,8 @@ def start_server(
         evt_handlers=evt_handlers,
     )
     ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
+    if not listening:
+        return server
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(
         target=make_target(server.serve_forever), name=f"AcceptorServer@{timestamp}", daemon=True

@@ -31,7 +31,7 @@ CONTEXT_KEYS = ("study_id", "job_id", "calling_aet")
 QUIET_LOGGERS = ("pynetdicom", "apscheduler", "highdicom", "celery", "kombu", "alembic")
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
-_TEXT_LABELS = {"study_id": "study", "job_id": "job", "calling_aet": "aet"}
+_TEXT_LABELS = {"study_id": "study", "job_id": "job", "calling_aet": "aet", "process": "process"}
 _EMPTY: Mapping[str, object] = MappingProxyType({})
 # A ContextVar holds a separate, immutable value per thread/task; it is not shared state.
 _ids: ContextVar[Mapping[str, object]] = ContextVar("dicom_node_log_ids", default=_EMPTY)
@@ -70,10 +70,26 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class ProcessFilter(logging.Filter):
+    """Names the receiving process (node.receive_processes) on each of its records."""
+
+    def __init__(self, process: str) -> None:
+        super().__init__()
+        self.process = process
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node_process = self.process
+        return True
+
+
 def _record_ids(record: logging.LogRecord) -> dict[str, object]:
-    return {
+    ids = {
         key: getattr(record, key) for key in CONTEXT_KEYS if getattr(record, key, None) is not None
     }
+    process = getattr(record, "node_process", None)
+    if process is not None:
+        ids["process"] = process
+    return ids
 
 
 class TextFormatter(logging.Formatter):
@@ -119,11 +135,24 @@ def make_handler(fmt: str = "text", stream: TextIO | None = None) -> logging.Han
     return handler
 
 
-def configure_logging(level: str, fmt: str = "text") -> None:
-    """Configure the root logger once, from the entry point; replaces earlier handlers."""
+def configure_logging(level: str, fmt: str = "text", process: str | None = None) -> None:
+    """Configure the root logger once, from the entry point; replaces earlier handlers.
+
+    ``process``: the name of a receiving process, added to each of its records.
+    """
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"log level {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
-    logging.basicConfig(level=numeric, handlers=[make_handler(fmt)], force=True)
+    handler = make_handler(fmt)
+    if process is not None:
+        handler.addFilter(ProcessFilter(process))
+    logging.basicConfig(level=numeric, handlers=[handler], force=True)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, numeric))
+
+
+def current_logging() -> tuple[str, str]:
+    """The root logger's level name and format ("text" or "json"), for a child process."""
+    root = logging.getLogger()
+    fmt = "json" if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers) else "text"
+    return logging.getLevelName(root.getEffectiveLevel()), fmt

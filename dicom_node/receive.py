@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import pydicom
 from pydicom import uid
@@ -42,7 +42,7 @@ from dicom_node.header import (
     valid_uid,
 )
 from dicom_node.journal import Journal, ReceivedInstance, Recorded, UIDConflict
-from dicom_node.listener import start_server
+from dicom_node.listener import Elsewhere, HandedServer, start_server
 from dicom_node.logs import log_context
 from dicom_node.part10 import file_meta_bytes
 from dicom_node.store import LowSpace, Spool
@@ -54,6 +54,21 @@ log = logging.getLogger(__name__)
 
 # Answers an N-EVENT-REPORT: (status, Event Reply or None)
 EventReportHandler = Callable[[evt.Event], tuple[int, pydicom.Dataset | None]]
+
+
+class Pool(Protocol):
+    """The other receiving processes (:class:`dicom_node.receivers.ReceiverPool`)."""
+
+    @property
+    def active_associations(self) -> int: ...
+
+    def start(self, local_load: Callable[[], int]) -> None: ...
+
+    def hand_off(self, sock: socket.socket, address: tuple[str, int]) -> Elsewhere | None: ...
+
+    def stop_accepting(self, timeout: float) -> None: ...
+
+    def join(self, timeout: float) -> int: ...
 
 
 # Where a requestor offers several transfer syntaxes in one presentation context, the
@@ -86,7 +101,13 @@ class Receiver:
         on_recorded: Callable[[Recorded], None],
         audit: AuditTrail | None = None,
         on_event_report: EventReportHandler | None = None,
+        pool: Pool | None = None,
+        listening: bool = True,
     ) -> None:
+        """``pool``: the other receiving processes, which the main process hands some
+        connections to; ``listening=False``: such a process, served through :meth:`take`."""
+        self._pool = pool
+        self._listening = listening
         self._on_event_report = on_event_report
         self._audit = audit or AuditTrail(None, clock)
         self._config = config
@@ -109,7 +130,8 @@ class Receiver:
     @property
     def active_associations(self) -> int:
         server = self._server
-        return 0 if server is None else len(server.active_associations)
+        here = 0 if server is None else len(server.active_associations)
+        return here + (0 if self._pool is None else self._pool.active_associations)
 
     @property
     def running(self) -> bool:
@@ -126,16 +148,32 @@ class Receiver:
             (evt.EVT_ABORTED, self._aborted),
             (evt.EVT_N_EVENT_REPORT, self._handle_event_report),
         ]
-        server = start_server(ae, self._config, handlers, ssl_context=self._ssl_context)
+        server = start_server(
+            ae, self._config, handlers, ssl_context=self._ssl_context, listening=self._listening
+        )
         server.on_refusal = self._refused_connection
+        self._server = server
+        if not self._listening:  # given connections by the main process (take)
+            return self.address
         # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux.
         assert server.socket is not None
         server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._server = server
         log.info("listening as %s on %s:%d", self._config.ae_title, *self.address)
         if self._ssl_context is not None:
             log.info("TLS on (%s)", describe(self._ssl_context))
+        if self._pool is not None:
+            self._pool.start(lambda: server.local_connections)
+            server.hand_off = self._pool.hand_off
         return self.address
+
+    def take(
+        self, sock: socket.socket, address: tuple[str, int], on_closed: Callable[[], None]
+    ) -> None:
+        """Serve a connection the main process accepted (``listening=False``)."""
+        server = self._server
+        if not isinstance(server, HandedServer):
+            raise RuntimeError("only a receiver that does not listen takes connections")
+        server.take(sock, address, on_closed)
 
     def stop(self, timeout: float = 30.0) -> int:
         """Stop accepting; let associations in progress finish for up to ``timeout`` s.
@@ -148,11 +186,15 @@ class Receiver:
             return 0
         server.shutdown()
         deadline = time.monotonic() + timeout
+        if self._pool is not None:  # the other processes drain meanwhile
+            self._pool.stop_accepting(timeout)
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)  # polling a thread list: no event to wait on
         left = len(server.active_associations)
         if left:
             log.warning("%d association(s) still open after %.0f s; closing", left, timeout)
+        if self._pool is not None:
+            left += self._pool.join(max(0.0, deadline - time.monotonic()))
         return left
 
     def _handle_store(self, event: evt.Event) -> int:

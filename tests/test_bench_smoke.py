@@ -15,7 +15,7 @@ import pytest
 from peers import REPO_ROOT, require_tools
 
 BENCH = REPO_ROOT / "bench"
-RECEIVERS = ("dcmtk storescp", "Orthanc", "dicom_node")
+RECEIVERS = ("dcmtk storescp", "Orthanc", "dicom_node", "dicom_node x2")
 
 
 def _run_quick(script: Path) -> str:
@@ -35,7 +35,8 @@ def _run_quick(script: Path) -> str:
 
 def _table_rows(out: str, name: str) -> list[str]:
     """Lines of the rates tables for ``name``: border, name, median, rounds, ratios."""
-    return re.findall(rf"^\W+{re.escape(name)}\W.*\d+\.\d+x.*$", out, flags=re.MULTILINE)
+    pattern = rf"^\W+{re.escape(name)}\s+[│|].*\d+\.\d+x.*$"
+    return re.findall(pattern, out, flags=re.MULTILINE)
 
 
 def _verdicts(out: str, target: str) -> list[str]:
@@ -50,13 +51,14 @@ def test_receive_quick_stores_all_on_every_receiver() -> None:
         for level in (1, 2):
             assert f"{name:<15} x{level}: stored all 20/20" in out
         assert len(_table_rows(out, name)) == 2  # one row in each load's table
-    assert "node peak RSS (VmHWM) x1:" in out
-    for target in (
-        "1 assoc: node vs storescp",
-        "1 assoc: node vs Orthanc",
-        "2 assoc: node vs storescp",
-    ):
-        assert len(_verdicts(out, target)) == 1
+    for node in ("dicom_node", "dicom_node x2"):
+        assert f"{node} peak RSS (VmHWM, all its processes) x1:" in out
+        for target in (
+            f"1 assoc: {node} vs storescp",
+            f"1 assoc: {node} vs Orthanc",
+            f"2 assoc: {node} vs storescp",
+        ):
+            assert len(_verdicts(out, target)) == 1
 
 
 @pytest.mark.timeout(90)

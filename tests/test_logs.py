@@ -17,7 +17,7 @@ import pytest
 import yaml
 from peers import LOCALHOST, free_port
 
-from dicom_node.logs import log_context, make_handler
+from dicom_node.logs import ProcessFilter, log_context, make_handler
 
 
 @pytest.fixture
@@ -109,6 +109,21 @@ def test_text_format_appends_ids() -> None:
     assert second.endswith("dicom_node.x: idle")
     with pytest.raises(ValueError, match="'xml'"):
         make_handler("xml")
+
+
+def test_a_receiving_process_names_itself_on_each_record() -> None:
+    records = []
+    for fmt in ("text", "json"):
+        stream = io.StringIO()
+        handler = make_handler(fmt, stream)
+        handler.addFilter(ProcessFilter("receiver-2"))
+        record = logging.LogRecord("dicom_node.x", logging.INFO, __file__, 1, "stored", (), None)
+        with log_context(calling_aet="CT1"):
+            handler.handle(record)
+        records.append(stream.getvalue().strip())
+    text, line = records
+    assert text.endswith("dicom_node.x: stored [aet=CT1 process=receiver-2]")
+    assert json.loads(line)["process"] == "receiver-2"
 
 
 def run_cli(*args: str | Path, env_format: str | None = None) -> subprocess.CompletedProcess[str]:

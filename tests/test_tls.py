@@ -32,6 +32,7 @@ from peers import (
     require_tools,
     storescu,
     tool_path,
+    wait_until,
 )
 from test_assemble import Clock, Harness
 from test_send import job_with_results
@@ -156,12 +157,16 @@ def test_contexts_follow_bcp195(pki: Pki) -> None:
 # --------------------------------------------------------------------------- the listener
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 def test_storescu_sends_over_tls_and_plain_tcp_is_refused(
-    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture, processes: int
 ) -> None:
+    """With two receiving processes the first connection of each goes to receiver-2,
+    which makes the TLS handshake itself (node.receive_processes)."""
     require_tools("storescu", "echoscu")
     caplog.set_level("INFO", logger="dicom_node")
-    settings = node_settings(tmp_path / "var", node={"tls": _node_tls(pki)})
+    node_section = {"tls": _node_tls(pki), "receive_processes": processes}
+    settings = node_settings(tmp_path / "var", node=node_section)
     with running_node(settings) as node:
         port = node.receiver.address[1]
         tls = ["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca)]
@@ -171,10 +176,19 @@ def test_storescu_sends_over_tls_and_plain_tcp_is_refused(
         assert plain.returncode != 0
         assert echoscu(LOCALHOST, port, "AINODE", check=False).returncode != 0
         assert node.journal.state_counts()["instances"]["total"] == 3
-        failed = node.metrics.registry.get_sample_value(
-            "dicom_node_associations_total", {"outcome": "tls_failed"}
+        wait_until(  # a receiving process reports its counters every 0.5 s
+            lambda: (
+                (
+                    node.metrics.registry.get_sample_value(
+                        "dicom_node_associations_total", {"outcome": "tls_failed"}
+                    )
+                    or 0
+                )
+                >= 2
+            ),
+            10,
+            what="two failed TLS handshakes counted",
         )
-        assert failed is not None and failed >= 2
         trail = (Path(node.config.storage.path) / "audit.jsonl").read_text()
     assert "TLS on (minimum TLSv1_2, peer certificates not requested)" in caplog.text
     alerts = [json.loads(line) for line in trail.splitlines() if "connection refused" in line]

@@ -7,11 +7,14 @@ active associations and GPU memory are read at scrape time.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+# (metric name, its labels as sorted (name, value) pairs)
+CounterKey = tuple[str, tuple[tuple[str, str], ...]]
 
 STAGES = ("receive", "wait", "analyse", "encode", "send")
 STAGE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
@@ -97,6 +100,32 @@ class Metrics:
             registry=self.registry,
         )
 
+    def counter_totals(self) -> dict[CounterKey, float]:
+        """Every counter's value by (metric name, labels): what another receiving process
+        reports to the main one (:mod:`dicom_node.receivers`)."""
+        totals: dict[CounterKey, float] = {}
+        for family in self.registry.collect():
+            if family.type != "counter":
+                continue
+            for sample in family.samples:
+                if sample.name == family.name + "_total":
+                    totals[(family.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return totals
+
+    def add_counts(self, deltas: Mapping[CounterKey, float]) -> None:
+        """Add what another process counted; unknown names and non-increases are skipped."""
+        counters = {
+            family.name: metric
+            for metric in vars(self).values()
+            if isinstance(metric, Counter)
+            for family in metric.collect()
+        }
+        for (name, labels), delta in deltas.items():
+            counter = counters.get(name)
+            if counter is None or delta <= 0:
+                continue
+            (counter.labels(**dict(labels)) if labels else counter).inc(delta)
+
     def watch_journal(self, counts: Callable[[], dict[str, dict[str, int]]]) -> None:
         """Export the journal's counts by state (and the queue depths) at scrape time."""
         self.registry.register(_JournalCollector(counts))
@@ -104,6 +133,17 @@ class Metrics:
     def watch_associations(self, active: Callable[[], int]) -> None:
         self.registry.register(
             _GaugeCollector("dicom_node_associations_active", "Associations open right now", active)
+        )
+
+    def watch_receiving_processes(self, ready: Callable[[], int]) -> None:
+        """Processes that receive now, the node's own included (node.receive_processes)."""
+        self.registry.register(
+            _GaugeCollector(
+                "dicom_node_receiving_processes",
+                "Processes receiving now, the node's own included (node.receive_processes"
+                " when all are up)",
+                ready,
+            )
         )
 
     def watch_gpu(self) -> None:

@@ -1,0 +1,344 @@
+"""More than one receiving process (node.receive_processes, dicom_node.receivers).
+
+The main process accepts and hands connections to the least busy process; every
+instance ends up in the one journal, studies complete, counters reach /metrics, storage
+commitment reports are answered, and a receiving process that dies loses nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from nodes import NodeProcess, node_settings, running_node, send
+from peers import LOCALHOST, PHILIPS_B, free_port, require_tools, storescu, wait_until
+from pynetdicom import AE
+from test_commitment import ROUTE, FakeCommitmentScp, finished_job, ge_datasets
+
+from dicom_node.app import Node
+from dicom_node.config import NodeSection
+from dicom_node.database import WriterLock
+from dicom_node.domain import DeliveryState, JobState
+from dicom_node.receivers import ProcessSettings, ReceiverPool
+from dicom_node.web.metrics import Metrics
+
+
+def _pool(node: Node) -> ReceiverPool:
+    pool = node.receiver._pool
+    assert isinstance(pool, ReceiverPool)
+    return pool
+
+
+def _pids(node: Node) -> list[int]:
+    processes = [p.process for p in _pool(node)._processes]
+    return [p.pid for p in processes if p is not None]
+
+
+def _folders(storage: Path) -> Counter[str]:
+    """Instance files per folder: "instances" (the main process) or "receiver-K"."""
+    return Counter(path.parts[-3] for path in (storage / "instances").rglob("*.dcm"))
+
+
+def _exited(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"  # ended, not yet reaped by whoever adopted it
+
+
+def _received(node: Node) -> float:
+    totals = node.metrics.counter_totals()
+    return sum(v for (name, _), v in totals.items() if name == "dicom_node_instances_received")
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.timeout(120)
+def test_four_associations_are_shared_by_two_processes_and_every_instance_is_kept(
+    tmp_path: Path,
+) -> None:
+    require_tools("storescu")
+    files = sorted(PHILIPS_B.glob("*.dcm"))
+    storage = tmp_path / "var"
+    settings = node_settings(
+        storage, node={"receive_processes": 2}, completion={"study_idle_seconds": 0.5}
+    )
+    with running_node(settings) as node:
+        assert _pool(node).ready == 1
+        assert node.metrics.registry.get_sample_value("dicom_node_receiving_processes") == 2
+        port = node.receiver.address[1]
+        with ThreadPoolExecutor(4) as pool:
+            runs = list(
+                pool.map(
+                    lambda k: storescu(LOCALHOST, port, "AINODE", files[k::4], check=False),
+                    range(4),
+                )
+            )
+        assert [run.returncode for run in runs] == [0, 0, 0, 0], runs[0].stderr
+        counts = node.journal.state_counts()
+        assert counts["instances"]["total"] == len(files)
+        # two associations each: the main process and receiver-2
+        assert _folders(storage) == {"instances": len(files) / 2, "receiver-2": len(files) / 2}
+        # the study was opened in one of them; the main process completes it either way
+        wait_until(lambda: node.journal.state_counts()["studies"].get("complete"), 20)
+        # receiver-2 reports its counters every 0.5 s
+        wait_until(lambda: _received(node) == len(files), 10, what="counters of both")
+        wait_until(lambda: node.receiver.active_associations == 0, 10)
+        totals = node.metrics.counter_totals()
+        assert totals[("dicom_node_associations", (("outcome", "accepted"),))] == 4
+        pids = _pids(node)
+    assert pids and all(_exited(pid) for pid in pids)  # stopped with the node
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_receiving_process_is_started_again_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    storage = tmp_path / "var"
+    settings = node_settings(
+        storage, node={"receive_processes": 2}, completion={"study_idle_seconds": 0.5}
+    )
+    ge = ge_datasets()
+    with running_node(settings) as node:
+        (first_pid,) = _pids(node)
+        # A file it made durable but had not recorded when it died (as after a crash
+        # between the fsync and the journal commit), of a study nobody else knows.
+        orphan = pydicom.dcmread(sorted(PHILIPS_B.glob("*.dcm"))[0])
+        name = uuid.uuid4().hex
+        target = storage / "instances" / "receiver-2" / name[:2] / f"{name}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sorted(PHILIPS_B.glob("*.dcm"))[0], target)
+        os.kill(first_pid, signal.SIGKILL)
+        wait_until(
+            lambda: _pool(node).ready == 1 and _pids(node) != [first_pid],
+            30,
+            what="receiver-2 started again",
+        )
+        assert node.journal.has_instance(str(orphan.SOPInstanceUID))
+        # its study gets a completion timer although no process announced it
+        wait_until(lambda: node.journal.state_counts()["studies"].get("complete"), 20)
+        # and the new process receives (a lone association goes to it)
+        assert send(node, ge) == [0, 0, 0]
+        assert _folders(storage)["receiver-2"] == 4  # the orphan and the three GE slices
+        wait_until(lambda: node.journal.state_counts()["studies"].get("complete") == 2, 20)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_lets_a_receiving_process_finish_its_association_first(tmp_path: Path) -> None:
+    """systemd stops a unit by sending SIGTERM to every process in it."""
+    storage = tmp_path / "var"
+    ge = ge_datasets()
+    with running_node(node_settings(storage, node={"receive_processes": 2})) as node:
+        (pid,) = _pids(node)
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(str(ge[0].SOPClassUID), [str(ge[0].file_meta.TransferSyntaxUID)])
+        assoc = ae.associate(LOCALHOST, node.receiver.address[1], ae_title="AINODE")
+        assert assoc.is_established  # a lone association: receiver-2 has it
+        try:
+            assert int(assoc.send_c_store(ge[0]).Status) == 0
+            os.kill(pid, signal.SIGTERM)
+            time.sleep(0.5)
+            assert not _exited(pid)  # draining
+            assert [int(assoc.send_c_store(ds).Status) for ds in ge[1:]] == [0, 0]
+        finally:
+            assoc.release()
+        wait_until(lambda: _exited(pid), 10, what="receiver-2 to exit once drained")
+        assert _folders(storage) == {"receiver-2": 3}
+        wait_until(lambda: _pool(node).ready == 1, 30, what="receiver-2 started again")
+
+
+@pytest.mark.timeout(120)
+def test_receiving_processes_exit_when_the_main_process_dies(tmp_path: Path) -> None:
+    storage = tmp_path / "var"
+    settings = node_settings(storage, node={"receive_processes": 3})
+    with NodeProcess(settings, tmp_path / "node") as node:
+        wait_until(lambda: "receiving in 3 process(es)" in node.log(), 60, what="3 processes")
+        assert node.proc is not None
+        children = [
+            int(pid)
+            for path in Path(f"/proc/{node.proc.pid}/task").glob("*/children")
+            for pid in path.read_text().split()
+        ]
+        assert len(children) == 2
+        node.kill()
+        wait_until(lambda: all(_exited(pid) for pid in children), 20, what="orphans to exit")
+
+
+@pytest.mark.timeout(180)
+def test_a_commitment_report_taken_by_a_receiving_process_settles_the_delivery(
+    tmp_path: Path,
+) -> None:
+    """With two processes, a connection that arrives while none is open goes to
+    receiver-2; so do both the GE slices and the PACS's later N-EVENT-REPORT."""
+    node_port = free_port()
+    fake = FakeCommitmentScp(node_port, ["ok"])
+    settings = node_settings(
+        tmp_path / "var",
+        node={"port": node_port, "receive_processes": 2},
+        destinations={
+            "pacs": {
+                "ae_title": "FAKEPACS",
+                "host": LOCALHOST,
+                "port": fake.port,
+                "storage_commitment": True,
+            }
+        },
+        routes=[ROUTE],
+    )
+    try:
+        with running_node(settings) as node:
+            assert send(node, ge_datasets()) == [0, 0, 0]
+            (job,) = finished_job(node, JobState.DONE)  # type: ignore[misc]
+            (delivery,) = node.journal.job_deliveries(job.id)
+    finally:
+        fake.stop()
+    assert _folders(tmp_path / "var") == {"receiver-2": 3}
+    assert fake.report_statuses == [0x0000]
+    assert delivery.state == DeliveryState.SENT and delivery.committed_at is not None
+
+
+# --------------------------------------------------------------------------- the hand-off
+
+
+def _settings(name: str) -> ProcessSettings:
+    node = NodeSection(ae_title="AINODE")
+    return ProcessSettings(name, node, Path("/nonexistent"), 0, None, "INFO", "text")
+
+
+def _fake_pool(names: list[str]) -> tuple[ReceiverPool, list[socket.socket], list[int]]:
+    """A pool whose processes are socket pairs (no process started); the main process's
+    own load is the returned list's one element."""
+    pool = ReceiverPool(
+        [_settings(n) for n in names],
+        journal=None,  # type: ignore[arg-type]
+        metrics=Metrics(),
+        on_opened=lambda _recorded: None,
+        on_report=lambda _kind, _info: (0, None),
+        reschedule=lambda: None,
+    )
+    theirs = []
+    for proc in pool._processes:
+        ours, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        proc.sock, proc.ready = ours, True
+        theirs.append(other)
+    local = [0]
+    pool._local_load = lambda: local[0] + 1  # counting the connection being placed
+    return pool, theirs, local
+
+
+def _place(pool: ReceiverPool, local: list[int]) -> Any:
+    """Place one connection; the remote it went to, or None (kept: local load + 1)."""
+    with socket.socket() as sock:
+        remote = pool.hand_off(sock, ("10.0.0.7", 40000))
+    if remote is None:
+        local[0] += 1
+    return remote
+
+
+def test_each_connection_goes_to_the_least_busy_process_the_main_one_on_a_tie() -> None:
+    pool, theirs, local = _fake_pool(["receiver-2", "receiver-3"])
+    placed = [_place(pool, local) for _ in range(6)]
+    assert [r is None for r in placed] == [False, False, True, False, False, True]
+    assert [len(p.connections) for p in pool._processes] == [2, 2] and local == [2]
+    # what each process received: ("take", id, address) with the connection's descriptor
+    data, fds, _, _ = socket.recv_fds(theirs[0], 1 << 16, 1)
+    kind, conn_id, address = pickle.loads(data)
+    assert (kind, address) == ("take", ("10.0.0.7", 40000)) and len(fds) == 1
+    os.close(fds[0])
+    # receiver-2 says its first connection closed: it is the least busy again
+    pool._handle(pool._processes[0], ("closed", conn_id))
+    assert placed[0].open is False and placed[1].open is True
+    assert _place(pool, local) is not None and len(pool._processes[0].connections) == 2
+    # a process that is not ready, or cannot be written to, gets nothing
+    pool._processes[0].ready = False
+    theirs[1].close()
+    assert _place(pool, local) is None
+    assert [len(p.connections) for p in pool._processes] == [2, 2]
+
+
+def test_counters_of_a_receiving_process_are_added_once() -> None:
+    pool, _theirs, _local = _fake_pool(["receiver-2"])
+    proc = pool._processes[0]
+    key = ("dicom_node_instances_received", (("calling_aet", "CT1"),))
+    for total in (3.0, 3.0, 5.0):  # reports are totals; only the increase counts
+        pool._handle(proc, ("counts", {key: total}, 1))
+    pool._handle(proc, ("counts", {("no_such_metric", ()): 9.0}, 2))
+    assert pool._metrics.counter_totals()[key] == 5.0
+    assert pool.active_associations == 2
+    pool._lost(proc)  # a new process counts from zero: its totals add again
+    pool._processes[0].ready = True
+    pool._handle(proc, ("counts", {key: 2.0}, 0))
+    assert pool._metrics.counter_totals()[key] == 7.0
+
+
+# --------------------------------------------------------------------------- the journal lock
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from dicom_node.database import WriterLock
+lock = WriterLock(Path(sys.argv[1]))
+lock.__enter__()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_journal_lock_is_taken_across_processes_and_dropped_when_its_holder_dies(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.sqlite.writers"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        lock = WriterLock(path)
+        taken: list[float] = []
+
+        def take() -> None:
+            with lock:
+                taken.append(time.monotonic())
+
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(take)
+            time.sleep(0.5)
+            assert not taken  # the other process holds it
+            killed = time.monotonic()
+            holder.send_signal(signal.SIGKILL)
+            future.result(timeout=10)
+        assert taken[0] - killed < 2.0
+        lock.close()
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+def test_receive_processes_need_the_nodes_own_journal() -> None:
+    from dicom_node.config import ConfigError, parse_config
+
+    settings = node_settings(
+        Path("/tmp/unused"),
+        node={"receive_processes": 2},
+        cluster={"journal_url": "postgresql+psycopg://u:p@db:5432/j"},
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(settings)
+    assert any(p.startswith("node.receive_processes:") for p in caught.value.problems)
