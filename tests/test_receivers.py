@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ from dicom_node.app import Node
 from dicom_node.config import NodeSection
 from dicom_node.database import WriterLock
 from dicom_node.domain import DeliveryState, JobState
+from dicom_node.journal import Journal
 from dicom_node.receivers import ProcessSettings, ReceiverPool
 from dicom_node.web.metrics import Metrics
 
@@ -169,14 +171,65 @@ def test_receiving_processes_exit_when_the_main_process_dies(tmp_path: Path) -> 
     with NodeProcess(settings, tmp_path / "node") as node:
         wait_until(lambda: "receiving in 3 process(es)" in node.log(), 60, what="3 processes")
         assert node.proc is not None
-        children = [
-            int(pid)
-            for path in Path(f"/proc/{node.proc.pid}/task").glob("*/children")
-            for pid in path.read_text().split()
-        ]
+        children = _children(node.proc.pid)
         assert len(children) == 2
         node.kill()
         wait_until(lambda: all(_exited(pid) for pid in children), 20, what="orphans to exit")
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_of_either_process_while_receiving_loses_nothing(tmp_path: Path) -> None:
+    """A sender resends whatever was not acknowledged while receiver-2 (four times) and
+    the main process (twice) are killed at random moments; every acknowledged instance
+    is kept, every study completes."""
+    from test_chaos import Sender, studies
+
+    rng = random.Random(20261206)
+    all_studies = studies()[:2]  # 40 Philips slices, 3 GE slices
+    storage = tmp_path / "var"
+    settings = node_settings(storage, node={"receive_processes": 2})
+    node = NodeProcess(settings, tmp_path / "node").start()
+    try:
+        sender = Sender(node.port, [ds for study in all_studies for ds in study], pause=0.05)
+        sender.start()
+        for victim in ["receiver", "receiver", "main", "receiver", "receiver", "main"]:
+            time.sleep(rng.uniform(0.3, 1.2))
+            assert node.proc is not None
+            if victim == "main":
+                node.kill()  # its receiving process drains its association and exits
+                node.start()
+                continue
+            for pid in _children(node.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+        sender.join(120)
+        assert not sender.pending, f"{len(sender.pending)} never acknowledged"
+        journal = Journal(storage / "journal.sqlite")
+        try:
+            wait_until(
+                lambda: journal.state_counts()["studies"].get("complete") == 2,
+                60,
+                what=f"both studies complete; node log:\n{node.log()[-3000:]}",
+            )
+            stored = {
+                str(pydicom.dcmread(storage / rel, stop_before_pixels=True).SOPInstanceUID)
+                for rel in journal.all_instance_relpaths()
+            }
+        finally:
+            journal.close()
+    finally:
+        node.stop()
+    assert sender.acked <= stored and len(stored) == sum(len(s) for s in all_studies)
+    assert "receiving process receiver-2 exited" in node.log()
+    assert sender.reconnects >= 1, "no kill hit an association"
+    print(f"sender reconnected {sender.reconnects} times")
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for path in Path(f"/proc/{pid}/task").glob("*/children")
+        for child in path.read_text().split()
+    ]
 
 
 @pytest.mark.timeout(180)
