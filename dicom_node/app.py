@@ -37,7 +37,7 @@ from dicom_node.logs import current_logging
 from dicom_node.objects import ObjectStore
 from dicom_node.receive import Receiver
 from dicom_node.receivers import DRAIN_SECONDS, ProcessSettings, ReceiverPool
-from dicom_node.reindex import reindex_orphans
+from dicom_node.reindex import reindex_orphans, reindex_receiving_folders
 from dicom_node.send import Sender
 from dicom_node.store import Spool
 from dicom_node.tls import destination_tls
@@ -73,6 +73,8 @@ class Node:
         self.audit.application("start", self.config.node.ae_title)
         self.spool.clear_tmp()
         reindex_orphans(self.spool, self.journal)
+        if self.spool.name is None:  # node.receive_processes, now or in an earlier run
+            reindex_receiving_folders(self.spool, self.journal)
         if not self.journal.shared:  # shared: other processes' jobs; expired leases tell
             resumed = self.journal.resume(time.time())
             if resumed:

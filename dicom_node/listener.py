@@ -252,7 +252,9 @@ class HandedServer(HardenedServer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._closed_callbacks: dict[int, Callable[[], None]] = {}
+        # Keyed by the socket object, not its descriptor number: a closed connection's
+        # number is given to the next one while its thread may still be finishing.
+        self._closed_callbacks: dict[socket.socket, Callable[[], None]] = {}
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
@@ -270,22 +272,37 @@ class HandedServer(HardenedServer):
             on_closed()
             return
         with self._connections_lock:
-            self._closed_callbacks[sock.fileno()] = on_closed
+            self._closed_callbacks[sock] = on_closed
         try:
             self.process_request(sock, address)
         except BaseException:
-            with self._connections_lock:
-                self._closed_callbacks.pop(sock.fileno(), None)
+            with self._connections_lock:  # under its TLS socket, if it got that far
+                for key in [k for k, v in self._closed_callbacks.items() if v is on_closed]:
+                    del self._closed_callbacks[key]
             self.shutdown_request(sock)
             on_closed()
             raise
+
+    def _mark(
+        self,
+        sock: socket.socket,
+        *,
+        elsewhere: Elsewhere | None = None,
+        replacement: socket.socket | None = None,
+    ) -> None:
+        super()._mark(sock, elsewhere=elsewhere, replacement=replacement)
+        if replacement is not None:  # wrapped for TLS: the callback follows the socket
+            with self._connections_lock:
+                on_closed = self._closed_callbacks.pop(sock, None)
+                if on_closed is not None:
+                    self._closed_callbacks[replacement] = on_closed
 
     def attach(self, sock: socket.socket, assoc: Association) -> None:
         """The connection's association runs in a thread of its own: ``on_closed`` once
         that thread ends."""
         super().attach(sock, assoc)
         with self._connections_lock:
-            on_closed = self._closed_callbacks.pop(sock.fileno(), None)
+            on_closed = self._closed_callbacks.pop(sock, None)
         if on_closed is None:
             return
         run = assoc.run
@@ -299,12 +316,11 @@ class HandedServer(HardenedServer):
         assoc.run = run_then_report  # type: ignore[method-assign]
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        fd = request.fileno()
         try:
             super().process_request_thread(request, client_address)
         finally:  # no association was made (a failed TLS handshake, ...)
             with self._connections_lock:
-                on_closed = self._closed_callbacks.pop(fd, None)
+                on_closed = self._closed_callbacks.pop(request, None)
             if on_closed is not None:
                 on_closed()
 

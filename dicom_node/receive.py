@@ -190,9 +190,14 @@ class Receiver:
             self._pool.stop_accepting(timeout)
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)  # polling a thread list: no event to wait on
-        left = len(server.active_associations)
-        if left:
-            log.warning("%d association(s) still open after %.0f s; closing", left, timeout)
+        remaining = server.active_associations
+        if remaining:
+            log.warning(
+                "%d association(s) still open after %.0f s; closing", len(remaining), timeout
+            )
+            for assoc in remaining:  # their senders resend what was not acknowledged
+                assoc.abort()
+        left = len(remaining)
         if self._pool is not None:
             left += self._pool.join(max(0.0, deadline - time.monotonic()))
         return left

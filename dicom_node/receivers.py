@@ -33,6 +33,7 @@ Failures:
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -65,7 +66,9 @@ STABLE_SECONDS = 60.0  # a process that ran this long is restarted after the fir
 REPORT_SECONDS = 30.0  # a receiving process's wait for the answer to a commitment report
 COUNTS_SECONDS = 0.5  # how often a receiving process reports its counters
 EXIT_GRACE_SECONDS = 5.0  # after the drain, before a receiving process is killed
-MAX_MESSAGE_BYTES = 1 << 20
+# A SOCK_SEQPACKET message must fit the socket's send buffer (net.core.wmem_default,
+# 208 KiB by default); the largest are commitment reports (about 100 bytes per object).
+MAX_MESSAGE_BYTES = 192 * 1024
 # On SIGTERM or without the main process, a receiving process lets its associations
 # finish for this long (the main process's own drain, app.DRAIN_TIMEOUT_SECONDS, uses it).
 DRAIN_SECONDS = 30.0
@@ -155,7 +158,6 @@ class ReceiverPool:
         placed when it is asked from :meth:`hand_off`.
         """
         self._local_load = local_load
-        self._reindex_retired()
         for proc in self._processes:
             proc.supervisor = threading.Thread(
                 target=self._supervise, args=(proc,), name=f"{proc.name}-supervisor", daemon=True
@@ -198,7 +200,8 @@ class ReceiverPool:
 
     def stop_accepting(self, timeout: float) -> None:
         """Tell every receiving process to finish its associations within ``timeout``."""
-        self._stopping.set()
+        with self._lock:  # no process starts after this (see _run)
+            self._stopping.set()
         for proc in self._processes:
             if proc.sock is not None:
                 try:
@@ -209,9 +212,10 @@ class ReceiverPool:
     def join(self, timeout: float) -> int:
         """Wait for the receiving processes to exit; kill those still running after
         ``timeout`` (+ a grace). Returns the connections they still had open."""
-        self._stopping.set()
+        with self._lock:
+            self._stopping.set()
         deadline = time.monotonic() + timeout + EXIT_GRACE_SECONDS
-        left = sum(len(p.connections) for p in self._processes)
+        left = 0
         for proc in self._processes:
             process = proc.process
             if process is None:
@@ -220,11 +224,16 @@ class ReceiverPool:
                 process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("receiving process %s did not exit in time; killing it", proc.name)
+                left += len(proc.connections)
                 process.kill()
                 process.wait()
         for proc in self._processes:
             if proc.supervisor is not None:
                 proc.supervisor.join(EXIT_GRACE_SECONDS)
+            process = proc.process
+            if process is not None and process.poll() is None:  # started during the stop
+                process.kill()
+                process.wait()
         return left
 
     # -- one receiving process's life -------------------------------------------
@@ -239,12 +248,11 @@ class ReceiverPool:
                 log.exception("receiving process %s failed", proc.name)
                 code = None
             finally:
-                had_started = proc.ready
                 self._lost(proc)
-            if had_started and not self._stopping.is_set():
-                self._reschedule_studies()  # a study it opened may not have been announced
             if self._stopping.is_set():
                 return
+            # a study it opened, or indexed again at its start, may not have been announced
+            self._reschedule_studies()
             if time.monotonic() - began > STABLE_SECONDS:
                 delay = RESTART_FIRST_SECONDS
             log.error(
@@ -261,28 +269,38 @@ class ReceiverPool:
         """Start the process, read its messages until it closes its end; its exit code."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            proc.process = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.receivers", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
+            with self._lock:  # not once the node stops (stop_accepting, join)
+                if self._stopping.is_set():
+                    return None
+                process = proc.process = subprocess.Popen(
+                    [sys.executable, "-m", "dicom_node.receivers", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                )
         finally:
             theirs.close()
         proc.sock = ours
         try:
             self._send(proc, ("setup", proc.settings))
             while True:
-                data = ours.recv(MAX_MESSAGE_BYTES)
+                try:
+                    data = ours.recv(MAX_MESSAGE_BYTES)
+                except OSError:  # ECONNRESET: it ended with a message of ours unread
+                    break
                 if not data:
                     break
-                self._handle(proc, pickle.loads(data))
+                try:
+                    self._handle(proc, pickle.loads(data))
+                except Exception:
+                    log.exception("a message from receiving process %s failed", proc.name)
         finally:
             ours.close()
-        try:
-            return proc.process.wait(EXIT_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:  # it closed its end but lives on
-            proc.process.kill()
-            return proc.process.wait()
+            try:
+                code = process.wait(EXIT_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:  # it closed its end but lives on
+                process.kill()
+                code = process.wait()
+        return code
 
     def _handle(self, proc: _Process, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -306,6 +324,9 @@ class ReceiverPool:
                 self._send(proc, ("answer", request_id, status))
             except OSError as exc:
                 log.error("cannot answer %s's storage commitment report: %s", proc.name, exc)
+        elif kind == "draining":  # it takes no new connection
+            with self._lock:
+                proc.ready = False
         elif kind == "ready":
             assert proc.process is not None
             log.info("receiving process %s ready (pid %d)", proc.name, proc.process.pid)
@@ -347,25 +368,6 @@ class ReceiverPool:
             else:
                 socket.send_fds(sock, [data], [fd], socket.MSG_DONTWAIT)
 
-    def _reindex_retired(self) -> None:
-        """Index the orphan files of receiving processes this node no longer runs
-        (``node.receive_processes`` was lowered), before any process starts."""
-        from dicom_node.reindex import reindex_orphans
-        from dicom_node.store import Spool
-
-        if not self._processes:
-            return
-        names = {p.name for p in self._processes}
-        template = self._processes[0].settings
-        instances = template.storage / "instances"
-        for folder in sorted(instances.glob("receiver-*")):
-            if folder.is_dir() and folder.name not in names:
-                retired = Spool(template.storage, template.min_free_bytes, folder.name)
-                try:
-                    reindex_orphans(retired, self._journal)
-                finally:
-                    retired.release()
-
 
 # -- a receiving process ---------------------------------------------------------
 
@@ -388,11 +390,13 @@ class _Serving:
         self._drain = DRAIN_SECONDS
         self._receiver: Any = None
         self._stopping = threading.Event()  # drain now
+        self._terminated = False  # SIGTERM: a plain flag, safe to set in a signal handler
         self._closing = threading.Event()  # drained
         self._metrics = Metrics()
         self._parts: list[Any] = []  # closed in reverse at the end
 
     def run(self) -> int:
+        """Serve until told to stop, drain, and end the process (never returns normally)."""
         try:
             receiver = self._receiver = self._start()
         except Exception as exc:
@@ -408,13 +412,19 @@ class _Serving:
         # commitment reports still arrive while the associations drain.
         reading = threading.Thread(target=self._read, args=(receiver,), name="main", daemon=True)
         reading.start()
-        self._stopping.wait()
-        receiver.stop(self._drain)
+        while not (self._stopping.is_set() or self._terminated):
+            self._stopping.wait(0.2)
+        self._send(("draining",))  # the main process hands it nothing more
+        receiver.stop(self._drain)  # associations still open at the deadline are aborted
         self._closing.set()
         counting.join()
         self._send_counts(None)
         self._close()
-        return 0
+        # Nothing of this process may outlive the drain: a new receiver-K may start on
+        # the same folder as soon as the name lock is free. os._exit ends every thread
+        # still winding down; the lock goes with the process.
+        logging.shutdown()
+        os._exit(0)
 
     def _start(self) -> Any:
         from dicom_node.audit import AuditTrail
@@ -424,8 +434,7 @@ class _Serving:
 
         settings = self._settings
         spool = Spool(settings.storage, settings.min_free_bytes, settings.name)
-        spool.create()
-        self._parts.append(spool.release)
+        spool.create()  # holds nodes/<name>.lock until this process ends, not before
         spool.clear_tmp()
         journal = Journal(spool.journal_path)
         self._parts.append(journal.close)
@@ -449,7 +458,8 @@ class _Serving:
 
     def _read(self, receiver: Any) -> None:
         """Take connections and answers until the socket closes; a "stop" message or an
-        end of file (the main process is gone) starts the drain."""
+        end of file (the main process is gone) starts the drain, and so does a failure
+        here (a process that cannot read its messages must not stay "ready")."""
         while True:
             try:
                 data, fds, _flags, _address = socket.recv_fds(self._sock, MAX_MESSAGE_BYTES, 4)
@@ -460,25 +470,32 @@ class _Serving:
                     os.close(fd)
                 self._stopping.set()
                 return
-            message = pickle.loads(data)
-            kind = message[0]
-            if kind == "take":
-                self._take(receiver, message[1], message[2], fds)
-                continue
-            for fd in fds:
-                os.close(fd)
-            if kind == "answer":
-                waiter = self._waiters.pop(message[1], None)
-                if waiter is not None:
-                    waiter.status = message[2]
-                    waiter.done.set()
-            elif kind == "stop":
-                self._drain = float(message[1])
+            try:
+                self._dispatch(receiver, pickle.loads(data), fds)
+            except Exception:
+                log.exception("a message from the main process failed; draining")
                 self._stopping.set()
+                return
+
+    def _dispatch(self, receiver: Any, message: tuple[Any, ...], fds: list[int]) -> None:
+        kind = message[0]
+        if kind == "take":
+            self._take(receiver, message[1], message[2], fds)
+            return
+        for fd in fds:
+            os.close(fd)
+        if kind == "answer":
+            waiter = self._waiters.pop(message[1], None)
+            if waiter is not None:
+                waiter.status = message[2]
+                waiter.done.set()
+        elif kind == "stop":
+            self._drain = float(message[1])
+            self._stopping.set()
 
     def _take(self, receiver: Any, conn_id: int, address: tuple[str, int], fds: list[int]) -> None:
         """Serve a connection; whatever goes wrong, the main process hears it closed."""
-        if not fds or self._stopping.is_set():
+        if not fds or self._stopping.is_set() or self._terminated:
             for fd in fds:
                 os.close(fd)
             self._closed(conn_id)
@@ -495,7 +512,7 @@ class _Serving:
 
     def _terminate(self, _signum: int, _frame: Any) -> None:
         """SIGTERM (e.g. systemd stopping the whole unit): drain and exit."""
-        self._stopping.set()
+        self._terminated = True
 
     def _recorded(self, recorded: Recorded) -> None:
         if recorded.opened:  # the main process schedules its completion
@@ -548,7 +565,10 @@ class _Serving:
                 self._sock.send(data)
             return True
         except OSError as exc:
-            log.debug("cannot reach the main process: %s", exc)
+            if exc.errno == errno.EMSGSIZE:
+                log.error("a %s message of %d bytes is too big to pass on", message[0], len(data))
+            else:
+                log.debug("cannot reach the main process: %s", exc)
             return False
 
     def _close(self) -> None:

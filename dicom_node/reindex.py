@@ -13,7 +13,7 @@ import logging
 from dicom_node.header import Rejected, parse_header
 from dicom_node.journal import Journal, UIDConflict
 from dicom_node.part10 import read_file_meta
-from dicom_node.store import Spool
+from dicom_node.store import NameInUse, Spool
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,31 @@ def reindex_orphans(spool: Spool, journal: Journal) -> int:
             )
     if indexed:
         log.warning("indexed %d instance file(s) that the journal had lost", indexed)
+    return indexed
+
+
+def reindex_receiving_folders(spool: Spool, journal: Journal) -> int:
+    """:func:`reindex_orphans` for the folders of receiving processes (``instances/receiver-K/``,
+    node.receive_processes), whatever the setting is now: it may have been lowered.
+
+    A folder whose process still runs is left to it: the old receiving process of a
+    node killed a moment ago may still be draining there, and indexing a file it has
+    renamed into place but not yet recorded would make its own record a duplicate.
+    """
+    indexed = 0
+    for folder in sorted(spool.instances.glob("receiver-*")):
+        if not folder.is_dir():
+            continue
+        other = Spool(spool.root, spool.min_free_bytes, folder.name)
+        try:
+            other.lock_name()
+        except NameInUse:
+            log.info("%s is still in use; its process indexes it when it starts", folder.name)
+            continue
+        try:
+            indexed += reindex_orphans(other, journal)
+        finally:
+            other.release()
     return indexed
 
 

@@ -70,7 +70,7 @@ class Spool:
         for folder in (self.root, self.instances, self.results, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
         if self.name is not None:
-            self._lock_name()
+            self.lock_name()
         # All 256 instance folders up front, made durable once: otherwise the first
         # instance into a new folder could be acknowledged by a second thread (which saw
         # the folder and fsynced only it) before the folder's own entry was synced.
@@ -79,7 +79,7 @@ class Spool:
         _fsync_dir(self.instances)
         _fsync_dir(self.root)
 
-    def _lock_name(self) -> None:
+    def lock_name(self) -> None:
         """Hold ``nodes/<name>.lock`` while running: a second process of that name fails."""
         import fcntl
 

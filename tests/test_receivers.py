@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -24,7 +25,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from nodes import NodeProcess, node_settings, running_node, send
+from nodes import NodeProcess, echo_ok, node_settings, running_node, send
 from peers import LOCALHOST, PHILIPS_B, free_port, require_tools, storescu, wait_until
 from pynetdicom import AE
 from test_commitment import ROUTE, FakeCommitmentScp, finished_job, ge_datasets
@@ -34,7 +35,7 @@ from dicom_node.config import NodeSection
 from dicom_node.database import WriterLock
 from dicom_node.domain import DeliveryState, JobState
 from dicom_node.journal import Journal
-from dicom_node.receivers import ProcessSettings, ReceiverPool
+from dicom_node.receivers import DRAIN_SECONDS, ProcessSettings, ReceiverPool
 from dicom_node.web.metrics import Metrics
 
 
@@ -142,7 +143,8 @@ def test_a_killed_receiving_process_is_started_again_and_loses_nothing(
 
 @pytest.mark.timeout(120)
 def test_sigterm_lets_a_receiving_process_finish_its_association_first(tmp_path: Path) -> None:
-    """systemd stops a unit by sending SIGTERM to every process in it."""
+    """systemd stops a unit by sending SIGTERM to every process in it; here receiver-2
+    alone gets it."""
     storage = tmp_path / "var"
     ge = ge_datasets()
     with running_node(node_settings(storage, node={"receive_processes": 2})) as node:
@@ -154,8 +156,10 @@ def test_sigterm_lets_a_receiving_process_finish_its_association_first(tmp_path:
         try:
             assert int(assoc.send_c_store(ge[0]).Status) == 0
             os.kill(pid, signal.SIGTERM)
-            time.sleep(0.5)
-            assert not _exited(pid)  # draining
+            wait_until(lambda: _pool(node).ready == 0, 5, what="receiver-2 to say it drains")
+            assert not _exited(pid)
+            # a new association meanwhile goes to the main process, not to the drain
+            assert echo_ok(node.receiver.address[1])
             assert [int(assoc.send_c_store(ds).Status) for ds in ge[1:]] == [0, 0]
         finally:
             assoc.release()
@@ -175,6 +179,31 @@ def test_receiving_processes_exit_when_the_main_process_dies(tmp_path: Path) -> 
         assert len(children) == 2
         node.kill()
         wait_until(lambda: all(_exited(pid) for pid in children), 20, what="orphans to exit")
+
+
+@pytest.mark.timeout(120)
+def test_an_orphaned_receiving_process_ends_at_its_drain_deadline(tmp_path: Path) -> None:
+    """Its main process killed, a receiving process lets its associations go on for
+    DRAIN_SECONDS (30 s), then aborts them and exits: nothing of it outlives that."""
+    settings = node_settings(tmp_path / "var", node={"receive_processes": 2})
+    with NodeProcess(settings, tmp_path / "node") as node:
+        wait_until(lambda: "receiving in 2 process(es)" in node.log(), 60, what="receiver-2")
+        assert node.proc is not None
+        (child,) = _children(node.proc.pid)
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        ae.acse_timeout = ae.network_timeout = 120  # an idle peer that never releases
+        assoc = ae.associate(LOCALHOST, node.port, ae_title="AINODE")
+        assert assoc.is_established  # a lone association: receiver-2 has it
+        killed = time.monotonic()
+        node.kill()
+        try:
+            wait_until(lambda: _exited(child), 60, 0.2, what="the orphan to exit")
+            assert DRAIN_SECONDS - 1 < time.monotonic() - killed < DRAIN_SECONDS + 10
+            wait_until(lambda: not assoc.is_established, 10, what="the association aborted")
+        finally:
+            if assoc.is_established:
+                assoc.abort()
 
 
 @pytest.mark.timeout(300)
@@ -263,6 +292,33 @@ def test_a_commitment_report_taken_by_a_receiving_process_settles_the_delivery(
     assert _folders(tmp_path / "var") == {"receiver-2": 3}
     assert fake.report_statuses == [0x0000]
     assert delivery.state == DeliveryState.SENT and delivery.committed_at is not None
+
+
+def test_folders_of_receiving_processes_no_longer_run_are_indexed_at_start(
+    tmp_path: Path,
+) -> None:
+    """node.receive_processes lowered to 1: the orphans of receiver-3 are indexed by the
+    node itself; a folder whose process still runs (its name lock held) is left to it."""
+    from dicom_node.store import Spool
+
+    storage = tmp_path / "var"
+    sources = sorted(PHILIPS_B.glob("*.dcm"))[:2]
+    planted = []
+    for name, source in zip(["receiver-3", "receiver-4"], sources, strict=True):
+        file_name = uuid.uuid4().hex
+        target = storage / "instances" / name / file_name[:2] / f"{file_name}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+        planted.append(str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID))
+    still_running = Spool(storage, 0, "receiver-4")
+    still_running.lock_name()
+    try:
+        with running_node(node_settings(storage)) as node:
+            assert node.journal.has_instance(planted[0])
+            assert not node.journal.has_instance(planted[1])
+            wait_until(lambda: node.journal.state_counts()["studies"].get("complete"), 20)
+    finally:
+        still_running.release()
 
 
 # --------------------------------------------------------------------------- the hand-off
@@ -382,6 +438,30 @@ def test_the_journal_lock_is_taken_across_processes_and_dropped_when_its_holder_
         holder.wait()
         if holder.stdout is not None:
             holder.stdout.close()
+
+
+def test_journal_writers_wait_for_the_lock_another_process_holds(tmp_path: Path) -> None:
+    from test_intake import instance
+
+    journal = Journal(tmp_path / "journal.sqlite")
+    journal.create()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, f"{tmp_path / 'journal.sqlite'}.writers"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        threading.Timer(1.0, holder.kill).start()
+        began = time.monotonic()
+        journal.record_instance(instance("1.2.3.1", "1.2.3.1.1"))
+        assert time.monotonic() - began > 0.8  # it waited for the other process
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+        journal.close()
 
 
 def test_receive_processes_need_the_nodes_own_journal() -> None:
