@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -411,11 +410,10 @@ def _new_uid() -> str:
 
 def run(config: NodeConfig) -> int:
     """Serve until SIGTERM/SIGINT, then drain and return 0."""
-    stop = threading.Event()
+    stop: list[int] = []  # a plain list: a signal handler must not take a lock
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        stop.set()
+        stop.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -436,7 +434,8 @@ def run(config: NodeConfig) -> int:
         return 1
     host, port = node.receiver.address
     log.info("dicom_node %s ready: %s on %s:%d", __version__, config.node.ae_title, host, port)
-    while not stop.wait(1.0):
-        pass
+    while not stop:
+        time.sleep(0.2)
+    log.info("received %s", signal.Signals(stop[0]).name)
     node.stop()
     return 0

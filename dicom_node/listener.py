@@ -130,6 +130,10 @@ class HardenedServer(ThreadedAssociationServer):
     """Counts connections and refuses the excess before any thread is spawned."""
 
     request_queue_size = 128  # a flood of refused connects should not drop good SYNs
+    # Stopping does not wait for connection threads (a TLS handshake may take up to
+    # node.idle_timeout_seconds): the drain waits for associations, with its own deadline.
+    block_on_close = False
+    daemon_threads = True
 
     def __init__(self, ae: AE, address: tuple[str, int], limits: Limits, **kwargs: Any) -> None:
         self.limits = limits

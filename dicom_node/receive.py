@@ -184,8 +184,8 @@ class Receiver:
         server, self._server = self._server, None
         if server is None:
             return 0
+        deadline = time.monotonic() + timeout  # before shutdown(): it may take a moment
         server.shutdown()
-        deadline = time.monotonic() + timeout
         if self._pool is not None:  # the other processes drain meanwhile
             self._pool.stop_accepting(timeout)
         while server.active_associations and time.monotonic() < deadline:
@@ -195,8 +195,7 @@ class Receiver:
             log.warning(
                 "%d association(s) still open after %.0f s; closing", len(remaining), timeout
             )
-            for assoc in remaining:  # their senders resend what was not acknowledged
-                assoc.abort()
+            _abort_all(remaining)  # their senders resend what was not acknowledged
         left = len(remaining)
         if self._pool is not None:
             left += self._pool.join(max(0.0, deadline - time.monotonic()))
@@ -357,6 +356,21 @@ class Receiver:
         requestor = event.assoc.requestor
         self._audit.association(requestor.ae_title, str(requestor.address), False, "rejected")
         _log_rejected(event)
+
+
+ABORT_SECONDS = 2.0  # how long stopping waits for the A-ABORTs of the associations left
+
+
+def _abort_all(associations: Sequence[Any]) -> None:
+    """A-ABORT every association at once (each ``abort()`` blocks for 0.1 s or more)."""
+    for assoc in associations:
+        try:
+            assoc.abort(block=False)
+        except Exception:  # an association that ended meanwhile
+            log.debug("abort failed", exc_info=True)
+    deadline = time.monotonic() + ABORT_SECONDS
+    for assoc in associations:
+        assoc.join(max(0.0, deadline - time.monotonic()))
 
 
 def _make_ae(config: NodeSection) -> AE:

@@ -69,6 +69,7 @@ EXIT_GRACE_SECONDS = 5.0  # after the drain, before a receiving process is kille
 # A SOCK_SEQPACKET message must fit the socket's send buffer (net.core.wmem_default,
 # 208 KiB by default); the largest are commitment reports (about 100 bytes per object).
 MAX_MESSAGE_BYTES = 192 * 1024
+HANDOFF_SECONDS = 2.0  # a draining process's wait for the main process's "no-more"
 # On SIGTERM or without the main process, a receiving process lets its associations
 # finish for this long (the main process's own drain, app.DRAIN_TIMEOUT_SECONDS, uses it).
 DRAIN_SECONDS = 30.0
@@ -144,7 +145,7 @@ class ReceiverPool:
 
     @property
     def active_associations(self) -> int:
-        return sum(p.active for p in self._processes if p.ready)
+        return sum(p.active for p in self._processes)  # a draining one's count too
 
     @property
     def ready(self) -> int:
@@ -180,7 +181,7 @@ class ReceiverPool:
         """Pass ``sock`` to the least busy receiving process, or None to serve it here."""
         if self._stopping.is_set():
             return None
-        with self._lock:
+        with self._lock:  # sent under the lock: never after a "no-more" (see "draining")
             ready = [p for p in self._processes if p.ready]
             if not ready:
                 return None
@@ -188,26 +189,26 @@ class ReceiverPool:
             if len(proc.connections) >= self._local_load():
                 return None  # on a tie the main process keeps it: it counts itself in
             conn_id = next(self._ids)
-            remote = proc.connections[conn_id] = _Remote()
-        try:
-            self._send(proc, ("take", conn_id, tuple(address[:2])), fd=sock.fileno())
-        except OSError as exc:
-            with self._lock:
-                proc.connections.pop(conn_id, None)
-            log.warning("cannot hand a connection to %s (%s); serving it here", proc.name, exc)
-            return None
-        return remote
+            try:
+                self._send(proc, ("take", conn_id, tuple(address[:2])), fd=sock.fileno())
+            except OSError as exc:
+                error = exc
+            else:
+                remote = proc.connections[conn_id] = _Remote()
+                return remote
+        log.warning("cannot hand a connection to %s (%s); serving it here", proc.name, error)
+        return None
 
     def stop_accepting(self, timeout: float) -> None:
         """Tell every receiving process to finish its associations within ``timeout``."""
-        with self._lock:  # no process starts after this (see _run)
+        with self._lock:  # no process starts after this, and each running one is told
             self._stopping.set()
-        for proc in self._processes:
-            if proc.sock is not None:
-                try:
-                    self._send(proc, ("stop", timeout))
-                except OSError:
-                    pass  # it is gone already
+            for proc in self._processes:
+                if proc.sock is not None:
+                    try:
+                        self._send(proc, ("stop", timeout))
+                    except OSError:
+                        pass  # it is gone already
 
     def join(self, timeout: float) -> int:
         """Wait for the receiving processes to exit; kill those still running after
@@ -269,23 +270,31 @@ class ReceiverPool:
         """Start the process, read its messages until it closes its end; its exit code."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            with self._lock:  # not once the node stops (stop_accepting, join)
+            # Under the lock, so that stop_accepting either finds the socket (and sends
+            # "stop") or this finds the node stopping. Popen forks with vfork: the
+            # accept thread waits for no more than that.
+            with self._lock:
                 if self._stopping.is_set():
+                    ours.close()
                     return None
                 process = proc.process = subprocess.Popen(
                     [sys.executable, "-m", "dicom_node.receivers", str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),),
                     stdin=subprocess.DEVNULL,
                 )
+                proc.sock = ours
         finally:
             theirs.close()
-        proc.sock = ours
         try:
             self._send(proc, ("setup", proc.settings))
             while True:
                 try:
                     data = ours.recv(MAX_MESSAGE_BYTES)
-                except OSError:  # ECONNRESET: it ended with a message of ours unread
+                except ConnectionResetError:
+                    # It ended with a message of ours unread. Linux says so once,
+                    # before the messages it sent last: those are still read.
+                    continue
+                except OSError:
                     break
                 if not data:
                     break
@@ -295,6 +304,7 @@ class ReceiverPool:
                     log.exception("a message from receiving process %s failed", proc.name)
         finally:
             ours.close()
+            self._lost(proc)  # at once: it takes no connection while it is reaped
             try:
                 code = process.wait(EXIT_GRACE_SECONDS)
             except subprocess.TimeoutExpired:  # it closed its end but lives on
@@ -327,6 +337,8 @@ class ReceiverPool:
         elif kind == "draining":  # it takes no new connection
             with self._lock:
                 proc.ready = False
+                # every "take" sent before this reaches it first, and it serves them
+                self._send(proc, ("no-more",))
         elif kind == "ready":
             assert proc.process is not None
             log.info("receiving process %s ready (pid %d)", proc.name, proc.process.pid)
@@ -391,6 +403,8 @@ class _Serving:
         self._receiver: Any = None
         self._stopping = threading.Event()  # drain now
         self._terminated = False  # SIGTERM: a plain flag, safe to set in a signal handler
+        self._handoffs_over = threading.Event()  # "no-more" read, or the main process gone
+        self._draining = threading.Event()  # the receiver stops: connections are refused
         self._closing = threading.Event()  # drained
         self._metrics = Metrics()
         self._parts: list[Any] = []  # closed in reverse at the end
@@ -414,7 +428,11 @@ class _Serving:
         reading.start()
         while not (self._stopping.is_set() or self._terminated):
             self._stopping.wait(0.2)
-        self._send(("draining",))  # the main process hands it nothing more
+        # The main process hands it nothing more once it reads "draining". What it
+        # handed before comes ahead of its "no-more", and is served like the rest.
+        if self._send(("draining",)):
+            self._handoffs_over.wait(HANDOFF_SECONDS)
+        self._draining.set()
         receiver.stop(self._drain)  # associations still open at the deadline are aborted
         self._closing.set()
         counting.join()
@@ -463,19 +481,25 @@ class _Serving:
         while True:
             try:
                 data, fds, _flags, _address = socket.recv_fds(self._sock, MAX_MESSAGE_BYTES, 4)
+            except ConnectionResetError:
+                continue  # reported once, ahead of the messages still queued for us
             except OSError:
                 data, fds = b"", []
             if not data:
                 for fd in fds:
                     os.close(fd)
-                self._stopping.set()
+                self._stop_reading()
                 return
             try:
                 self._dispatch(receiver, pickle.loads(data), fds)
             except Exception:
                 log.exception("a message from the main process failed; draining")
-                self._stopping.set()
+                self._stop_reading()
                 return
+
+    def _stop_reading(self) -> None:
+        self._handoffs_over.set()
+        self._stopping.set()
 
     def _dispatch(self, receiver: Any, message: tuple[Any, ...], fds: list[int]) -> None:
         kind = message[0]
@@ -492,10 +516,12 @@ class _Serving:
         elif kind == "stop":
             self._drain = float(message[1])
             self._stopping.set()
+        elif kind == "no-more":
+            self._handoffs_over.set()
 
     def _take(self, receiver: Any, conn_id: int, address: tuple[str, int], fds: list[int]) -> None:
         """Serve a connection; whatever goes wrong, the main process hears it closed."""
-        if not fds or self._stopping.is_set() or self._terminated:
+        if not fds or self._draining.is_set():
             for fd in fds:
                 os.close(fd)
             self._closed(conn_id)

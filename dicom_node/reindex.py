@@ -57,9 +57,15 @@ def reindex_receiving_folders(spool: Spool, journal: Journal) -> int:
         try:
             other.lock_name()
         except NameInUse:
-            log.info("%s is still in use; its process indexes it when it starts", folder.name)
+            log.warning(
+                "%s is still used by a process of an earlier run; its files without a"
+                " journal row are indexed when that name starts again, or at the next start",
+                folder.name,
+            )
             continue
         try:
+            if other.tmp.is_dir():
+                other.clear_tmp()
             indexed += reindex_orphans(other, journal)
         finally:
             other.release()

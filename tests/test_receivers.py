@@ -182,6 +182,36 @@ def test_receiving_processes_exit_when_the_main_process_dies(tmp_path: Path) -> 
 
 
 @pytest.mark.timeout(120)
+def test_no_connection_is_dropped_while_a_receiving_process_starts_to_drain(
+    tmp_path: Path,
+) -> None:
+    """C-ECHOs back to back while receiver-2 gets SIGTERM: those handed to it before the
+    main process learns it drains are served in its drain, the rest by the main one."""
+    with running_node(node_settings(tmp_path / "var", node={"receive_processes": 2})) as node:
+        (pid,) = _pids(node)
+        port = node.receiver.address[1]
+        outcomes: list[bool] = []
+        done = threading.Event()
+
+        def echo_again_and_again() -> None:
+            while not done.is_set():
+                outcomes.append(echo_ok(port))
+
+        thread = threading.Thread(target=echo_again_and_again)
+        thread.start()
+        try:
+            wait_until(lambda: len(outcomes) >= 10, 20, what="echoes before")
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: _exited(pid), 20, what="receiver-2 to drain and exit")
+            before = len(outcomes)
+            wait_until(lambda: len(outcomes) >= before + 10, 20, what="echoes after")
+        finally:
+            done.set()
+            thread.join(30)
+    assert outcomes and all(outcomes), f"{outcomes.count(False)} of {len(outcomes)} failed"
+
+
+@pytest.mark.timeout(120)
 def test_an_orphaned_receiving_process_ends_at_its_drain_deadline(tmp_path: Path) -> None:
     """Its main process killed, a receiving process lets its associations go on for
     DRAIN_SECONDS (30 s), then aborts them and exits: nothing of it outlives that."""
