@@ -206,22 +206,16 @@ class Commitments:
 
     def handle_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
         """EVT_N_EVENT_REPORT handler: the one place a report becomes a response status."""
-        try:
-            info = event.event_information
-            event_type = int(event.event_type or 0)
-        except ValueError as exc:
-            log.warning("refused a storage commitment report: %s", exc)
-            return INVALID_ARGUMENT_VALUE, None
-        except Exception:
-            log.exception("cannot read a storage commitment report")
-            return PROCESSING_FAILURE, None
-        return self.answer_report(event_type, info)
+        return self._answer(lambda: (int(event.event_type or 0), event.event_information))
 
     def answer_report(self, event_type: int, info: Dataset) -> tuple[int, Dataset | None]:
-        """A report's response status; also for reports that another receiving process
-        took and passes on (:mod:`dicom_node.receivers`)."""
+        """The same, for a report that another receiving process took and passes on
+        (:mod:`dicom_node.receivers`)."""
+        return self._answer(lambda: (event_type, info))
+
+    def _answer(self, read: Callable[[], tuple[int, Dataset]]) -> tuple[int, Dataset | None]:
         try:
-            report = parse_report(event_type, info)
+            report = parse_report(*read())
         except ValueError as exc:
             log.warning("refused a storage commitment report: %s", exc)
             return INVALID_ARGUMENT_VALUE, None

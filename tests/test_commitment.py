@@ -249,14 +249,18 @@ class FakeCommitmentScp:
 
 @contextmanager
 def node_with_fake_pacs(
-    tmp_path: Path, reports: list[str | None], **sections: Any
+    tmp_path: Path,
+    reports: list[str | None],
+    node: dict[str, Any] | None = None,
+    **sections: Any,
 ) -> Iterator[tuple[Node, FakeCommitmentScp]]:
-    """A node whose "pacs" asks for storage commitment; ``sections`` as for node_settings."""
+    """A node whose "pacs" asks for storage commitment; ``node`` adds to its node
+    section, ``sections`` as for node_settings."""
     node_port = free_port()
     fake = FakeCommitmentScp(node_port, reports)
     settings = node_settings(
         tmp_path / "var",
-        node={"port": node_port},
+        node={"port": node_port, **(node or {})},
         destinations={
             "pacs": {
                 "ae_title": "FAKEPACS",
@@ -272,8 +276,8 @@ def node_with_fake_pacs(
         },
     )
     try:
-        with running_node(settings) as node:
-            yield node, fake
+        with running_node(settings) as running:
+            yield running, fake
     finally:
         fake.stop()
 

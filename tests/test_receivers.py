@@ -26,9 +26,9 @@ from typing import Any
 import pydicom
 import pytest
 from nodes import NodeProcess, echo_ok, node_settings, running_node, send
-from peers import LOCALHOST, PHILIPS_B, free_port, require_tools, storescu, wait_until
+from peers import LOCALHOST, PHILIPS_B, require_tools, storescu, wait_until
 from pynetdicom import AE
-from test_commitment import ROUTE, FakeCommitmentScp, finished_job, ge_datasets
+from test_commitment import finished_job, ge_datasets, node_with_fake_pacs
 
 from dicom_node.app import Node
 from dicom_node.config import NodeSection
@@ -297,28 +297,10 @@ def test_a_commitment_report_taken_by_a_receiving_process_settles_the_delivery(
 ) -> None:
     """With two processes, a connection that arrives while none is open goes to
     receiver-2; so do both the GE slices and the PACS's later N-EVENT-REPORT."""
-    node_port = free_port()
-    fake = FakeCommitmentScp(node_port, ["ok"])
-    settings = node_settings(
-        tmp_path / "var",
-        node={"port": node_port, "receive_processes": 2},
-        destinations={
-            "pacs": {
-                "ae_title": "FAKEPACS",
-                "host": LOCALHOST,
-                "port": fake.port,
-                "storage_commitment": True,
-            }
-        },
-        routes=[ROUTE],
-    )
-    try:
-        with running_node(settings) as node:
-            assert send(node, ge_datasets()) == [0, 0, 0]
-            (job,) = finished_job(node, JobState.DONE)  # type: ignore[misc]
-            (delivery,) = node.journal.job_deliveries(job.id)
-    finally:
-        fake.stop()
+    with node_with_fake_pacs(tmp_path, ["ok"], node={"receive_processes": 2}) as (node, fake):
+        assert send(node, ge_datasets()) == [0, 0, 0]
+        (job,) = finished_job(node, JobState.DONE)  # type: ignore[misc]
+        (delivery,) = node.journal.job_deliveries(job.id)
     assert _folders(tmp_path / "var") == {"receiver-2": 3}
     assert fake.report_statuses == [0x0000]
     assert delivery.state == DeliveryState.SENT and delivery.committed_at is not None
