@@ -245,7 +245,6 @@ def _receiver(
         ]
         pool = ReceiverPool(
             settings,
-            journal,
             metrics,
             on_opened=assembler.instance_recorded,
             on_report=commitments.answer_report,

@@ -126,14 +126,12 @@ class ReceiverPool:
     def __init__(
         self,
         settings: Sequence[ProcessSettings],
-        journal: Journal,
         metrics: Metrics,
         on_opened: Callable[[Recorded], None],
         on_report: ReportAnswer,
         reschedule: Callable[[], object],
     ) -> None:
         self._processes = [_Process(s) for s in settings]
-        self._journal = journal
         self._metrics = metrics
         self._on_opened = on_opened
         self._on_report = on_report

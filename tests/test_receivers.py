@@ -346,7 +346,6 @@ def _fake_pool(names: list[str]) -> tuple[ReceiverPool, list[socket.socket], lis
     own load is the returned list's one element."""
     pool = ReceiverPool(
         [_settings(n) for n in names],
-        journal=None,  # type: ignore[arg-type]
         metrics=Metrics(),
         on_opened=lambda _recorded: None,
         on_report=lambda _kind, _info: (0, None),
