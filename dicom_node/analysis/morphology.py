@@ -12,7 +12,7 @@ arithmetic (an in-plane erosion took 0.7 s, in slabs 0.07 s).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -168,6 +168,39 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sizes[number] = stats.GetNumberOfPixels(number)
     sizes[0] = mask.size - int(sizes[1:].sum())
     return sitk.GetArrayFromImage(labelled), sizes
+
+
+def component_sizes(mask: np.ndarray, seeds: Sequence[tuple[int, int, int]]) -> list[int]:
+    """The voxel count of the face-connected component of ``mask`` through each seed
+    (0 for a seed outside ``mask``), as :func:`components` would count it.
+
+    One flood fill per component met, from the first seed that is not in a component
+    already filled; every seed that fill reaches gets its count. A fill needs about 3.5
+    bytes per voxel at its peak (the uint8 image, the fill and ITK's flags of the voxels
+    visited), where labelling the whole mask and reading the labels back needed about 6
+    (the uint8 image, SimpleITK's uint32 labels, their narrow copy and its numpy copy):
+    for the nodule search's solid tissue in the lungs' box of a 300-slice phantom, the
+    search's peak went down by 135 MiB.
+    """
+    sizes = [0] * len(seeds)
+    pending = [k for k, seed in enumerate(seeds) if mask[seed]]
+    if not pending:
+        return sizes
+    source = image(mask)
+    while pending:
+        z, y, x = (int(v) for v in seeds[pending[0]])
+        fill = sitk.ConnectedThreshold(source, seedList=[(x, y, z)], lower=1, upper=1)
+        filled = sitk.GetArrayViewFromImage(fill)  # a view: only while ``fill`` lives
+        size = int(np.count_nonzero(filled))
+        rest = []
+        for k in pending:
+            if filled[seeds[k]]:
+                sizes[k] = size
+            else:
+                rest.append(k)
+        pending = rest
+        del filled, fill
+    return sizes
 
 
 def parts(mask: np.ndarray, minimum: float) -> list[np.ndarray]:

@@ -48,7 +48,7 @@ import torch
 
 from dicom_node.analysis.grid import bounding_box
 from dicom_node.analysis.morphology import (
-    components,
+    component_sizes,
     dilate,
     erode,
     opening,
@@ -245,18 +245,23 @@ def _small(
     fine: np.ndarray,
     spacing: tuple[float, float, float],
 ) -> list[np.ndarray]:
-    """Voxel indices of compact, isolated fine components clear of every coarse structure."""
-    raw: tuple[np.ndarray, np.ndarray] | None = None  # solid's components, when first needed
+    """Voxel indices of compact, isolated fine components clear of every coarse structure.
+
+    A fine component lies inside one component of ``solid`` (the opening keeps it inside
+    ``solid``, and both are face-connected), whose size any of its voxels gives.
+    """
     minimum = _sphere_mm3(MIN_DIAMETER_MM) / float(np.prod(spacing))
-    found = []
+    kept = []
     for points in parts(fine, minimum):
         where = tuple(points.T)
         if np.count_nonzero(hu[where] >= SOFT_TISSUE_MIN_HU) < minimum:
             continue  # no solid core of the smallest size: partial volume or ground glass
         if coarse[where].any():
             continue  # part of a large structure: a mass's margin or the hilum
-        raw = raw or components(solid)
-        tree = raw[1][np.bincount(raw[0][where]).argmax()]
+        kept.append(points)
+    trees = component_sizes(solid, [tuple(points[0]) for points in kept])
+    found = []
+    for points, tree in zip(kept, trees, strict=True):
         if len(points) < MIN_ISOLATION * tree:
             continue  # a piece of a vessel tree that the opening cut off
         if _compact(points, spacing) and not _crosses_slices(points, solid):
