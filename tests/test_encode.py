@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import tracemalloc
 
 import highdicom as hd
 import numpy as np
@@ -17,6 +18,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.analysis.ct_chest import CtChestPipeline
 from dicom_node.analysis.volume import load_series
+from dicom_node.encode import standard
 from dicom_node.encode.seg import build_seg, tracking_uid
 from dicom_node.encode.sr import build_sr
 from dicom_node.encode.types import Equipment, ResultUIDs
@@ -398,3 +400,54 @@ def test_the_encoders_load_neither_torch_nor_simpleitk():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_highdicoms_module_table_read_lazily_is_the_same(tmp_path, monkeypatch):
+    """Every module of highdicom's table, read one at a time, is what its full parse gives."""
+    import highdicom._standard_utils as standard_utils
+
+    lookup = standard_utils.get_module_attribute_map
+    assert isinstance(lookup, standard._Lookup)
+    assert isinstance(lookup(), standard.ModuleAttributes)
+    table = standard.ModuleAttributes(lookup()._table)  # its own: every module gets parsed
+    full = lookup.original()
+    try:
+        assert list(table) == list(full) and len(table) == len(full) > 400
+        assert not table._parsed
+        for module, attributes in full.items():
+            assert module in table and table[module] == attributes
+        assert "no-such-module" not in table
+        with pytest.raises(KeyError):
+            table["no-such-module"]
+    finally:
+        lookup.original.cache_clear()  # type: ignore[attr-defined]
+
+    broken = tmp_path / "broken.json"
+    for text in ('["a"]', '{"a": {}}', '{"a": [] "b": []}', '{"a": [1]', '{"\u00e9": []}'):
+        broken.write_text(text)
+        with pytest.raises(ValueError):
+            standard.ModuleAttributes(broken)
+    # no such file (or not the expected JSON): highdicom's own parse answers
+    monkeypatch.setattr(standard.resources, "files", lambda _package: tmp_path)
+    fallback = standard._Lookup(lambda: {"from": ["highdicom"]})
+    assert fallback() == {"from": ["highdicom"]}
+
+
+def test_a_seg_and_an_sr_parse_only_the_modules_they_need(written):
+    """Building them (the ``written`` fixture) parsed a few of the 436 modules; the
+    table itself keeps only where each module lies. highdicom's full parse kept 62 MiB of
+    Python objects for the life of the process."""
+    import highdicom._standard_utils as standard_utils
+
+    table = standard_utils.get_module_attribute_map()
+    assert isinstance(table, standard.ModuleAttributes)
+    assert 0 < len(table._parsed) < 40, sorted(table._parsed)
+    tracemalloc.start()
+    try:
+        fresh = standard.ModuleAttributes(table._table)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(fresh) == len(table)
+    assert kept < 1 * 2**20, f"{kept / 2**20:.1f} MiB kept"
+    assert peak < 80 * 2**20, f"{peak / 2**20:.1f} MiB while reading"  # bytes + text

@@ -27,7 +27,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_node.analysis.grid import bounding_box
 from dicom_node.analysis.sparse import sparse_zeros
 from dicom_node.analysis.types import AnalysisResult, Code, Segment
+from dicom_node.encode import standard
 from dicom_node.encode.types import AlgorithmEquipment, Equipment, ResultUIDs, derived_device_uid
+
+standard.install()  # highdicom's module table, read one module at a time
 
 #: CID 7162 Surface Processing Algorithm Family: what the built-in pipelines do.
 ALGORITHM_FAMILY = codes.cid7162.MorphologicalOperations
