@@ -564,6 +564,25 @@ def test_postprocess_lets_each_cropped_mask_go_once_it_is_placed(monkeypatch):
         np.testing.assert_array_equal(segment.mask, expected[key].mask)
 
 
+def test_postprocess_writes_each_mask_only_within_its_own_box(monkeypatch):
+    """A placed mask takes memory only where it is written (sparse_zeros): the lungs and
+    the airways are written within their own bounding boxes, not the body's crop. Here
+    the source grids start all True, so every voxel written shows as False."""
+    pipeline = CtChestPipeline(CPU, airways_segment=True)
+    expected = _by_key(CtChestPipeline(CPU, airways_segment=True).run(_synthetic_chest()))
+    monkeypatch.setattr(ct_chest, "sparse_zeros", lambda shape: np.ones(shape, dtype=bool))
+    result = pipeline.run(_synthetic_chest())
+    for key in ("body", "lung_left", "lung_right", "airways"):
+        placed, mask = _by_key(result)[key].mask, expected[key].mask
+        box = grid.bounding_box(mask)
+        assert box is not None
+        written = np.zeros(mask.shape, dtype=bool)
+        written[box] = True
+        np.testing.assert_array_equal(placed[box], mask[box])
+        assert placed[~written].all(), f"{key}: written outside its box"
+    assert grid.bounding_box(expected["lung_left"].mask) != grid.bounding_box(expected["body"].mask)
+
+
 def test_compact_hu_copies_slab_by_slab_without_a_temporary_of_the_whole():
     """64 slices of 512 x 512: the int16 copy is 32 MiB. Converting and comparing the
     whole at once added a 16 MiB comparison mask (and more) on top of it."""

@@ -43,7 +43,7 @@ from dicom_node.analysis.chest_regions import (
     split_left_right,
 )
 from dicom_node.analysis.densitometry import HuSummary
-from dicom_node.analysis.grid import slabs
+from dicom_node.analysis.grid import bounding_box, slabs
 from dicom_node.analysis.morphology import (
     dilate,
     erode,
@@ -263,7 +263,10 @@ class CtChestPipeline:
         segments = []
         for key in list(named):
             cropped = named.pop(key)
-            segments.append(_segment(key, summaries.pop(key), full(cropped), volume.spacing))
+            # only the mask's own box is written: the pages outside it stay unmapped (the
+            # lungs' and the airways' boxes are a fraction of the body's)
+            box = bounding_box(cropped) or (slice(0, 0),) * 3
+            segments.append(_segment(key, summaries.pop(key), full(cropped, box), volume.spacing))
             del cropped
         voxel_mm3 = float(np.prod(volume.spacing))
         for number, candidate in enumerate(candidates, start=1):
