@@ -13,9 +13,9 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from dicom_node.filepool import FilePool, unused_ready_file
 from dicom_node.header_scan import Buffer
@@ -154,15 +154,26 @@ class Spool:
     def path(self, relpath: str) -> Path:
         return self.root / relpath
 
-    def write_atomic(self, relpath: str, data: Buffer | Sequence[Buffer]) -> Path:
-        """Write ``data`` (one buffer, or several written one after the other) durably to
-        ``relpath``; on any error no file is left behind."""
-        pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+    def write_atomic(
+        self, relpath: str, data: Buffer | Sequence[Buffer] | Callable[[BinaryIO], object]
+    ) -> Path:
+        """Write ``data`` (one buffer, several written one after the other, or a function
+        that writes to the file it is given) durably to ``relpath``; on any error no file
+        is left behind."""
+        pieces: list[Buffer] = []
+        if callable(data):
+            writer = data
+        else:
+            pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
         final = self.root / relpath
         temp, fd = self._open_temp()
         try:
             try:
-                _write_all(fd, pieces)
+                if callable(data):
+                    with os.fdopen(fd, "wb", closefd=False) as stream:
+                        writer(stream)
+                else:
+                    _write_all(fd, pieces)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -176,7 +187,8 @@ class Spool:
             _fsync_dir(final.parent.parent)
         if self.objects is not None:
             try:
-                self.objects.put(relpath, b"".join(pieces))
+                payload = final.read_bytes() if callable(data) else b"".join(pieces)
+                self.objects.put(relpath, payload)
             except OSError:
                 final.unlink(missing_ok=True)  # not shared, so not stored
                 raise

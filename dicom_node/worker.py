@@ -40,7 +40,7 @@ from dicom_node.analysis.volume import load_images
 from dicom_node.analysis.warm import sample_volume, warm_with_sample
 from dicom_node.config import SOURCE_DESTINATION, Destination
 from dicom_node.domain import DeliveryState
-from dicom_node.encode.seg import build_seg
+from dicom_node.encode.seg import build_seg, save_dataset
 from dicom_node.encode.sr import build_sr
 from dicom_node.encode.types import Equipment, ResultUIDs
 from dicom_node.journal import DeliverySpec, Journal, Row
@@ -262,8 +262,8 @@ class Worker:
         uids = ResultUIDs(job.seg_series_uid, job.seg_sop_uid, job.sr_series_uid, job.sr_sop_uid)
         seg, sr = self._build_results(result, uids, self._predecessor(job))
         seg_relpath = self._spool.result_relpath(job.id, "seg")
-        if seg is not None:
-            self._spool.write_atomic(seg_relpath, _encode(seg))
+        if seg is not None:  # written as it is encoded: its frames are not copied
+            self._spool.write_atomic(seg_relpath, lambda stream: save_dataset(seg, stream))
         else:
             self._spool.remove(seg_relpath)
         self._spool.write_atomic(self._spool.result_relpath(job.id, "sr"), _encode(sr))
@@ -348,5 +348,5 @@ def describe_failure(exc: BaseException) -> str:
 
 def _encode(ds: Dataset) -> bytes:
     buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    save_dataset(ds, buffer)
     return buffer.getvalue()

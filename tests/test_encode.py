@@ -451,3 +451,31 @@ def test_a_seg_and_an_sr_parse_only_the_modules_they_need(written):
     assert len(fresh) == len(table)
     assert kept < 1 * 2**20, f"{kept / 2**20:.1f} MiB kept"
     assert peak < 80 * 2**20, f"{peak / 2**20:.1f} MiB while reading"  # bytes + text
+
+
+def test_save_dataset_writes_the_same_bytes_without_copying_the_frames(tmp_path):
+    """A large Pixel Data value is written from a buffer: the file is what ``save_as``
+    writes, and no copy of the value is made (pydicom's own path makes two)."""
+    from dicom_node.encode.seg import save_dataset
+
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 512
+    ds.BitsAllocated = 1
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.PixelData = np.random.default_rng(2).bytes(8 * 2**20)
+    value = ds.PixelData
+    reference = tmp_path / "reference.dcm"
+    ds.save_as(reference, enforce_file_format=True)
+    tracemalloc.start()
+    try:
+        with (tmp_path / "streamed.dcm").open("wb") as stream:
+            save_dataset(ds, stream)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (tmp_path / "streamed.dcm").read_bytes() == reference.read_bytes()
+    assert ds.PixelData is value  # left as it was
+    assert peak < 2**20, f"{peak / 2**20:.1f} MiB"

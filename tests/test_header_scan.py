@@ -207,3 +207,26 @@ def test_write_atomic_writes_many_pieces_in_order(tmp_path: Path) -> None:
         assert partial_files(spool.tmp) == []
     finally:
         spool.release()
+
+
+def test_write_atomic_with_a_writer_leaves_nothing_when_it_fails(tmp_path: Path) -> None:
+    """A function that writes to the file (the SEG, written as it is encoded): its bytes
+    are the file's; if it raises, no file and no partial file is left."""
+    spool = Spool(tmp_path / "spool")
+    spool.create()
+    relpath = "results/1/seg.dcm"
+    try:
+        written = spool.write_atomic(relpath, lambda stream: stream.write(b"DICM" * 5000))
+        assert written.read_bytes() == b"DICM" * 5000
+
+        def failing(stream: object) -> None:
+            assert hasattr(stream, "write")
+            stream.write(b"half")  # type: ignore[attr-defined]
+            raise OSError("disk full")
+
+        with pytest.raises(OSError, match="disk full"):
+            spool.write_atomic("results/2/seg.dcm", failing)
+        assert not (spool.root / "results/2/seg.dcm").exists()
+        assert partial_files(spool.tmp) == []
+    finally:
+        spool.release()

@@ -14,9 +14,10 @@ Orientation (Type 2C).
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import Sequence
-from typing import cast
+from typing import BinaryIO, cast
 
 import highdicom as hd
 import numpy as np
@@ -93,6 +94,31 @@ def segments_overlap(stack: np.ndarray) -> bool:
         if (count > 1).any():
             return True
     return False
+
+
+STREAMED_PIXEL_BYTES = 2**20  # Pixel Data this large is written from a buffer
+
+
+def save_dataset(dataset: Dataset, stream: BinaryIO) -> None:
+    """``dataset.save_as(stream)`` (a Part 10 file) without copies of its Pixel Data.
+
+    pydicom writes an element's value into a buffer of its own and then writes a copy of
+    that buffer: two copies of a SEG's frames (65 MiB for 2000 frames of 512 x 512) on
+    top of the dataset's own. A value that is a buffer (:class:`io.BytesIO`, which shares
+    the bytes it is made from) is written from it in chunks instead; the bytes written
+    are the same. The dataset is left as it was.
+    """
+    element = dataset["PixelData"] if "PixelData" in dataset else None
+    value = element.value if element is not None else None
+    if not isinstance(value, bytes) or len(value) < STREAMED_PIXEL_BYTES:
+        dataset.save_as(stream, enforce_file_format=True)
+        return
+    assert element is not None
+    element.value = io.BytesIO(value)
+    try:
+        dataset.save_as(stream, enforce_file_format=True)
+    finally:
+        element.value = value
 
 
 def build_seg(
