@@ -15,7 +15,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test peers
 	$(VENV)/bin/ruff check dicom_node tests bench
 	$(VENV)/bin/mypy dicom_node bench
-	$(PY) -m pytest --cov=dicom_node --cov-report=term $(PYTEST_ARGS)
+	$(PY) -m pytest --cov=dicom_node --cov-report=term --durations=25 $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

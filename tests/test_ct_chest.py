@@ -511,7 +511,7 @@ print(result if sys.argv[1] == "fill" else "-", (status("VmHWM") - before) / mas
 
 
 @pytest.mark.parametrize("how", ["fill", "label"])
-def test_component_sizes_need_two_bytes_per_voxel(how):
+def test_component_sizes_need_less_memory_than_labelling(how):
     """The solid tissue's components in the nodule search: labelling the whole of it
     held about 6 bytes per voxel at its peak, a flood fill holds 3.5 (SimpleITK's own
     memory, which tracemalloc does not see: the peak RSS of a fresh process)."""
