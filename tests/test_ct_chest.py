@@ -475,6 +475,22 @@ def test_parts_and_largest_component_equal_whole_volume_labelling():
     assert not morphology.largest_component(np.zeros((3, 4, 5), dtype=bool)).any()
 
 
+def test_component_sizes_label_the_whole_after_many_fills(monkeypatch):
+    """Past MAX_FILLS separate components, the seeds left are counted from one labelling."""
+    rng = np.random.default_rng(9)
+    mask = rng.random((12, 20, 24)) > 0.7  # many small components
+    labels, sizes = morphology.components(mask)
+    seeds = [tuple(int(v) for v in point) for point in np.argwhere(mask)[::7]]
+    expected = [int(sizes[labels[seed]]) for seed in seeds]
+    labelled = []
+    monkeypatch.setattr(morphology, "MAX_FILLS", 3)
+    monkeypatch.setattr(
+        morphology, "components", lambda m: labelled.append(m.shape) or (labels, sizes)
+    )
+    assert morphology.component_sizes(mask, seeds) == expected
+    assert labelled == [mask.shape]
+
+
 def test_component_sizes_equal_whole_volume_labelling():
     rng = np.random.default_rng(8)
     mask = rng.random((20, 30, 40)) > 0.6
@@ -483,6 +499,7 @@ def test_component_sizes_equal_whole_volume_labelling():
     expected = [int(sizes[labels[seed]]) if mask[seed] else 0 for seed in seeds]
     assert morphology.component_sizes(mask, seeds) == expected
     assert len(set(expected)) > 5  # several components met, and seeds outside the mask
+    assert morphology.component_sizes(mask.astype(np.uint8) * 2, seeds) == expected
     assert morphology.component_sizes(mask, []) == []
     assert morphology.component_sizes(np.zeros((3, 4, 5), dtype=bool), [(0, 0, 0)]) == [0]
 

@@ -427,6 +427,12 @@ def test_highdicoms_module_table_read_lazily_is_the_same(tmp_path, monkeypatch):
         broken.write_text(text)
         with pytest.raises(ValueError):
             standard.ModuleAttributes(broken)
+    # the file changed after it was read (highdicom upgraded in place): the full parse
+    changing = tmp_path / "changing.json"
+    changing.write_text('{"a": [{"keyword": "A"}], "b": []}')
+    table = standard.ModuleAttributes(changing, lambda: {"a": [{"keyword": "whole"}]})
+    changing.write_text('{"xyz": [], "a": [{"keyword": "A"}]}')
+    assert table["a"] == [{"keyword": "whole"}]
     # no such file (or not the expected JSON): highdicom's own parse answers
     monkeypatch.setattr(standard.resources, "files", lambda _package: tmp_path)
     fallback = standard._Lookup(lambda: {"from": ["highdicom"]})
@@ -479,3 +485,10 @@ def test_save_dataset_writes_the_same_bytes_without_copying_the_frames(tmp_path)
     assert (tmp_path / "streamed.dcm").read_bytes() == reference.read_bytes()
     assert ds.PixelData is value  # left as it was
     assert peak < 2**20, f"{peak / 2**20:.1f} MiB"
+
+    # an odd length is padded when written: pydicom's own way, which gets that right
+    ds.PixelData = value[:-1]
+    ds.save_as(reference, enforce_file_format=True)
+    with (tmp_path / "streamed.dcm").open("wb") as stream:
+        save_dataset(ds, stream)
+    assert (tmp_path / "streamed.dcm").read_bytes() == reference.read_bytes()

@@ -170,6 +170,9 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sitk.GetArrayFromImage(labelled), sizes
 
 
+MAX_FILLS = 16  # each fill passes over the whole mask: past this many, label it once
+
+
 def component_sizes(mask: np.ndarray, seeds: Sequence[tuple[int, int, int]]) -> list[int]:
     """The voxel count of the face-connected component of ``mask`` through each seed
     (0 for a seed outside ``mask``), as :func:`components` would count it.
@@ -180,14 +183,19 @@ def component_sizes(mask: np.ndarray, seeds: Sequence[tuple[int, int, int]]) -> 
     visited), where labelling the whole mask and reading the labels back needed about 6
     (the uint8 image, SimpleITK's uint32 labels, their narrow copy and its numpy copy):
     for the nodule search's solid tissue in the lungs' box of a 300-slice phantom, the
-    search's peak went down by 135 MiB.
+    search's peak went down by 135 MiB. Each fill passes over the whole mask, so after
+    :data:`MAX_FILLS` of them the seeds left are counted from one labelling (as fast as
+    about 40 fills), as before.
     """
+    mask = mask.astype(bool, copy=False)
     sizes = [0] * len(seeds)
     pending = [k for k, seed in enumerate(seeds) if mask[seed]]
     if not pending:
         return sizes
     source = image(mask)
-    while pending:
+    for _ in range(MAX_FILLS):
+        if not pending:
+            return sizes
         z, y, x = (int(v) for v in seeds[pending[0]])
         fill = sitk.ConnectedThreshold(source, seedList=[(x, y, z)], lower=1, upper=1)
         filled = sitk.GetArrayViewFromImage(fill)  # a view: only while ``fill`` lives
@@ -200,6 +208,11 @@ def component_sizes(mask: np.ndarray, seeds: Sequence[tuple[int, int, int]]) -> 
                 rest.append(k)
         pending = rest
         del filled, fill
+    if pending:  # many separate components: one labelling of the whole is faster
+        del source
+        labels, counts = components(mask)
+        for k in pending:
+            sizes[k] = int(counts[labels[seeds[k]]])
     return sizes
 
 

@@ -110,7 +110,9 @@ def save_dataset(dataset: Dataset, stream: BinaryIO) -> None:
     """
     element = dataset["PixelData"] if "PixelData" in dataset else None
     value = element.value if element is not None else None
-    if not isinstance(value, bytes) or len(value) < STREAMED_PIXEL_BYTES:
+    # an odd length is padded when written, and pydicom 3.0 takes a buffer's length
+    # before padding it: such a value (highdicom pads its frames) goes the usual way
+    if not isinstance(value, bytes) or len(value) < STREAMED_PIXEL_BYTES or len(value) % 2:
         dataset.save_as(stream, enforce_file_format=True)
         return
     assert element is not None

@@ -38,8 +38,15 @@ _WHITESPACE = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
 class ModuleAttributes(Mapping[str, list[dict[str, Any]]]):
     """Module key -> its attributes (``keyword``, ``path``, ``type``), parsed on demand."""
 
-    def __init__(self, table: Traversable) -> None:
+    def __init__(
+        self,
+        table: Traversable,
+        whole: Callable[[], Mapping[str, list[Any]]] | None = None,
+    ) -> None:
+        """``whole``: the table parsed in full, for a module that cannot be read from
+        where it was (the file changed since, e.g. highdicom upgraded in place)."""
         self._table = table
+        self._whole = whole
         self._where = _module_offsets(table.read_bytes())
         self._parsed: dict[str, list[dict[str, Any]]] = {}
 
@@ -47,9 +54,17 @@ class ModuleAttributes(Mapping[str, list[dict[str, Any]]]):
         parsed = self._parsed.get(module)
         if parsed is None:
             start, stop = self._where[module]  # KeyError, as for highdicom's dict
-            with self._table.open("rb") as file:
-                file.seek(start)
-                parsed = json.loads(file.read(stop - start))
+            try:
+                with self._table.open("rb") as file:
+                    file.seek(start)
+                    parsed = json.loads(file.read(stop - start))
+                if not isinstance(parsed, list):
+                    raise ValueError(f"module {module!r} is not a list")
+            except (OSError, ValueError) as exc:
+                if self._whole is None:
+                    raise
+                log.warning("highdicom's module table changed (%s): read in full", exc)
+                parsed = self._whole()[module]
             self._parsed[module] = parsed
         return parsed
 
@@ -114,7 +129,7 @@ class _Lookup:
 
     def _build(self) -> Mapping[str, list[Any]]:
         try:
-            return ModuleAttributes(resources.files("highdicom").joinpath(*TABLE))
+            return ModuleAttributes(resources.files("highdicom").joinpath(*TABLE), self.original)
         except Exception as exc:  # an other highdicom's file: its own parse, in full
             log.warning("highdicom's module table read in full (%s)", exc)
             return self.original()
