@@ -27,7 +27,7 @@ from rich.table import Table
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from nodes import NodeProcess, node_settings  # noqa: E402
+from nodes import NodeProcess, child_pids, node_settings  # noqa: E402
 from peers import (  # noqa: E402
     LOCALHOST,
     Orthanc,
@@ -289,14 +289,6 @@ class NodeReceiver:
         code = self._node.stop()
         if code != 0:
             raise PeerError(f"node exited with {code}:\n{self._node.log()[-4000:]}")
-
-
-def child_pids(pid: int) -> list[int]:
-    """The processes ``pid`` started and that still run (Linux: /proc/PID/task/*/children)."""
-    found: list[int] = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        found += [int(child) for child in children.read_text().split()]
-    return found
 
 
 def status_kib(pid: int, field_name: str) -> int:

@@ -22,6 +22,16 @@ from dicom_node.config import NodeConfig, parse_config
 from dicom_node.filepool import unused_ready_file
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started and that still run (Linux: /proc/PID/task/*/children),
+    e.g. a node's receiving processes (node.receive_processes)."""
+    return [
+        int(child)
+        for path in Path(f"/proc/{pid}/task").glob("*/children")
+        for child in path.read_text().split()
+    ]
+
+
 def partial_files(tmp: Path) -> list[Path]:
     """Files in a spool's ``tmp/`` other than empty ready files (dicom_node.filepool)."""
     return [path for path in tmp.iterdir() if not unused_ready_file(path.name, path.stat().st_size)]

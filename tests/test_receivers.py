@@ -25,7 +25,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from nodes import NodeProcess, echo_ok, node_settings, running_node, send
+from nodes import NodeProcess, child_pids, echo_ok, node_settings, running_node, send
 from peers import LOCALHOST, PHILIPS_B, require_tools, storescu, wait_until
 from pynetdicom import AE
 from test_commitment import finished_job, ge_datasets, node_with_fake_pacs
@@ -175,7 +175,7 @@ def test_receiving_processes_exit_when_the_main_process_dies(tmp_path: Path) -> 
     with NodeProcess(settings, tmp_path / "node") as node:
         wait_until(lambda: "receiving in 3 process(es)" in node.log(), 60, what="3 processes")
         assert node.proc is not None
-        children = _children(node.proc.pid)
+        children = child_pids(node.proc.pid)
         assert len(children) == 2
         node.kill()
         wait_until(lambda: all(_exited(pid) for pid in children), 20, what="orphans to exit")
@@ -219,7 +219,7 @@ def test_an_orphaned_receiving_process_ends_at_its_drain_deadline(tmp_path: Path
     with NodeProcess(settings, tmp_path / "node") as node:
         wait_until(lambda: "receiving in 2 process(es)" in node.log(), 60, what="receiver-2")
         assert node.proc is not None
-        (child,) = _children(node.proc.pid)
+        (child,) = child_pids(node.proc.pid)
         ae = AE(ae_title="SCANNER")
         ae.add_requested_context("1.2.840.10008.1.1")
         ae.acse_timeout = ae.network_timeout = 120  # an idle peer that never releases
@@ -258,7 +258,7 @@ def test_sigkill_of_either_process_while_receiving_loses_nothing(tmp_path: Path)
                 node.kill()  # its receiving process drains its association and exits
                 node.start()
                 continue
-            for pid in _children(node.proc.pid):
+            for pid in child_pids(node.proc.pid):
                 os.kill(pid, signal.SIGKILL)
         sender.join(120)
         assert not sender.pending, f"{len(sender.pending)} never acknowledged"
@@ -281,14 +281,6 @@ def test_sigkill_of_either_process_while_receiving_loses_nothing(tmp_path: Path)
     assert "receiving process receiver-2 exited" in node.log()
     assert sender.reconnects >= 1, "no kill hit an association"
     print(f"sender reconnected {sender.reconnects} times")
-
-
-def _children(pid: int) -> list[int]:
-    return [
-        int(child)
-        for path in Path(f"/proc/{pid}/task").glob("*/children")
-        for child in path.read_text().split()
-    ]
 
 
 @pytest.mark.timeout(180)
