@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -51,11 +52,51 @@ class PeerError(RuntimeError):
 # --------------------------------------------------------------------------- generic helpers
 
 
-def free_port() -> int:
-    """Return a TCP port on loopback that was free a moment ago (bind to port 0, then close)."""
+_handed_out: set[int] = set()
+_port_choice = random.Random()  # seeded from os.urandom: processes started together differ
+_LOWEST_PORT = 20000
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (and of binds to 0)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind((LOCALHOST, port))  # no SO_REUSEADDR: a port in TIME_WAIT counts as taken
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """Return a TCP port on loopback that was free a moment ago and that this process has not
+    handed out before.
+
+    The port is drawn from below the kernel's ephemeral range where there is room: a port
+    from that range (a bind to port 0) can be taken, between this call and the peer's bind,
+    as the local port of any outgoing connection, and two calls in a row could return the same
+    one. A node's bind in CI once failed with "Address already in use" on such a port."""
+    low, _ = _ephemeral_ports()
+    if low - _LOWEST_PORT >= 1000:
+        for _ in range(200):
+            port = _port_choice.randrange(_LOWEST_PORT, low)
+            if port not in _handed_out and _bindable(port):
+                _handed_out.add(port)
+                return port
+    while True:  # no room below the range, or all draws taken: the kernel's choice
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((LOCALHOST, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_until(
