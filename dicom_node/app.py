@@ -35,7 +35,7 @@ from dicom_node.leases import LeaseKeeper
 from dicom_node.logs import current_logging
 from dicom_node.objects import ObjectStore
 from dicom_node.receive import Receiver
-from dicom_node.receivers import DRAIN_SECONDS, ProcessSettings, ReceiverPool
+from dicom_node.receivers import ProcessSettings, ReceiverPool
 from dicom_node.reindex import reindex_orphans, reindex_receiving_folders
 from dicom_node.send import Sender
 from dicom_node.store import Spool
@@ -46,8 +46,6 @@ from dicom_node.web.server import WebServer
 from dicom_node.worker import Worker
 
 log = logging.getLogger(__name__)
-
-DRAIN_TIMEOUT_SECONDS = DRAIN_SECONDS
 
 
 @dataclass
@@ -93,8 +91,11 @@ class Node:
             self.web.start()
         self.receiver.start()
 
-    def stop(self, timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:
-        """Stop accepting, drain bounded by ``timeout``, close the journal."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting, drain bounded by ``timeout`` (None: ``node.drain_seconds``),
+        close the journal."""
+        if timeout is None:
+            timeout = self.config.node.drain_seconds
         log.info("stopping: no new associations; draining (at most %.0f s)", timeout)
         deadline = time.monotonic() + timeout
         self.receiver.stop(timeout)  # associations in progress may finish

@@ -96,6 +96,10 @@ class NodeSection(_Section):
     # Processes that receive, this one included: the main process accepts each connection
     # and hands it to the least busy (dicom_node.receivers). More than 1 uses more cores.
     receive_processes: Annotated[int, Field(ge=1, le=64)] = 1
+    # On SIGTERM, associations in progress may finish for this long; then they are aborted.
+    # A receiving process whose main process died does the same. Give the service manager
+    # more than this (systemd TimeoutStopSec, docker stop -t).
+    drain_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -70,9 +70,6 @@ EXIT_GRACE_SECONDS = 5.0  # after the drain, before a receiving process is kille
 # 208 KiB by default); the largest are commitment reports (about 100 bytes per object).
 MAX_MESSAGE_BYTES = 192 * 1024
 HANDOFF_SECONDS = 2.0  # a draining process's wait for the main process's "no-more"
-# On SIGTERM or without the main process, a receiving process lets its associations
-# finish for this long (the main process's own drain, app.DRAIN_TIMEOUT_SECONDS, uses it).
-DRAIN_SECONDS = 30.0
 
 # Answers a storage commitment report: (event type, Event Information) -> (status, reply)
 ReportAnswer = Callable[[int, pydicom.Dataset], tuple[int, pydicom.Dataset | None]]
@@ -397,7 +394,8 @@ class _Serving:
         self._send_lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
-        self._drain = DRAIN_SECONDS
+        # without the main process, its associations may finish for this long
+        self._drain = settings.node.drain_seconds
         self._receiver: Any = None
         self._stopping = threading.Event()  # drain now
         self._terminated = False  # SIGTERM: a plain flag, safe to set in a signal handler

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dicom_node.config import NodeConfig, load_config
+from dicom_node.config import NodeConfig, NodeSection, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -147,8 +147,9 @@ def test_compose_node_config_and_orthanc_know_each_other() -> None:
 
 
 def test_compose_gives_the_node_time_to_drain() -> None:
-    grace = str(_node_service(_compose())["stop_grace_period"])
-    assert int(grace.removesuffix("s")) > 30
+    service = _node_service(_compose())
+    grace = int(str(service["stop_grace_period"]).removesuffix("s"))
+    assert grace > load_config(_mounted_config(service)).node.drain_seconds
 
 
 def test_systemd_unit_serves_with_a_config() -> None:
@@ -160,7 +161,8 @@ def test_systemd_unit_serves_with_a_config() -> None:
     assert argv[3] == CONFIG_IN_CONTAINER
     assert unit["User"] == ["dicom-node"]
     assert unit["KillSignal"] == ["SIGTERM"]
-    assert int(unit["TimeoutStopSec"][0]) > 30  # the node drains for up to 30 s
+    # more than the node's drain with the default node.drain_seconds
+    assert int(unit["TimeoutStopSec"][0]) > NodeSection.model_fields["drain_seconds"].default
     assert unit["ReadWritePaths"] == ["/var/lib/dicom-node"]
     assert unit["CapabilityBoundingSet"] == [""]
     assert "MemoryDenyWriteExecute" not in unit

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from nodes import echo_ok, node_settings, partial_files, running_node
+from nodes import NodeProcess, echo_ok, node_settings, partial_files, running_node
 from peers import (
     GE_3SLICE,
     LOCALHOST,
@@ -275,6 +275,27 @@ def test_a_series_uid_reused_by_another_study_is_refused(node: Node) -> None:
         assert assoc.send_c_store(other).Status == 0xA900
     assert node.journal.state_counts()["instances"]["total"] == 1
     assert len(_stored_files(node)) == 1
+
+
+def test_serve_drains_for_node_drain_seconds_then_aborts_and_exits_0(tmp_path: Path) -> None:
+    """SIGTERM: an association that never ends keeps ``serve`` no longer than
+    ``node.drain_seconds``; then it is aborted and the node exits 0."""
+    settings = node_settings(tmp_path / "var", node={"drain_seconds": 2})
+    node = NodeProcess(settings, tmp_path / "node").start()
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = 120  # an idle peer that never releases
+    assoc = ae.associate(LOCALHOST, node.port, ae_title="AINODE")
+    try:
+        assert assoc.is_established
+        stopped = time.monotonic()
+        assert node.stop(timeout=30) == 0
+        assert 1.5 < time.monotonic() - stopped < 12
+        assert "draining (at most 2 s)" in node.log()
+        wait_until(lambda: not assoc.is_established, 10, what="the association aborted")
+    finally:
+        if assoc.is_established:
+            assoc.abort()
 
 
 def test_stop_lets_an_association_in_progress_finish(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from dicom_node.config import NodeSection
 from dicom_node.database import WriterLock
 from dicom_node.domain import DeliveryState, JobState
 from dicom_node.journal import Journal
-from dicom_node.receivers import DRAIN_SECONDS, ProcessSettings, ReceiverPool
+from dicom_node.receivers import ProcessSettings, ReceiverPool
 from dicom_node.web.metrics import Metrics
 
 
@@ -214,8 +214,11 @@ def test_no_connection_is_dropped_while_a_receiving_process_starts_to_drain(
 @pytest.mark.timeout(120)
 def test_an_orphaned_receiving_process_ends_at_its_drain_deadline(tmp_path: Path) -> None:
     """Its main process killed, a receiving process lets its associations go on for
-    DRAIN_SECONDS (30 s), then aborts them and exits: nothing of it outlives that."""
-    settings = node_settings(tmp_path / "var", node={"receive_processes": 2})
+    node.drain_seconds, then aborts them and exits: nothing of it outlives that."""
+    drain = 4.0
+    settings = node_settings(
+        tmp_path / "var", node={"receive_processes": 2, "drain_seconds": drain}
+    )
     with NodeProcess(settings, tmp_path / "node") as node:
         wait_until(lambda: "receiving in 2 process(es)" in node.log(), 60, what="receiver-2")
         assert node.proc is not None
@@ -229,7 +232,7 @@ def test_an_orphaned_receiving_process_ends_at_its_drain_deadline(tmp_path: Path
         node.kill()
         try:
             wait_until(lambda: _exited(child), 60, 0.2, what="the orphan to exit")
-            assert DRAIN_SECONDS - 1 < time.monotonic() - killed < DRAIN_SECONDS + 10
+            assert drain - 1 < time.monotonic() - killed < drain + 10
             wait_until(lambda: not assoc.is_established, 10, what="the association aborted")
         finally:
             if assoc.is_established:
