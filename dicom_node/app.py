@@ -15,14 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-import torch
 
 from dicom_node import __version__
-from dicom_node.analysis.device import DeviceUnavailable, select_device
-from dicom_node.analysis.pipelines import build_pipeline
-from dicom_node.analysis.types import Pipeline
+from dicom_node.analysis.types import DeviceUnavailable
 from dicom_node.assemble import Assembler, SchedulerTimers
 from dicom_node.audit import AuditTrail
 from dicom_node.broker import Publisher, celery_app
@@ -43,7 +41,12 @@ from dicom_node.tls import destination_tls
 from dicom_node.web.echo import DestinationMonitor
 from dicom_node.web.metrics import Metrics
 from dicom_node.web.server import WebServer
-from dicom_node.worker import Worker
+
+if TYPE_CHECKING:  # the analysis (torch, SimpleITK, highdicom) loads only with a worker
+    import torch
+
+    from dicom_node.analysis.types import Pipeline
+    from dicom_node.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +376,14 @@ def build_worker(
     threads: int | None = None,
     leases: LeaseKeeper | None = None,
 ) -> Worker:
-    """The analysis worker of ``serve`` (one node) or of ``dicom-node worker`` (scale-out)."""
+    """The analysis worker of ``serve`` (one node) or of ``dicom-node worker`` (scale-out).
+
+    Its modules are imported here: a receiver whose analysis runs on ``dicom-node worker``
+    processes (``cluster.broker_url``) never loads torch, SimpleITK or highdicom."""
+    from dicom_node.analysis.device import select_device
+    from dicom_node.analysis.pipelines import build_pipeline
+    from dicom_node.worker import Worker
+
     device = select_device(config.analysis.device)
     log.info("analysis device: %s", device)
 

@@ -55,6 +55,10 @@ def copy_as_new_study(sources: list[Path], folder: Path, number: int) -> list[Pa
     return paths
 
 
+def _loads_torch(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def cluster_settings(
     storage: Path,
     name: str,
@@ -153,6 +157,10 @@ def test_two_receivers_two_workers_one_killed_mid_job_every_study_comes_back_onc
             f'dicom_node_jobs_analysed_total{{outcome="ok",pipeline="ct-chest"}} {done_by_two}.0'
             in exported
         )
+        # the analysis is the workers': the receivers never loaded torch (about 180 MiB)
+        assert workers[1].proc is not None and _loads_torch(workers[1].proc.pid)
+        for receiver in receivers:
+            assert receiver.proc is not None and not _loads_torch(receiver.proc.pid)
     finally:
         journal.close()
         for worker in workers:

@@ -28,7 +28,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from test_assemble import Clock, Harness
 
-import dicom_node.app
+import dicom_node.analysis.pipelines
 import dicom_node.worker
 from dicom_node.analysis import device as devices
 from dicom_node.analysis import warm
@@ -603,7 +603,7 @@ def test_a_c_store_is_answered_promptly_while_a_slow_analysis_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     factory = Factory(hold=3.0)
-    monkeypatch.setattr(dicom_node.app, "build_pipeline", factory)
+    monkeypatch.setattr(dicom_node.analysis.pipelines, "build_pipeline", factory)
     settings = node_settings(
         tmp_path / "var",
         destinations={"pacs": {"ae_title": "PACS", "host": LOCALHOST, "port": free_port()}},

@@ -19,6 +19,8 @@ from typing import cast
 
 import torch
 
+from dicom_node.analysis.types import DeviceUnavailable
+
 DEVICE_PREFERENCES = ("auto", "cpu", "cuda", "cuda:N")
 _CUDA_INDEX = re.compile(r"^cuda(?::(\d+))?$")
 
@@ -26,10 +28,6 @@ CPU = torch.device("cpu")
 
 # (free, total) bytes of a device, as torch.cuda.mem_get_info returns them.
 MemoryProbe = Callable[[torch.device], tuple[int, int]]
-
-
-class DeviceUnavailable(RuntimeError):
-    """The configured analysis device cannot be used on this machine."""
 
 
 def select_device(preference: str = "auto") -> torch.device:

@@ -15,6 +15,12 @@ import numpy as np
 import pydicom
 
 
+class DeviceUnavailable(RuntimeError):
+    """The configured analysis device cannot be used on this machine (raised at start by
+    :func:`dicom_node.analysis.device.select_device`; here, so that catching it needs no
+    torch)."""
+
+
 @dataclass(frozen=True)
 class Code:
     """A coded concept, e.g. ``Code("10200004", "SCT", "Liver")``."""
