@@ -263,7 +263,7 @@ class NodeReceiver:
     def start(self) -> None:
         self._node.start()
         # It answers C-ECHO as soon as it listens; its receiving processes (if any) are
-        # ready only once it logs "ready".
+        # ready, and its worker built (torch loaded), only once it logs "ready".
         wait_until(lambda: " ready: " in self._node.log(), 60, 0.05, "the node's ready line")
 
     def stored(self) -> int:

@@ -99,8 +99,11 @@ class StudyNode:
             routes=routes,
         )
         self._node = NodeProcess(settings, self.workdir)
+        node = self._node
         try:
-            self._node.start()
+            node.start()  # answers C-ECHO: listening, perhaps still loading its worker
+            # start-up finished (the worker built): what the idle RSS is read after
+            wait_until(lambda: " ready: " in node.log(), 120, 0.05, "the node's start-up")
         except Exception:
             self.stop()
             raise

@@ -60,12 +60,16 @@ class Node:
     timers: SchedulerTimers
     assembler: Assembler
     receiver: Receiver
-    worker: Worker | None  # None: analysis runs on `dicom-node worker` processes
+    analysis: Analysis  # the worker; none when `dicom-node worker` processes analyse
     sender: Sender
     web: WebServer | None
     audit: AuditTrail
     dispatcher: Dispatcher | None = None  # with a shared journal (docs/scale-out.md)
     leases: LeaseKeeper | None = None
+
+    @property
+    def worker(self) -> Worker | None:
+        return self.analysis.worker
 
     def start(self) -> None:
         """Open the journal, resume unfinished work, then start listening."""
@@ -85,14 +89,15 @@ class Node:
             log.info("resuming %d open stud(y/ies)", open_studies)
         if self.leases is not None:
             self.leases.start()
-        if self.worker is not None:
-            self.worker.start()
         if self.dispatcher is not None:
             self.dispatcher.start()
         self.sender.start()
         if self.web is not None:
             self.web.start()
         self.receiver.start()
+        # after the listener: loading torch and the pipelines takes 1.5-2 s, and images
+        # are received meanwhile (their jobs wait in the journal until the worker starts)
+        self.analysis.start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, drain bounded by ``timeout`` (None: ``node.drain_seconds``),
@@ -105,8 +110,7 @@ class Node:
         self.timers.stop()
         if self.dispatcher is not None:
             self.dispatcher.stop()
-        if self.worker is not None:
-            self.worker.stop(max(0.0, deadline - time.monotonic()))
+        self.analysis.stop(max(0.0, deadline - time.monotonic()))
         if self.leases is not None:
             self.leases.stop()
         self.sender.stop(max(0.0, deadline - time.monotonic()))
@@ -119,6 +123,31 @@ class Node:
         log.info("stopped")
 
 
+class Analysis:
+    """The node's analysis worker, built when the node starts, after its listener: a
+    worker loads torch, SimpleITK and highdicom. Built at once where building it can
+    refuse the start (an explicit CUDA device, checked before any port is opened)."""
+
+    def __init__(self, build: Callable[[], Worker] | None, now: bool) -> None:
+        self._build = build
+        self.worker: Worker | None = build() if build is not None and now else None
+
+    def start(self) -> None:
+        if self.worker is None and self._build is not None:
+            self.worker = self._build()
+        if self.worker is not None:
+            self.worker.start()
+
+    def wake(self) -> None:
+        worker = self.worker
+        if worker is not None:  # before the start: the worker looks at the journal first
+            worker.wake()
+
+    def stop(self, timeout: float) -> None:
+        if self.worker is not None:
+            self.worker.stop(timeout)
+
+
 def build_node(config: NodeConfig) -> Node:
     """Every part of a node, wired together; nothing is started yet."""
     name = config.cluster.name() if config.cluster.enabled else None
@@ -128,10 +157,10 @@ def build_node(config: NodeConfig) -> Node:
     metrics.watch_gpu()
     audit = _audit_trail(config, spool, name)
     commitments, sender = _sending(config, journal, spool, metrics, audit)
-    leases, worker = _analysis(config, journal, spool, metrics, sender.wake, name)
+    leases, analysis = _analysis(config, journal, spool, metrics, sender.wake, name)
     timers = SchedulerTimers()
     assembler, dispatcher, on_jobs = _assembling(
-        config, journal, spool, metrics, timers, sender, worker
+        config, journal, spool, metrics, timers, sender, analysis
     )
     receiver = _receiver(config, journal, spool, metrics, audit, assembler, commitments)
 
@@ -148,7 +177,7 @@ def build_node(config: NodeConfig) -> Node:
         timers,
         assembler,
         receiver,
-        worker,
+        analysis,
         sender,
         web,
         audit,
@@ -176,15 +205,20 @@ def _analysis(
     metrics: Metrics,
     on_results: Callable[[], None],
     name: str | None,
-) -> tuple[LeaseKeeper | None, Worker | None]:
+) -> tuple[LeaseKeeper | None, Analysis]:
     """The worker and, with a shared journal, its leases; none when a broker has the analysis."""
     if config.cluster.broker_url is not None:  # analysis on `dicom-node worker` processes
-        return None, None
+        return None, Analysis(None, now=False)
     leases = None
     if journal.shared:
         owner = f"{name}:{os.getpid()}"
         leases = LeaseKeeper(journal, owner, config.cluster.lease_seconds, time.time)
-    return leases, build_worker(config, journal, spool, metrics, on_results, leases=leases)
+
+    def build() -> Worker:
+        return build_worker(config, journal, spool, metrics, on_results, leases=leases)
+
+    # "cpu" and "auto" cannot fail; an explicit CUDA device is checked before listening
+    return leases, Analysis(build, now=config.analysis.device not in ("cpu", "auto"))
 
 
 def _assembling(
@@ -194,7 +228,7 @@ def _assembling(
     metrics: Metrics,
     timers: SchedulerTimers,
     sender: Sender,
-    worker: Worker | None,
+    analysis: Analysis,
 ) -> tuple[Assembler, Dispatcher | None, Callable[[list[int]], None]]:
     """The assembler, the dispatcher (shared journal) and on_jobs, which wakes it and the worker."""
     dispatcher: Dispatcher | None = None
@@ -202,8 +236,7 @@ def _assembling(
     def on_jobs(_ids: list[int]) -> None:
         if dispatcher is not None:
             dispatcher.wake()
-        if worker is not None:
-            worker.wake()
+        analysis.wake()
 
     assembler = Assembler(
         journal,
@@ -217,7 +250,7 @@ def _assembling(
         models_path=config.analysis.models_path,
     )
     if journal.shared:
-        wake = [sender.wake] + ([worker.wake] if worker is not None else [])
+        wake = [sender.wake, analysis.wake]
         dispatcher = _dispatcher(config, journal, assembler, metrics, wake)
     return assembler, dispatcher, on_jobs
 

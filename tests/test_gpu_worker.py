@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import signal
 import sqlite3
 import threading
 import time
@@ -29,6 +30,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from test_assemble import Clock, Harness
 
 import dicom_node.analysis.pipelines
+import dicom_node.app
 import dicom_node.worker
 from dicom_node.analysis import device as devices
 from dicom_node.analysis import warm
@@ -225,6 +227,38 @@ def test_select_device_accepts_an_index_and_refuses_an_absent_one(
     for wrong in ("gpu", "cuda:", "cuda:x", "cuda0"):
         with pytest.raises(ValueError, match="unknown device preference"):
             devices.select_device(wrong)
+
+
+def test_the_worker_is_built_after_the_listener_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading torch and the pipelines takes seconds: the node listens first."""
+    real_build = dicom_node.app.build_worker
+    listening: list[bool] = []
+
+    def build(*args: object, **kwargs: object) -> Worker:
+        listening.append(node.receiver.running)
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dicom_node.app, "build_worker", build)
+    node = dicom_node.app.build_node(parse_config(node_settings(tmp_path / "var")))
+    assert node.worker is None and listening == []
+    node.start()
+    try:
+        assert listening == [True] and node.worker is not None
+    finally:
+        node.stop(timeout=5)
+
+
+def test_an_absent_cuda_device_refuses_the_start_before_any_port_opens(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # run() must not take pytest's
+    settings = node_settings(tmp_path / "var", analysis={"device": "cuda"})
+    with pytest.raises(devices.DeviceUnavailable, match="'cuda' was requested"):
+        dicom_node.app.build_node(parse_config(settings))
+    assert dicom_node.app.run(parse_config(settings)) == 1  # "cannot start: ..." logged
 
 
 def test_one_gate_per_gpu_for_the_whole_process() -> None:
