@@ -475,6 +475,10 @@ def run(config: NodeConfig) -> int:
         log.error("cannot start: %s", exc)
         node.stop(timeout=5)
         return 1
+    except Exception:  # e.g. the worker (built after the listener opened) cannot load torch
+        log.exception("cannot start")
+        node.stop(timeout=5)
+        return 1
     host, port = node.receiver.address
     log.info("dicom_node %s ready: %s on %s:%d", __version__, config.node.ae_title, host, port)
     while not stop:

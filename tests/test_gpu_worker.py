@@ -12,6 +12,7 @@ import copy
 import functools
 import logging
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -259,6 +260,25 @@ def test_an_absent_cuda_device_refuses_the_start_before_any_port_opens(
     with pytest.raises(devices.DeviceUnavailable, match="'cuda' was requested"):
         dicom_node.app.build_node(parse_config(settings))
     assert dicom_node.app.run(parse_config(settings)) == 1  # "cannot start: ..." logged
+
+
+def test_a_worker_that_cannot_be_built_stops_the_start_and_closes_the_port(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker is built after the listener opened: if it fails (a broken torch install,
+    say), the node closes the port again and ``serve`` exits 1 rather than hanging."""
+
+    def broken(*_: object, **__: object) -> Worker:
+        raise ImportError("libtorch_cpu.so: cannot open shared object file")
+
+    monkeypatch.setattr(dicom_node.app, "build_worker", broken)
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # run() must not take pytest's
+    settings = node_settings(tmp_path / "var")
+    with caplog.at_level(logging.ERROR, logger="dicom_node.app"):
+        assert dicom_node.app.run(parse_config(settings)) == 1
+    assert "cannot start" in caplog.text and "libtorch_cpu.so" in caplog.text
+    with socket.socket() as probe:  # the DICOM port is free again
+        probe.bind((LOCALHOST, settings["node"]["port"]))
 
 
 def test_one_gate_per_gpu_for_the_whole_process() -> None:
