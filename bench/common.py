@@ -261,10 +261,9 @@ class NodeReceiver:
         return "dicom_node" if processes == 1 else f"dicom_node x{processes}"
 
     def start(self) -> None:
+        # returns once the node has logged "ready": its receiving processes (if any) are
+        # up and its worker is built, not only its listener
         self._node.start()
-        # It answers C-ECHO as soon as it listens; its receiving processes (if any) are
-        # ready, and its worker built (torch loaded), only once it logs "ready".
-        wait_until(lambda: " ready: " in self._node.log(), 60, 0.05, "the node's ready line")
 
     def stored(self) -> int:
         """Instances in the journal; each must also be a file under ``instances/``."""

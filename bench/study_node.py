@@ -99,11 +99,8 @@ class StudyNode:
             routes=routes,
         )
         self._node = NodeProcess(settings, self.workdir)
-        node = self._node
         try:
-            node.start()  # answers C-ECHO: listening, perhaps still loading its worker
-            # start-up finished (the worker built): what the idle RSS is read after
-            wait_until(lambda: " ready: " in node.log(), 120, 0.05, "the node's start-up")
+            self._node.start()
         except Exception:
             self.stop()
             raise

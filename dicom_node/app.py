@@ -72,7 +72,8 @@ class Node:
         return self.analysis.worker
 
     def start(self) -> None:
-        """Open the journal, resume unfinished work, then start listening."""
+        """Open the journal, resume unfinished work, start listening, then build and start
+        the analysis worker."""
         self.audit.open()
         self.audit.application("start", self.config.node.ae_title)
         self.spool.clear_tmp()
@@ -130,12 +131,13 @@ class Analysis:
 
     def __init__(self, build: Callable[[], Worker] | None, now: bool) -> None:
         self._build = build
+        self._stopped = False
         self.worker: Worker | None = build() if build is not None and now else None
 
     def start(self) -> None:
         if self.worker is None and self._build is not None:
             self.worker = self._build()
-        if self.worker is not None:
+        if self.worker is not None and not self._stopped:  # stopped while it was built
             self.worker.start()
 
     def wake(self) -> None:
@@ -144,6 +146,7 @@ class Analysis:
             worker.wake()
 
     def stop(self, timeout: float) -> None:
+        self._stopped = True
         if self.worker is not None:
             self.worker.stop(timeout)
 
@@ -475,8 +478,8 @@ def run(config: NodeConfig) -> int:
         log.error("cannot start: %s", exc)
         node.stop(timeout=5)
         return 1
-    except Exception:  # e.g. the worker (built after the listener opened) cannot load torch
-        log.exception("cannot start")
+    except Exception as exc:  # e.g. the worker (built after the listener opened) cannot load torch
+        log.error("cannot start: %s", exc, exc_info=True)
         node.stop(timeout=5)
         return 1
     host, port = node.receiver.address

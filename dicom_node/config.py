@@ -98,7 +98,8 @@ class NodeSection(_Section):
     receive_processes: Annotated[int, Field(ge=1, le=64)] = 1
     # On SIGTERM, associations in progress may finish for this long; then they are aborted.
     # A receiving process whose main process died does the same. Give the service manager
-    # more than this (systemd TimeoutStopSec, docker stop -t).
+    # about 15 s more than this (systemd TimeoutStopSec, docker stop -t): the receiving
+    # processes get 5 s more to exit, and a start in progress finishes first.
     drain_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
 
     _ae = field_validator("ae_title")(_check_ae_title)

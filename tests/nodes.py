@@ -98,6 +98,9 @@ def echo_ok(port: int, ae_title: str = "AINODE", calling: str = "TESTSCU") -> bo
         assoc.release()
 
 
+READY = " ready: "  # dicom_node VERSION ready: AE on host:port
+
+
 class NodeProcess:
     """``dicom-node serve`` as a child process, as an operator would run it."""
 
@@ -112,6 +115,9 @@ class NodeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> NodeProcess:
+        """Start ``serve`` and wait until start-up has finished: it answers C-ECHO (its
+        listener opens first) and has logged "ready" (its analysis worker is built)."""
+        started = self.log().count(READY)  # the log is appended to across restarts
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -122,6 +128,9 @@ class NodeProcess:
                 cwd=self.workdir,
             )
         wait_until(self._ready, timeout, interval=0.1, what=f"node on port {self.port}")
+        wait_until(
+            lambda: self.log().count(READY) > started, timeout, 0.05, "the node's ready line"
+        )
         return self
 
     def _ready(self) -> bool:

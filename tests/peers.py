@@ -54,7 +54,9 @@ class PeerError(RuntimeError):
 
 _handed_out: set[int] = set()
 _port_choice = random.Random()  # seeded from os.urandom: processes started together differ
-_LOWEST_PORT = 20000
+# 30000-32767 is Kubernetes' NodePort range: a CI runner on a node's host network may have
+# rules for those ports that a bind cannot see
+_BELOW = (20000, 30000)
 
 
 def _ephemeral_ports() -> tuple[int, int]:
@@ -64,6 +66,14 @@ def _ephemeral_ports() -> tuple[int, int]:
         return int(low), int(high)
     except (OSError, ValueError):
         return 32768, 60999
+
+
+def _port_ranges() -> list[range]:
+    """Ports outside the ephemeral range: below it where there is room, else above it."""
+    low, high = _ephemeral_ports()
+    below = range(_BELOW[0], min(_BELOW[1], low))
+    above = range(high + 1, 65536)
+    return [r for r in (below, above) if len(r) >= 1000][:1]
 
 
 def _bindable(port: int) -> bool:
@@ -79,18 +89,17 @@ def free_port() -> int:
     """Return a TCP port on loopback that was free a moment ago and that this process has not
     handed out before.
 
-    The port is drawn from below the kernel's ephemeral range where there is room: a port
-    from that range (a bind to port 0) can be taken, between this call and the peer's bind,
-    as the local port of any outgoing connection, and two calls in a row could return the same
-    one. A node's bind in CI once failed with "Address already in use" on such a port."""
-    low, _ = _ephemeral_ports()
-    if low - _LOWEST_PORT >= 1000:
+    The port is drawn from outside the kernel's ephemeral range: a port from that range
+    (a bind to port 0) can be taken, between this call and the peer's bind, as the local
+    port of any outgoing connection, and two calls in a row could return the same one. A
+    node's bind in CI once failed with "Address already in use" on such a port."""
+    for ports in _port_ranges():
         for _ in range(200):
-            port = _port_choice.randrange(_LOWEST_PORT, low)
+            port = _port_choice.choice(ports)
             if port not in _handed_out and _bindable(port):
                 _handed_out.add(port)
                 return port
-    while True:  # no room below the range, or all draws taken: the kernel's choice
+    while True:  # no room outside the range, or all draws taken: the kernel's choice
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((LOCALHOST, 0))
             port = int(sock.getsockname()[1])

@@ -23,7 +23,7 @@ import pydicom
 import pytest
 import torch
 from dciodvfy import dciodvfy_errors
-from nodes import node_settings, running_node
+from nodes import node_settings, running_node, send
 from peers import GE_3SLICE, LOCALHOST, free_port, wait_until
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -252,14 +252,52 @@ def test_the_worker_is_built_after_the_listener_opens(
 
 
 def test_an_absent_cuda_device_refuses_the_start_before_any_port_opens(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(signal, "signal", lambda *_: None)  # run() must not take pytest's
     settings = node_settings(tmp_path / "var", analysis={"device": "cuda"})
     with pytest.raises(devices.DeviceUnavailable, match="'cuda' was requested"):
         dicom_node.app.build_node(parse_config(settings))
-    assert dicom_node.app.run(parse_config(settings)) == 1  # "cannot start: ..." logged
+    for section in ("node", "web"):  # neither the DICOM nor the HTTP port was opened
+        with socket.socket() as probe:
+            probe.bind((LOCALHOST, settings[section]["port"]))
+    with caplog.at_level(logging.ERROR, logger="dicom_node.app"):
+        assert dicom_node.app.run(parse_config(settings)) == 1
+    assert "cannot start: device 'cuda' was requested" in caplog.text
+
+
+def test_a_study_received_before_the_worker_is_built_is_analysed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its job is made while the worker is still being built (nobody to wake): the worker
+    finds it in the journal when it starts."""
+    real_build = dicom_node.app.build_worker
+
+    def build(*args: object, **kwargs: object) -> Worker:
+        assert send(node, ge) == [0, 0, 0]
+        wait_until(lambda: node.journal.state_counts()["jobs"].get(JobState.QUEUED), 10)
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dicom_node.app, "build_worker", build)
+    ge = [pydicom.dcmread(p) for p in sorted(GE_3SLICE.glob("*.dcm"))]
+    settings = node_settings(
+        tmp_path / "var",
+        destinations={"pacs": {"ae_title": "PACS", "host": LOCALHOST, "port": free_port()}},
+        routes=[{"name": "chest", "pipeline": "ct-chest", "send_to": ["pacs"]}],
+    )
+    node = dicom_node.app.build_node(parse_config(settings))
+    node.start()
+    analysed = {JobState.SENDING, JobState.DONE, JobState.DEAD_LETTER}  # no PACS listens
+
+    def jobs() -> dict[str, int]:
+        return dict(node.journal.state_counts()["jobs"])
+
+    try:
+        wait_until(lambda: set(jobs()) & analysed, 60, 0.1, what="the job analysed")
+        assert sum(jobs().values()) == 1 and not set(jobs()) - analysed, jobs()
+    finally:
+        node.stop(timeout=5)
 
 
 def test_a_worker_that_cannot_be_built_stops_the_start_and_closes_the_port(
