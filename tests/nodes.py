@@ -25,11 +25,13 @@ from dicom_node.filepool import unused_ready_file
 def child_pids(pid: int) -> list[int]:
     """The processes ``pid`` started and that still run (Linux: /proc/PID/task/*/children),
     e.g. a node's receiving processes (node.receive_processes)."""
-    return [
-        int(child)
-        for path in Path(f"/proc/{pid}/task").glob("*/children")
-        for child in path.read_text().split()
-    ]
+    children: list[int] = []
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children.extend(int(child) for child in path.read_text().split())
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            continue
+    return children
 
 
 def partial_files(tmp: Path) -> list[Path]:

@@ -58,7 +58,7 @@ def _folders(storage: Path) -> Counter[str]:
 def _exited(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone; ESRCH: reaped while being read
         return True
     return state == "Z"  # ended, not yet reaped by whoever adopted it
 
