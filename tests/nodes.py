@@ -129,16 +129,18 @@ class NodeProcess:
                 env=env,
                 cwd=self.workdir,
             )
-        wait_until(self._ready, timeout, interval=0.1, what=f"node on port {self.port}")
         wait_until(
-            lambda: self.log().count(READY) > started, timeout, 0.05, "the node's ready line"
+            lambda: self._ready(started), timeout, 0.05, f"node ready on port {self.port}"
         )
         return self
 
-    def _ready(self) -> bool:
+    def _ready(self, started: int) -> bool:
+        """Raises if the process has exited (at any point of its start-up)."""
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+        if self.log().count(READY) <= started:
+            return False
         try:
             return echo_ok(self.port)
         except OSError:
