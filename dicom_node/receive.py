@@ -9,10 +9,13 @@ failure becomes a DICOM status.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from io import BytesIO
 from typing import Any, Protocol, cast
 
@@ -37,6 +40,7 @@ from dicom_node.header import (
     PROCESSING_FAILURE,
     SUCCESS,
     UNEXPECTED_ERROR,
+    Header,
     Rejected,
     received_header,
     valid_uid,
@@ -86,6 +90,82 @@ PREFERRED_TRANSFER_SYNTAXES = (
 ACCEPTED_TRANSFER_SYNTAXES = list(PREFERRED_TRANSFER_SYNTAXES) + [
     syntax for syntax in ALL_TRANSFER_SYNTAXES if syntax not in PREFERRED_TRANSFER_SYNTAXES
 ]
+HEADER_THREADS = 4  # instances whose headers are read at once, one per storing thread
+
+
+class _Duplicate(Exception):
+    """The journal has this SOP Instance UID already: a resend."""
+
+
+class _HeaderRead:
+    """One instance's header read on a helper thread (:class:`dicom_node.store.Alongside`);
+    on the caller's thread when the write failed before it started."""
+
+    def __init__(
+        self, helpers: _Helpers, function: Callable[..., Header], args: tuple[Any, ...]
+    ) -> None:
+        self._helpers = helpers
+        self._function = function
+        self._args = args
+        self._future: Future[Header] | None = None
+
+    def start(self) -> None:
+        self._future = self._helpers.submit(self._function, *self._args)
+
+    def finish(self) -> Header:
+        if self._future is None:
+            self._future = self._helpers.run(self._function, *self._args)
+        return self._future.result()
+
+
+class _Helpers:
+    """Threads that read each instance's header while its storing thread writes it.
+
+    Started on first use. Once shut down, the work runs on the caller's thread, as it
+    did before. Not for use across a fork (the node forks no receiving process).
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        context = contextvars.copy_context()  # log_context's fields (the calling AE)
+        pool = self._pool or self._start()
+        if pool is not None:
+            try:
+                return pool.submit(context.run, function, *args)
+            except RuntimeError:  # shut down meanwhile, or the interpreter exits
+                pass
+        return self.run(function, *args, context=context)
+
+    @staticmethod
+    def run(
+        function: Callable[..., Any], *args: Any, context: contextvars.Context | None = None
+    ) -> Future[Any]:
+        """``function`` run here, as a settled future."""
+        done: Future[Any] = Future()
+        try:
+            done.set_result(function(*args) if context is None else context.run(function, *args))
+        except BaseException as exc:
+            done.set_exception(exc)
+        return done
+
+    def shutdown(self) -> None:
+        """Let the threads end once idle; work in hand still finishes."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+    def _start(self) -> ThreadPoolExecutor | None:
+        with self._lock:
+            if self._pool is None and not self._closed:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="header")
+            return self._pool
 
 
 class Receiver:
@@ -116,6 +196,7 @@ class Receiver:
         self._metrics = metrics
         self._clock = clock
         self._on_recorded = on_recorded
+        self._helpers = _Helpers(HEADER_THREADS)
         self._server: ThreadedAssociationServer | None = None
         # Built here so that a certificate that cannot be used stops the node before it starts.
         self._ssl_context = None if config.tls is None else server_context(config.tls)
@@ -199,6 +280,7 @@ class Receiver:
         left = len(remaining)
         if self._pool is not None:
             left += self._pool.join(max(0.0, deadline - time.monotonic()))
+        self._helpers.shutdown()
         return left
 
     def _handle_store(self, event: evt.Event) -> int:
@@ -218,17 +300,20 @@ class Receiver:
         transfer_syntax: str,
         dataset: Sequence[bytes | bytearray | memoryview],
         calling: str,
+        after: list[Callable[[], None]] | None = None,
     ) -> int:
         """Store one received instance; the C-STORE response status.
 
         The one place where a failure becomes a status, for pynetdicom's handler and for
         the wire path (:mod:`dicom_node.store_scp_wire`) alike. ``dataset`` is the
-        dataset as received, in pieces.
+        dataset as received, in pieces. ``after``: where to leave what a stored
+        instance's response need not wait for (its counters and audit record), for the
+        caller to run once it has sent the response; without it, that runs here.
         """
         with log_context(calling_aet=calling):
             try:
                 status = self._store(
-                    sop_class_uid, sop_instance_uid, transfer_syntax, dataset, calling
+                    sop_class_uid, sop_instance_uid, transfer_syntax, dataset, calling, after
                 )
             except Rejected as exc:
                 self._metrics.instances_rejected.labels(reason=_reason_label(exc.status)).inc()
@@ -251,6 +336,7 @@ class Receiver:
         transfer_syntax: str,
         dataset: Sequence[bytes | bytearray | memoryview],
         calling: str,
+        after: list[Callable[[], None]] | None,
     ) -> int:
         meta = file_meta_bytes(
             _ascii_uid(sop_class_uid), _ascii_uid(sop_instance_uid), transfer_syntax, calling
@@ -263,10 +349,19 @@ class Receiver:
                 f"instance of {size} bytes exceeds node.max_instance_bytes"
                 f" ({self._config.max_instance_bytes})",
             )
-        header = received_header(meta, dataset, transfer_syntax, sop_class_uid, sop_instance_uid)
-        if self._known(header.sop_uid):  # a resend: nothing to write
+        # The header is read (and the duplicate looked up) on a helper thread while this
+        # one writes and fsyncs the file, which release the GIL. The file takes its name
+        # only once the header is known to be good and new.
+        scan = _HeaderRead(
+            self._helpers,
+            self._scan,
+            (meta, dataset, transfer_syntax, sop_class_uid, sop_instance_uid),
+        )
+        try:
+            relpath = self._write(pieces, size, scan)
+        except _Duplicate:  # a resend: its file was dropped before it took a name
             return self._duplicate(calling)
-        relpath = self._write(pieces, size)
+        header = scan.finish()
         recorded = self._record(
             header.instance(relpath, transfer_syntax, size, calling, self._clock())
         )
@@ -274,10 +369,32 @@ class Receiver:
             self._spool.remove(relpath)
             return self._duplicate(calling)
         self._on_recorded(recorded)  # first: the study's completion timer depends on it
-        self._metrics.instances_received.labels(calling_aet=calling).inc()
-        self._metrics.bytes_received.labels(calling_aet=calling).inc(size)
-        self._audit.instance_received(calling, header.study_uid, header.sop_uid, SUCCESS)
+
+        def account() -> None:
+            self._metrics.instances_received.labels(calling_aet=calling).inc()
+            self._metrics.bytes_received.labels(calling_aet=calling).inc(size)
+            self._audit.instance_received(calling, header.study_uid, header.sop_uid, SUCCESS)
+
+        if after is None:
+            account()
+        else:
+            after.append(account)
         return SUCCESS
+
+    def _scan(
+        self,
+        meta: bytes,
+        dataset: Sequence[bytes | bytearray | memoryview],
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+    ) -> Header:
+        """The instance's header, checked against the request; :class:`_Duplicate` when
+        the journal has it already."""
+        header = received_header(meta, dataset, transfer_syntax, sop_class_uid, sop_instance_uid)
+        if self._known(header.sop_uid):
+            raise _Duplicate
+        return header
 
     def _known(self, sop_uid: str) -> bool:
         try:
@@ -288,16 +405,25 @@ class Receiver:
                 OUT_OF_RESOURCES, f"cannot reach the journal ({type(exc).__name__})"
             ) from exc
 
-    def _write(self, pieces: Sequence[bytes | bytearray | memoryview], size: int) -> str:
-        """Write the instance durably into the spool; its relative path."""
-        try:
-            self._spool.ensure_space(size)
-        except LowSpace as exc:
-            raise Rejected(OUT_OF_RESOURCES, str(exc)) from exc
+    def _write(
+        self,
+        pieces: Sequence[bytes | bytearray | memoryview],
+        size: int,
+        scan: _HeaderRead,
+    ) -> str:
+        """Write the instance durably into the spool; its relative path.
+
+        ``scan`` settles first: a refused or duplicate instance takes no name, and its
+        refusal (or duplicate) is what the sender hears, also when the write failed.
+        """
         relpath = self._spool.new_instance_relpath()
         try:
-            self._spool.write_atomic(relpath, pieces)
-        except OSError as exc:
+            self._spool.ensure_space(size)
+            self._spool.write_atomic(relpath, pieces, alongside=scan)
+        except (LowSpace, OSError) as exc:
+            scan.finish()  # raises the header's refusal or _Duplicate, if any
+            if isinstance(exc, LowSpace):
+                raise Rejected(OUT_OF_RESOURCES, str(exc)) from exc
             raise Rejected(OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror}") from exc
         return relpath
 

@@ -15,7 +15,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from dicom_node.filepool import FilePool, unused_ready_file
 from dicom_node.header_scan import Buffer
@@ -25,6 +25,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 WRITEV_MAX_BUFFERS = 1024  # IOV_MAX on Linux
+
+
+class Alongside(Protocol):
+    """Work that runs on another thread while :meth:`Spool.write_atomic` writes a file.
+
+    ``start`` is called just before the first write, ``finish`` (which waits for it)
+    once the file is synced, before it takes its name. Started there, the other thread
+    runs while this one is in ``writev`` and ``fsync``, which release the GIL, rather
+    than between this thread's shorter system calls before them.
+    """
+
+    def start(self) -> None: ...
+
+    def finish(self) -> object: ...
 
 
 class LowSpace(Exception):
@@ -155,11 +169,19 @@ class Spool:
         return self.root / relpath
 
     def write_atomic(
-        self, relpath: str, data: Buffer | Sequence[Buffer] | Callable[[BinaryIO], object]
+        self,
+        relpath: str,
+        data: Buffer | Sequence[Buffer] | Callable[[BinaryIO], object],
+        alongside: Alongside | None = None,
     ) -> Path:
         """Write ``data`` (one buffer, several written one after the other, or a function
         that writes to the file it is given) durably to ``relpath``; on any error no file
-        is left behind."""
+        is left behind.
+
+        ``alongside``: work for another thread while this one writes and syncs (see
+        :class:`Alongside`); what its ``finish`` raises leaves no file behind and
+        propagates.
+        """
         pieces: list[Buffer] = []
         if callable(data):
             writer = data
@@ -174,9 +196,13 @@ class Spool:
                         writer(stream)
                 else:
                     _write_all(fd, pieces)
+                if alongside is not None:
+                    alongside.start()
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            if alongside is not None:
+                alongside.finish()
             created = self._move_into_place(temp, final)
         except BaseException:
             with contextlib.suppress(OSError):

@@ -42,7 +42,7 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import _config
@@ -85,8 +85,21 @@ _STORE_ELEMENTS = frozenset({0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1
 _PDU_HEADER = struct.Struct(">BBL")
 
 Buffer = bytes | bytearray | memoryview
-# (SOP Class UID, SOP Instance UID, transfer syntax, dataset fragments, calling AE) -> status
-StoreFunction = Callable[[str, str, str, Sequence[Buffer], str], int]
+
+
+class StoreFunction(Protocol):
+    """:meth:`dicom_node.receive.Receiver.store_status`: stores one instance and returns
+    the response's status; leaves in ``after`` what is to run once it is sent."""
+
+    def __call__(
+        self,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        dataset: Sequence[Buffer],
+        calling: str,
+        after: list[Callable[[], None]] | None = None,
+    ) -> int: ...
 
 
 def _ui(element: int, uid: str) -> bytes:
@@ -212,16 +225,20 @@ class FastStore:
         self._dul._idle_timer.restart()
         if not self._calling:  # installed at EVT_REQUESTED, before pynetdicom had it
             self._calling = str(self._assoc.requestor.ae_title)
+        after: list[Callable[[], None]] = []
         status = self._store(
             request.sop_class,
             request.sop_instance,
             request.transfer_syntax,
             fragments,
             self._calling,
+            after,
         )
         del fragments, held  # the PDUs read: up to max_instance_bytes
         self._respond(sock, wrapper, request, status)
         self._dul._idle_timer.restart()
+        for work in after:  # while the peer reads the response and sends its next request
+            work()
         return True
 
     def _idle(self) -> bool:

@@ -129,9 +129,7 @@ class NodeProcess:
                 env=env,
                 cwd=self.workdir,
             )
-        wait_until(
-            lambda: self._ready(started), timeout, 0.05, f"node ready on port {self.port}"
-        )
+        wait_until(lambda: self._ready(started), timeout, 0.05, f"node ready on port {self.port}")
         return self
 
     def _ready(self, started: int) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -101,5 +102,55 @@ def test_when_no_file_can_be_made_the_writer_reports_it(tmp_path: Path) -> None:
         assert list(spool.instances.glob("*/*")) == []
         spool.tmp.mkdir()  # back: the next write succeeds
         assert spool.write_atomic(spool.new_instance_relpath(), b"kept").read_bytes() == b"kept"
+    finally:
+        spool.release()
+
+
+class _Alongside:
+    """dicom_node.store.Alongside that records when it is called and may refuse."""
+
+    def __init__(self, refuse: bool) -> None:
+        self.refuse = refuse
+        self.calls: list[tuple[str, int]] = []
+
+    def start(self) -> None:
+        self.calls.append(("start", _synced[0]))
+
+    def finish(self) -> object:
+        self.calls.append(("finish", _synced[0]))
+        if self.refuse:
+            raise ValueError("refused")
+        return None
+
+
+_synced = [0]
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_work_alongside_a_write_starts_before_the_fsync_and_can_stop_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: bool
+) -> None:
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # not a folder (the pool's own fsyncs)
+            _synced[0] += 1
+        real_fsync(fd)
+
+    _synced[0] = 0
+    monkeypatch.setattr(os, "fsync", fsync)
+    spool = _spool(tmp_path)
+    alongside = _Alongside(refuse)
+    relpath = spool.new_instance_relpath()
+    try:
+        if refuse:
+            with pytest.raises(ValueError, match="refused"):
+                spool.write_atomic(relpath, [b"DICM", b"-x"], alongside=alongside)
+            assert not spool.path(relpath).exists()
+        else:
+            assert spool.write_atomic(relpath, [b"DICM", b"-x"], alongside=alongside).exists()
+        # started before the file's fsync, finished after it (and before the folder's)
+        assert alongside.calls == [("start", 0), ("finish", 1)]
+        assert partial_files(spool.tmp) == []
     finally:
         spool.release()

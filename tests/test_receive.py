@@ -315,3 +315,125 @@ def test_stop_lets_an_association_in_progress_finish(tmp_path: Path) -> None:
         assert not stopping.is_alive()
         assert node.journal.state_counts()["instances"]["total"] == 3
         assert not echo_ok(port)  # no new associations
+
+
+def test_the_header_is_read_on_another_thread_while_the_file_is_synced(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Receiver._store: the header scan and the duplicate look-up run while the storing
+    thread is in fsync, not before the write; the file takes its name after both."""
+    import threading
+
+    from dicom_node import receive, store
+
+    events: list[tuple[str, str]] = []
+    scanned = threading.Event()
+    real_scan, real_write, real_fsync = receive.received_header, store._write_all, os.fsync
+
+    def scan(*args: object, **kwargs: object) -> object:
+        events.append(("scan", threading.current_thread().name))
+        scanned.set()
+        return real_scan(*args, **kwargs)  # type: ignore[arg-type]
+
+    written: list[int] = []
+
+    def write_all(fd: int, pieces: list[object]) -> None:
+        events.append(("write", threading.current_thread().name))
+        real_write(fd, pieces)  # type: ignore[arg-type]
+        written.append(fd)
+
+    def fsync(fd: int) -> None:
+        if written and written[-1] == fd:  # the instance file's fsync
+            written.clear()
+            assert scanned.wait(10), "no header scan while the file was synced"
+            events.append(("synced", threading.current_thread().name))
+        real_fsync(fd)
+
+    monkeypatch.setattr(receive, "received_header", scan)
+    monkeypatch.setattr(store, "_write_all", write_all)
+    monkeypatch.setattr(os, "fsync", fsync)
+    ds = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])
+    with association(node) as assoc:
+        assert assoc.send_c_store(ds).Status == 0
+    assert [name for name, _ in events] == ["write", "scan", "synced"]
+    (_, storing), (_, scanning), _ = events
+    assert scanning != storing
+    assert node.journal.state_counts()["instances"]["total"] == 1
+
+
+@pytest.mark.usefixtures("send_raw_files")
+def test_a_refusal_or_a_resend_wins_over_low_space_and_leaves_no_file(
+    node: Node, tmp_path: Path
+) -> None:
+    """With the header read alongside the write, the statuses stay those of a header
+    read first: a resend is acknowledged and a mismatch refused even when the space is
+    low; neither leaves a file."""
+    good = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])
+    mr = copy.deepcopy(good)
+    mr.SOPClassUID = MRImageStorage
+    mismatch = _raw_file(
+        tmp_path / "mismatch.dcm", CTImageStorage, generate_uid(), _implicit_body(mr)
+    )
+    with association(node, syntaxes=[ImplicitVRLittleEndian]) as assoc:
+        assert assoc.send_c_store(good).Status == 0
+        assert assoc.send_c_store(good).Status == 0  # a resend, space as it is
+        node.spool.min_free_bytes = 2**62  # from now on the space is low
+        assert assoc.send_c_store(good).Status == 0
+        assert assoc.send_c_store(mismatch).Status == 0xA900
+        other = copy.deepcopy(good)
+        other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        assert assoc.send_c_store(other).Status == 0xA700  # new and good: no room
+    assert node.journal.state_counts()["instances"]["total"] == 1
+    assert len(_stored_files(node)) == 1 and partial_files(node.spool.tmp) == []
+
+
+def test_the_response_does_not_wait_for_the_counters_and_the_audit_record(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from dicom_node.audit import AuditTrail
+
+    answered = threading.Event()
+    audited: list[str] = []
+    real = AuditTrail.instance_received
+
+    def instance_received(self: AuditTrail, *args: object) -> None:
+        answered.wait(10)  # holds the response back for 10 s if it comes first
+        audited.append(str(args[2]))
+        real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AuditTrail, "instance_received", instance_received)
+    ds = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])
+    with association(node) as assoc:
+        started = time.monotonic()
+        assert assoc.send_c_store(ds).Status == 0
+        waited = time.monotonic() - started
+        answered.set()
+    assert waited < 5, waited
+    wait_until(lambda: audited == [ds.SOPInstanceUID], 10, what="the audit record")
+    samples = {
+        sample.name: sample.value
+        for metric in node.metrics.registry.collect()
+        for sample in metric.samples
+        if sample.labels.get("calling_aet") == "TESTSCU"
+    }
+    assert samples["dicom_node_instances_received_total"] == 1
+    assert samples["dicom_node_received_bytes_total"] > len(ds.PixelData)
+
+
+def test_the_header_threads_run_the_work_here_once_shut_down() -> None:
+    import threading
+
+    from dicom_node.receive import _Helpers
+
+    helpers = _Helpers(2)
+    assert helpers.submit(threading.current_thread).result(10).name.startswith("header")
+    failed = helpers.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failed.result(10)
+    helpers.shutdown()
+    assert helpers.submit(threading.current_thread).result(0) is threading.current_thread()
+    failed = helpers.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failed.result(0)
