@@ -90,7 +90,7 @@ PREFERRED_TRANSFER_SYNTAXES = (
 ACCEPTED_TRANSFER_SYNTAXES = list(PREFERRED_TRANSFER_SYNTAXES) + [
     syntax for syntax in ALL_TRANSFER_SYNTAXES if syntax not in PREFERRED_TRANSFER_SYNTAXES
 ]
-HEADER_THREADS = 4  # instances whose headers are read at once, one per storing thread
+HEADER_THREADS = 2  # used by one storing thread at a time, mostly (Receiver._store)
 
 
 class _Duplicate(Exception):
@@ -110,12 +110,29 @@ class _HeaderRead:
         self._future: Future[Header] | None = None
 
     def start(self) -> None:
-        self._future = self._helpers.submit(self._function, *self._args)
+        if self._future is None:  # not read already (see Receiver._store)
+            self._future = self._helpers.submit(self._function, *self._args)
 
     def finish(self) -> Header:
         if self._future is None:
             self._future = self._helpers.run(self._function, *self._args)
         return self._future.result()
+
+
+class _Gauge:
+    """How many threads are inside a ``with`` block of it."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.value += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.value -= 1
 
 
 class _Helpers:
@@ -197,6 +214,7 @@ class Receiver:
         self._clock = clock
         self._on_recorded = on_recorded
         self._helpers = _Helpers(HEADER_THREADS)
+        self._storing = _Gauge()  # threads writing an instance now
         self._server: ThreadedAssociationServer | None = None
         # Built here so that a certificate that cannot be used stops the node before it starts.
         self._ssl_context = None if config.tls is None else server_context(config.tls)
@@ -349,17 +367,22 @@ class Receiver:
                 f"instance of {size} bytes exceeds node.max_instance_bytes"
                 f" ({self._config.max_instance_bytes})",
             )
-        # The header is read (and the duplicate looked up) on a helper thread while this
-        # one writes and fsyncs the file, which release the GIL. The file takes its name
-        # only once the header is known to be good and new.
+        # Where this is the only instance being stored, its header is read (and the
+        # duplicate looked up) on a helper thread while this one fsyncs the file, which
+        # releases the GIL; the file takes its name only once the header is known to be
+        # good and new. Where others are being stored too, the CPUs are busy with them
+        # (the helper would only add its hand-overs): read here, before the write.
         scan = _HeaderRead(
             self._helpers,
             self._scan,
             (meta, dataset, transfer_syntax, sop_class_uid, sop_instance_uid),
         )
         try:
-            relpath = self._write(pieces, size, scan)
-        except _Duplicate:  # a resend: its file was dropped before it took a name
+            with self._storing:
+                if self._storing.value > 1:
+                    scan.finish()
+                relpath = self._write(pieces, size, scan)
+        except _Duplicate:  # a resend: nothing written, or its file dropped before it took a name
             return self._duplicate(calling)
         header = scan.finish()
         recorded = self._record(

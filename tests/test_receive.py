@@ -317,11 +317,14 @@ def test_stop_lets_an_association_in_progress_finish(tmp_path: Path) -> None:
         assert not echo_ok(port)  # no new associations
 
 
+@pytest.mark.parametrize("busy", [False, True])
 def test_the_header_is_read_on_another_thread_while_the_file_is_synced(
-    node: Node, monkeypatch: pytest.MonkeyPatch
+    node: Node, monkeypatch: pytest.MonkeyPatch, busy: bool
 ) -> None:
     """Receiver._store: the header scan and the duplicate look-up run while the storing
-    thread is in fsync, not before the write; the file takes its name after both."""
+    thread is in fsync, not before the write; the file takes its name after both.
+    While another instance is being stored (``busy``), they run first, on the storing
+    thread: no core is idle to overlap with."""
     import threading
 
     from dicom_node import receive, store
@@ -353,11 +356,16 @@ def test_the_header_is_read_on_another_thread_while_the_file_is_synced(
     monkeypatch.setattr(store, "_write_all", write_all)
     monkeypatch.setattr(os, "fsync", fsync)
     ds = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])
-    with association(node) as assoc:
+    with association(node) as assoc, node.receiver._storing if busy else contextlib.nullcontext():
         assert assoc.send_c_store(ds).Status == 0
-    assert [name for name, _ in events] == ["write", "scan", "synced"]
-    (_, storing), (_, scanning), _ = events
-    assert scanning != storing
+    if busy:
+        assert [name for name, _ in events] == ["scan", "write", "synced"]
+        (_, scanning), (_, storing), _ = events
+        assert scanning == storing
+    else:
+        assert [name for name, _ in events] == ["write", "scan", "synced"]
+        (_, storing), (_, scanning), _ = events
+        assert scanning != storing
     assert node.journal.state_counts()["instances"]["total"] == 1
 
 

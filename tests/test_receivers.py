@@ -63,6 +63,25 @@ def _exited(pid: int) -> bool:
     return state == "Z"  # ended, not yet reaped by whoever adopted it
 
 
+def _holder(pids: list[int], node_port: int, peer_port: int) -> int | None:
+    """Which of ``pids`` holds the node's end of the TCP connection from ``peer_port``
+    (Linux: /proc/net/tcp and each process's descriptors)."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(address.split(":")[1], 16) for address in fields[1:3])
+        if (local, remote) == (node_port, peer_port):
+            inode = fields[9]
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:  # closed meanwhile
+                continue
+    return None
+
+
 def _received(node: Node) -> float:
     totals = node.metrics.counter_totals()
     return sum(v for (name, _), v in totals.items() if name == "dicom_node_instances_received")
@@ -225,18 +244,29 @@ def test_an_orphaned_receiving_process_ends_at_its_drain_deadline(tmp_path: Path
         (child,) = child_pids(node.proc.pid)
         ae = AE(ae_title="SCANNER")
         ae.add_requested_context("1.2.840.10008.1.1")
-        ae.acse_timeout = ae.network_timeout = 120  # an idle peer that never releases
-        assoc = ae.associate(LOCALHOST, node.port, ae_title="AINODE")
-        assert assoc.is_established  # a lone association: receiver-2 has it
-        killed = time.monotonic()
-        node.kill()
+        ae.acse_timeout = ae.network_timeout = 120  # idle peers that never release
+        # A lone association goes to receiver-2 unless the main process has not yet
+        # heard that its start-up C-ECHO there closed; then the next one does.
+        opened = []
         try:
+            for _ in range(3):
+                assoc = ae.associate(LOCALHOST, node.port, ae_title="AINODE")
+                assert assoc.is_established
+                opened.append(assoc)
+                peer_port = assoc.dul.socket.socket.getsockname()[1]
+                holder = _holder([node.proc.pid, child], node.port, peer_port)
+                if holder == child:
+                    break
+            assert holder == child, "no association reached receiver-2"
+            killed = time.monotonic()
+            node.kill()
             wait_until(lambda: _exited(child), 60, 0.2, what="the orphan to exit")
             assert drain - 1 < time.monotonic() - killed < drain + 10
             wait_until(lambda: not assoc.is_established, 10, what="the association aborted")
         finally:
-            if assoc.is_established:
-                assoc.abort()
+            for each in opened:
+                if each.is_established:
+                    each.abort()
 
 
 @pytest.mark.timeout(300)
