@@ -244,21 +244,27 @@ class NodeReceiver:
 
     aet = "AINODE"
 
-    def __init__(self, workdir: Path, processes: int = 1) -> None:
-        """``processes``: node.receive_processes."""
-        self.name = self.contender_name(processes)
+    def __init__(self, workdir: Path, processes: int = 1, source: Path | None = None) -> None:
+        """``processes``: node.receive_processes; ``source``: a folder with another
+        revision's ``dicom_node`` package to run instead of this one's."""
+        self.name = self.contender_name(processes, source)
         self._storage = workdir / "var"
         node = {"ae_title": self.aet, "receive_processes": processes}
         settings = node_settings(self._storage, node=node, routes=[])
-        self._node = NodeProcess(settings, workdir)
+        self._node = NodeProcess(settings, workdir, source)
 
     @property
     def port(self) -> int:
         return self._node.port
 
     @staticmethod
-    def contender_name(processes: int) -> str:
-        return "dicom_node" if processes == 1 else f"dicom_node x{processes}"
+    def contender_name(processes: int, source: Path | None = None) -> str:
+        name = "dicom_node" if processes == 1 else f"dicom_node x{processes}"
+        return name if source is None else f"{name} @{source.name}"
+
+    def package(self) -> Path:
+        """The folder of the ``dicom_node`` package this contender runs."""
+        return self._node.package()
 
     def start(self) -> None:
         # returns once the node has logged "ready": its receiving processes (if any) are

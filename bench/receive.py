@@ -1,7 +1,7 @@
 """Receive benchmark: dcmtk storescp, Orthanc and our node, fed by dcmtk storescu.
 
     .venv/bin/python bench/receive.py --slices 300 --rounds 3 [--concurrency 1 4] [--quick]
-        [--receive-processes 1 2]
+        [--receive-processes 1 2] [--baseline DIR]
 
 Every round runs each load against each receiver in turn (storescp, Orthanc, node, storescp,
 ...); every measurement gets a freshly started receiver with empty storage, so no run sees
@@ -9,6 +9,8 @@ duplicates. A load of concurrency N splits the series into N groups and runs N s
 processes at once; the time is from the first start to the last exit. Each receiver must
 then hold every instance, or the run stops with exit status 1. Prints the medians, the
 ratios, the node's peak RSS and the targets; ``--check-targets`` exits 3 when one is missed.
+``--baseline DIR`` adds the node of another revision (a checkout in DIR) to the alternation,
+for before/after figures measured in the same run.
 """
 
 from __future__ import annotations
@@ -43,23 +45,34 @@ from common import (
 Factory = Callable[[Path, int], Receiver]  # (workdir, concurrency) -> a fresh contender
 
 
-def receivers(node_processes: Sequence[int]) -> dict[str, Factory]:
-    """name -> factory: the peers, then the node with each ``node.receive_processes``;
+def receivers(node_processes: Sequence[int], baseline: Path | None = None) -> dict[str, Factory]:
+    """name -> factory: the peers, then the node with each ``node.receive_processes``
+    (and the same from ``baseline``, another revision's checkout, right after each);
     the order is the order of the alternation."""
     found: dict[str, Factory] = {
         "dcmtk storescp": lambda workdir, level: StorescpReceiver(workdir, fork=level > 1),
         "Orthanc": lambda workdir, level: OrthancReceiver(workdir),
     }
     for processes in node_processes:
-        found[NodeReceiver.contender_name(processes)] = _node_factory(processes)
+        for source in (None, baseline) if baseline is not None else (None,):
+            name = NodeReceiver.contender_name(processes, source)
+            found[name] = _node_factory(processes, source)
     return found
 
 
-def _node_factory(processes: int) -> Factory:
+def _node_factory(processes: int, source: Path | None = None) -> Factory:
     def make(workdir: Path, _level: int) -> Receiver:
-        return NodeReceiver(workdir, processes)
+        return NodeReceiver(workdir, processes, source)
 
     return make
+
+
+def show_packages(contenders: dict[str, Factory], tmp: Path) -> None:
+    """Print which ``dicom_node`` package each node contender runs."""
+    for name, factory in contenders.items():
+        contender = factory(tmp / "package-check", 1)
+        if isinstance(contender, NodeReceiver):
+            print(f"{name}: runs {contender.package()}", flush=True)
 
 
 ONE_ASSOC_VS_STORESCP = 0.5
@@ -176,6 +189,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[1],
         help="node.receive_processes of each node contender (e.g. 1 2: two nodes)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also measure the node from DIR, a checkout of another revision (e.g. git"
+        " worktree add DIR HEAD~1), right after this one in each round",
+    )
     parser.add_argument("--check-targets", action="store_true", help="exit 3 if a target fails")
     return parser
 
@@ -185,12 +205,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.slices, args.rounds, args.concurrency = 20, 1, [1, 2]
         args.receive_processes = [1, 2]
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "dicom_node" / "__init__.py").is_file():
+            _parser().error(f"--baseline {args.baseline}: no dicom_node package there")
     print(f"machine: {machine()}", flush=True)
     files = ct_series(args.slices)
     warm_page_cache(files)
     try:
         with tempfile.TemporaryDirectory(prefix="dicom-node-bench-") as tmp:
-            contenders = receivers(args.receive_processes)
+            contenders = receivers(args.receive_processes, args.baseline)
+            show_packages(contenders, Path(tmp))
             results, peak_rss = run(files, args.rounds, args.concurrency, Path(tmp), contenders)
     except PeerError as exc:
         print(f"receive benchmark FAILED: {exc}", file=sys.stderr)

@@ -106,8 +106,11 @@ READY = " ready: "  # dicom_node VERSION ready: AE on host:port
 class NodeProcess:
     """``dicom-node serve`` as a child process, as an operator would run it."""
 
-    def __init__(self, settings: dict[str, Any], workdir: Path) -> None:
+    def __init__(self, settings: dict[str, Any], workdir: Path, source: Path | None = None) -> None:
+        """``source``: run the ``dicom_node`` package in this folder (e.g. a ``git
+        worktree`` of another revision) instead of the installed one."""
         self.settings = settings
+        self.source = source
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "node.yaml"
@@ -120,7 +123,7 @@ class NodeProcess:
         """Start ``serve`` and wait until start-up has finished: it answers C-ECHO (its
         listener opens first) and has logged "ready" (its analysis worker is built)."""
         started = self.log().count(READY)  # the log is appended to across restarts
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = self.environment()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
@@ -131,6 +134,27 @@ class NodeProcess:
             )
         wait_until(lambda: self._ready(started), timeout, 0.05, f"node ready on port {self.port}")
         return self
+
+    def environment(self) -> dict[str, str]:
+        """The environment ``serve`` runs in."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.source is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                path for path in (str(self.source), env.get("PYTHONPATH")) if path
+            )
+        return env
+
+    def package(self) -> Path:
+        """Where the ``dicom_node`` package that ``serve`` runs comes from."""
+        done = subprocess.run(
+            [sys.executable, "-c", "import dicom_node; print(dicom_node.__file__)"],
+            env=self.environment(),
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return Path(done.stdout.strip()).parent
 
     def _ready(self, started: int) -> bool:
         """Raises if the process has exited (at any point of its start-up)."""

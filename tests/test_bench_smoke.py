@@ -7,6 +7,7 @@ timings of a quick run mean nothing and are not checked.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,9 @@ BENCH = REPO_ROOT / "bench"
 RECEIVERS = ("dcmtk storescp", "Orthanc", "dicom_node", "dicom_node x2")
 
 
-def _run_quick(script: Path) -> str:
+def _run_quick(script: Path, *args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, str(script), "--quick"],
+        [sys.executable, str(script), *(args or ("--quick",))],
         capture_output=True,
         text=True,
         timeout=120,
@@ -59,6 +60,27 @@ def test_receive_quick_stores_all_on_every_receiver() -> None:
             f"2 assoc: {node} vs storescp",
         ):
             assert len(_verdicts(out, target)) == 1
+
+
+@pytest.mark.timeout(150)
+def test_receive_measures_a_baseline_checkout_in_the_same_alternation(tmp_path: Path) -> None:
+    require_tools("storescu", "storescp", "echoscu", "Orthanc")
+    baseline = tmp_path / "before"
+    shutil.copytree(
+        REPO_ROOT / "dicom_node",
+        baseline / "dicom_node",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    out = _run_quick(
+        BENCH / "receive.py", "--slices", "5", "--rounds", "1", "--concurrency", "1",
+        "--baseline", str(baseline),
+    )  # fmt: skip
+    assert f"dicom_node: runs {REPO_ROOT / 'dicom_node'}" in out
+    assert f"dicom_node @before: runs {baseline / 'dicom_node'}" in out
+    measured = re.findall(r"^  (.+?)\s+x1: stored all 5/5", out, flags=re.MULTILINE)
+    assert measured == ["dcmtk storescp", "Orthanc", "dicom_node", "dicom_node @before"]
+    assert len(_table_rows(out, "dicom_node @before")) == 1
+    assert len(_verdicts(out, "1 assoc: dicom_node @before vs storescp")) == 1
 
 
 @pytest.mark.timeout(90)
