@@ -394,9 +394,10 @@ class Receiver:
         self._on_recorded(recorded)  # first: the study's completion timer depends on it
 
         def account() -> None:
-            self._metrics.instances_received.labels(calling_aet=calling).inc()
-            self._metrics.bytes_received.labels(calling_aet=calling).inc(size)
-            self._audit.instance_received(calling, header.study_uid, header.sop_uid, SUCCESS)
+            with log_context(calling_aet=calling):
+                self._metrics.instances_received.labels(calling_aet=calling).inc()
+                self._metrics.bytes_received.labels(calling_aet=calling).inc(size)
+                self._audit.instance_received(calling, header.study_uid, header.sop_uid, SUCCESS)
 
         if after is None:
             account()

@@ -30,10 +30,12 @@ WRITEV_MAX_BUFFERS = 1024  # IOV_MAX on Linux
 class Alongside(Protocol):
     """Work that runs on another thread while :meth:`Spool.write_atomic` writes a file.
 
-    ``start`` is called just before the first write, ``finish`` (which waits for it)
-    once the file is synced, before it takes its name. Started there, the other thread
-    runs while this one is in ``writev`` and ``fsync``, which release the GIL, rather
-    than between this thread's shorter system calls before them.
+    ``start`` is called once the file is written, just before its fsync; ``finish``
+    (which waits for the work) once the file is synced, before it takes its name.
+    Started there, the other thread runs while this one is in ``fsync``, which releases
+    the GIL. Started before the write, it took the GIL during this thread's shorter
+    system calls (the free-space check, the open), and this one waited after each
+    (docs/performance.md, item 28).
     """
 
     def start(self) -> None: ...

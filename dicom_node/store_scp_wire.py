@@ -238,7 +238,10 @@ class FastStore:
         self._respond(sock, wrapper, request, status)
         self._dul._idle_timer.restart()
         for work in after:  # while the peer reads the response and sends its next request
-            work()
+            try:
+                work()
+            except Exception:  # counters and audit: the instance is stored and answered
+                log.exception("after the response to a C-STORE from %s", self._calling)
         return True
 
     def _idle(self) -> bool:

@@ -445,3 +445,19 @@ def test_the_header_threads_run_the_work_here_once_shut_down() -> None:
     failed = helpers.submit(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         failed.result(0)
+
+
+def test_a_failure_after_the_response_is_logged_and_the_association_goes_on(
+    node: Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dicom_node.audit import AuditTrail
+
+    def broken(self: AuditTrail, *args: object) -> None:
+        raise RuntimeError("audit broken")
+
+    monkeypatch.setattr(AuditTrail, "instance_received", broken)
+    files = [pydicom.dcmread(p) for p in sorted(GE_3SLICE.glob("*.dcm"))]
+    with association(node) as assoc:
+        assert [assoc.send_c_store(ds).Status for ds in files] == [0, 0, 0]
+    assert node.journal.state_counts()["instances"]["total"] == 3
+    assert caplog.text.count("after the response to a C-STORE from TESTSCU") == 3
