@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from dicom_node.broker import Publisher, celery_app
 from dicom_node.commit import Commitments
 from dicom_node.config import NodeConfig
 from dicom_node.dispatch import Dispatcher
+from dicom_node.domain import JobState
 from dicom_node.encode.types import Equipment
 from dicom_node.journal import Journal, JournalSchemaError
 from dicom_node.leases import LeaseKeeper
@@ -124,31 +126,81 @@ class Node:
         log.info("stopped")
 
 
+IDLE_POLL_SECONDS = 5.0  # as often as a worker looks at the journal (Worker.run)
+WAITING_JOB_STATES = (JobState.QUEUED, JobState.ANALYSING)  # ANALYSING: before resume()
+
+
 class Analysis:
     """The node's analysis worker, built when the node starts, after its listener: a
     worker loads torch, SimpleITK and highdicom. Built at once where building it can
-    refuse the start (an explicit CUDA device, checked before any port is opened)."""
+    refuse the start (an explicit CUDA device, checked before any port is opened).
 
-    def __init__(self, build: Callable[[], Worker] | None, now: bool) -> None:
+    ``needed`` says whether anything is to be analysed: a node with no routes, a journal
+    of its own and no job waiting never creates a job of itself, so its worker (and
+    torch) is built only when a job first needs it: an operator's retry of an old job,
+    through the REST API (:meth:`wake`) or ``dicom-node retry`` (seen within
+    :data:`IDLE_POLL_SECONDS`, as a worker polls the journal).
+    """
+
+    def __init__(
+        self,
+        build: Callable[[], Worker] | None,
+        now: bool,
+        needed: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._build = build
+        self._needed = needed
+        self._started = False  # the node has started
+        self._running = False  # the worker has
         self._stopped = False
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # one build, and no start after the stop
         self.worker: Worker | None = build() if build is not None and now else None
 
     def start(self) -> None:
-        if self.worker is None and self._build is not None:
-            self.worker = self._build()
-        if self.worker is not None and not self._stopped:  # stopped while it was built
-            self.worker.start()
+        self._started = True
+        if self.worker is None and self._build is not None and not self._needed():
+            log.info("no routes and no jobs: the analysis worker is loaded when a job needs it")
+            threading.Thread(target=self._watch, name="analysis-idle", daemon=True).start()
+            return
+        self._start_worker()
 
     def wake(self) -> None:
         worker = self.worker
         if worker is not None:  # before the start: the worker looks at the journal first
             worker.wake()
+        elif self._started and self._build is not None:
+            try:
+                self._start_worker()
+            except Exception:  # the jobs wait in the journal; the next wake tries again
+                log.exception("cannot build the analysis worker")
 
     def stop(self, timeout: float) -> None:
-        self._stopped = True
+        self._stopping.set()
+        with self._lock:  # waits for a build in progress
+            self._stopped = True
         if self.worker is not None:
             self.worker.stop(timeout)
+
+    def _watch(self) -> None:
+        """Until a job needs the worker: look at the journal now and then."""
+        while not self._running and not self._stopping.wait(IDLE_POLL_SECONDS):
+            try:
+                if self._needed():
+                    self._start_worker()
+            except Exception:  # e.g. the journal away for a moment: look again later
+                log.exception("cannot start the analysis worker")
+
+    def _start_worker(self) -> None:
+        with self._lock:
+            if self._stopped or self._running:
+                return
+            if self.worker is None:
+                if self._build is None:
+                    return
+                self.worker = self._build()
+            self.worker.start()
+            self._running = True
 
 
 def build_node(config: NodeConfig) -> Node:
@@ -220,8 +272,13 @@ def _analysis(
     def build() -> Worker:
         return build_worker(config, journal, spool, metrics, on_results, leases=leases)
 
+    def needed() -> bool:
+        if config.routes or journal.shared:  # shared: other nodes' jobs too
+            return True
+        return any(journal.jobs_in_state(state, 1) for state in WAITING_JOB_STATES)
+
     # "cpu" and "auto" cannot fail; an explicit CUDA device is checked before listening
-    return leases, Analysis(build, now=config.analysis.device not in ("cpu", "auto"))
+    return leases, Analysis(build, now=config.analysis.device not in ("cpu", "auto"), needed=needed)
 
 
 def _assembling(

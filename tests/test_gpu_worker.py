@@ -242,11 +242,104 @@ def test_the_worker_is_built_after_the_listener_opens(
         return real_build(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(dicom_node.app, "build_worker", build)
-    node = dicom_node.app.build_node(parse_config(node_settings(tmp_path / "var")))
+    settings = node_settings(
+        tmp_path / "var",
+        destinations={"pacs": {"ae_title": "PACS", "host": LOCALHOST, "port": free_port()}},
+        routes=[{"name": "chest", "pipeline": "ct-chest", "send_to": ["pacs"]}],
+    )
+    node = dicom_node.app.build_node(parse_config(settings))
     assert node.worker is None and listening == []
     node.start()
     try:
         assert listening == [True] and node.worker is not None
+    finally:
+        node.stop(timeout=5)
+
+
+def _queued_job_of_a_routed_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Settings of a node with the ct-chest route whose GE study left a queued job (its
+    worker never started); the same settings serve the restarts, routes changed."""
+    pacs = {"pacs": {"ae_title": "PACS", "host": LOCALHOST, "port": free_port()}}
+    routed = node_settings(
+        tmp_path / "var",
+        destinations=pacs,
+        routes=[{"name": "chest", "pipeline": "ct-chest", "send_to": ["pacs"]}],
+        completion={"study_idle_seconds": 0.2},
+    )
+    ge = [pydicom.dcmread(p) for p in sorted(GE_3SLICE.glob("*.dcm"))]
+    with monkeypatch.context() as patched:
+        patched.setattr(dicom_node.app.Analysis, "start", lambda self: None)  # no worker
+        node = dicom_node.app.build_node(parse_config(routed))
+        node.start()
+        try:
+            assert send(node, ge) == [0, 0, 0]
+            wait_until(lambda: node.journal.state_counts()["jobs"].get(JobState.QUEUED), 30)
+        finally:
+            node.stop(timeout=5)
+    return routed
+
+
+@pytest.mark.parametrize("retried_by", ["REST API", "dicom-node retry"])
+def test_a_node_without_routes_or_jobs_builds_its_worker_when_a_job_first_needs_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    retried_by: str,
+) -> None:
+    """No routes and a journal of its own: nothing to analyse, so no torch at the start;
+    an operator's retry of an old failed job builds the worker, which runs it. The REST
+    API wakes the node; ``dicom-node retry`` only writes the journal, which the node
+    looks at every IDLE_POLL_SECONDS."""
+    settings = _queued_job_of_a_routed_node(tmp_path, monkeypatch)
+    journal = Journal(tmp_path / "var" / "journal.sqlite")
+    try:
+        job = journal.claim_job(time.time())
+        assert job is not None
+        journal.job_failed(job.id, "RuntimeError: made to fail by the test", time.time())
+    finally:
+        journal.close()
+    real_build = dicom_node.app.build_worker
+    built: list[bool] = []
+
+    def build(*args: object, **kwargs: object) -> Worker:
+        built.append(True)
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dicom_node.app, "build_worker", build)
+    monkeypatch.setattr(dicom_node.app, "IDLE_POLL_SECONDS", 0.2)
+    with caplog.at_level(logging.INFO, logger="dicom_node.app"):
+        node = dicom_node.app.build_node(parse_config({**settings, "routes": []}))
+        node.start()
+    try:
+        time.sleep(0.5)  # a few looks at the journal: nothing to analyse yet
+        assert built == [] and node.worker is None
+        assert "the analysis worker is loaded when a job needs it" in caplog.text
+        node.journal.retry_job(job.id, time.time())
+        if retried_by == "REST API":
+            node.analysis.wake()  # what its retry endpoint calls (through on_jobs)
+            assert built == [True] and node.worker is not None
+        else:
+            wait_until(lambda: node.worker is not None, 10, 0.05, "the journal looked at")
+            assert built == [True]
+        leaving = {JobState.SENDING, JobState.DONE, JobState.DEAD_LETTER}  # no PACS listens
+        wait_until(
+            lambda: leaving & set(node.journal.state_counts()["jobs"]), 60, what="the job run"
+        )
+    finally:
+        node.stop(timeout=5)
+
+
+def test_a_node_without_routes_builds_its_worker_at_the_start_when_jobs_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs left queued by an earlier run with routes are analysed after a restart
+    without them."""
+    settings = _queued_job_of_a_routed_node(tmp_path, monkeypatch)
+    node = dicom_node.app.build_node(parse_config({**settings, "routes": []}))
+    node.start()
+    try:
+        assert node.worker is not None
+        wait_until(lambda: not node.journal.state_counts()["jobs"].get(JobState.QUEUED), 60)
     finally:
         node.stop(timeout=5)
 
