@@ -404,7 +404,11 @@ def test_a_worker_that_cannot_be_built_stops_the_start_and_closes_the_port(
 
     monkeypatch.setattr(dicom_node.app, "build_worker", broken)
     monkeypatch.setattr(signal, "signal", lambda *_: None)  # run() must not take pytest's
-    settings = node_settings(tmp_path / "var")
+    settings = node_settings(  # with a route: without one, no worker is built at the start
+        tmp_path / "var",
+        destinations={"pacs": {"ae_title": "PACS", "host": LOCALHOST, "port": free_port()}},
+        routes=[{"name": "chest", "pipeline": "ct-chest", "send_to": ["pacs"]}],
+    )
     with caplog.at_level(logging.ERROR, logger="dicom_node.app"):
         assert dicom_node.app.run(parse_config(settings)) == 1
     assert "cannot start" in caplog.text and "libtorch_cpu.so" in caplog.text
