@@ -152,7 +152,6 @@ class Analysis:
         self._needed = needed
         self._started = False  # the node has started
         self._running = False  # the worker has
-        self._stopped = False
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # one build, and no start after the stop
         self.worker: Worker | None = build() if build is not None and now else None
@@ -177,8 +176,8 @@ class Analysis:
 
     def stop(self, timeout: float) -> None:
         self._stopping.set()
-        with self._lock:  # waits for a build in progress
-            self._stopped = True
+        with self._lock:  # waits for a build in progress, which then starts its worker
+            pass
         if self.worker is not None:
             self.worker.stop(timeout)
 
@@ -193,7 +192,7 @@ class Analysis:
 
     def _start_worker(self) -> None:
         with self._lock:
-            if self._stopped or self._running:
+            if self._stopping.is_set() or self._running:
                 return
             if self.worker is None:
                 if self._build is None:
