@@ -363,12 +363,65 @@ def run_storescu(aet: str, port: int, groups: Sequence[Sequence[Path]], logdir: 
 # --------------------------------------------------------------------------- report
 
 
+@dataclass(frozen=True)
+class CpuUse:
+    """The CPU time one load took (Linux, ``/proc/stat``) over ``seconds`` of wall time on
+    ``cpus`` CPUs: the senders' (storescu, children of this process), every CPU's busy
+    time whoever spent it (the receiver, the kernel, the senders), and the time the
+    hypervisor ran another guest while this one wanted its CPUs (steal: noise)."""
+
+    senders: float
+    machine: float
+    stolen: float
+    seconds: float
+    cpus: int
+
+    @property
+    def others(self) -> float:
+        """CPU seconds not spent by the senders: the receiver's, and the kernel's for it."""
+        return max(0.0, self.machine - self.senders)
+
+    def share(self, cpu_seconds: float) -> float:
+        """``cpu_seconds`` as a share of all CPUs' time (1.0: every CPU, all along)."""
+        return cpu_seconds / (self.seconds * self.cpus) if self.seconds > 0 else 0.0
+
+
+class CpuClock:
+    """Start before a load, :meth:`stop` after it: its :class:`CpuUse`."""
+
+    def __init__(self) -> None:
+        self._start = _cpu_now()
+
+    def stop(self) -> CpuUse:
+        machine, stolen, senders, wall = (
+            b - a for a, b in zip(self._start, _cpu_now(), strict=True)
+        )
+        return CpuUse(senders, machine, stolen, wall, os.cpu_count() or 1)
+
+
+def _cpu_now() -> tuple[float, float, float, float]:
+    """(busy and stolen seconds of every CPU since boot, CPU seconds of this process's
+    waited-for children, a monotonic clock). Busy: user, nice, system, irq and softirq
+    time from /proc/stat's "cpu" line; zero where there is none."""
+    lines = _lines("/proc/stat")
+    fields = [int(value) for value in lines[0].split()[1:9]] if lines else []
+    busy = stolen = 0.0
+    if len(fields) == 8:  # user nice system idle iowait irq softirq steal
+        ticks = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields[:3]) + fields[5] + fields[6]) / ticks
+        stolen = fields[7] / ticks
+    times = os.times()
+    return busy, stolen, times.children_user + times.children_system, time.monotonic()
+
+
 @dataclass
 class Series:
-    """The measurements of one contender at one load: images/s per round."""
+    """The measurements of one contender at one load: images/s per round, and the CPU
+    time of each round where it was measured."""
 
     name: str
     rates: list[float] = field(default_factory=list)
+    cpu: list[CpuUse] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -427,6 +480,37 @@ def rates_table(title: str, series: Sequence[Series], baselines: Sequence[Series
         ratios = [f"{row.median / base.median:.2f}x" for base in baselines]
         rounds = " ".join(f"{rate:.1f}" for rate in row.rates)
         table.add_row(row.name, f"{row.median:.1f}", rounds, *ratios)
+    return table
+
+
+def cpu_table(title: str, series: Sequence[Series], images: int) -> Table:
+    """Medians over the rounds of the CPU time per image, and what it would allow.
+
+    "CPU-bound at" is the rate at which that much CPU time per image would keep every
+    CPU busy: where it is close to the measured rate, more speed needs less CPU per
+    image, not more parallel work."""
+    table = Table(title=title)
+    columns = ("senders ms/img", "receiver + kernel ms/img", "CPUs busy", "CPU-bound at img/s")
+    table.add_column("contender")
+    for name in (*columns, "stolen"):
+        table.add_column(name, justify="right")
+    for row in series:
+        if not row.cpu:
+            continue
+        senders = statistics.median(use.senders for use in row.cpu) / images
+        others = statistics.median(use.others for use in row.cpu) / images
+        busy = statistics.median(use.share(use.machine) for use in row.cpu)
+        stolen = statistics.median(use.share(use.stolen) for use in row.cpu)
+        cpus = row.cpu[0].cpus
+        ceiling = cpus / (senders + others) if senders + others > 0 else float("inf")
+        table.add_row(
+            row.name,
+            f"{1000 * senders:.2f}",
+            f"{1000 * others:.2f}",
+            f"{100 * busy:.0f} %",
+            f"{ceiling:.0f}",
+            f"{100 * stolen:.0f} %",
+        )
     return table
 
 

@@ -8,7 +8,8 @@ Every round runs each load against each receiver in turn (storescp, Orthanc, nod
 duplicates. A load of concurrency N splits the series into N groups and runs N storescu
 processes at once; the time is from the first start to the last exit. Each receiver must
 then hold every instance, or the run stops with exit status 1. Prints the medians, the
-ratios, the node's peak RSS and the targets; ``--check-targets`` exits 3 when one is missed.
+ratios, the CPU time per image (the senders', everything else's, how busy the CPUs
+were), the node's peak RSS and the targets; ``--check-targets`` exits 3 when one is missed.
 ``--baseline DIR`` adds the node of another revision (a checkout in DIR) to the alternation,
 for before/after figures measured in the same run.
 """
@@ -22,6 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common import (
+    CpuClock,
+    CpuUse,
     NodeReceiver,
     OrthancReceiver,
     PeerError,
@@ -30,6 +33,7 @@ from common import (
     StorescpReceiver,
     Target,
     console,
+    cpu_table,
     ct_series,
     evict_page_cache,
     machine,
@@ -82,15 +86,18 @@ CONCURRENT_VS_STORESCP = 0.8
 
 def measure(
     receiver: Receiver, files: Sequence[Path], level: int, workdir: Path
-) -> tuple[float, int | None]:
-    """Images/s of one load against a fresh receiver, and its peak RSS in KiB if known.
+) -> tuple[float, int | None, CpuUse]:
+    """Images/s of one load against a fresh receiver, its peak RSS in KiB if known, and
+    the CPU time the load took.
 
     Raises :class:`PeerError` when the receiver did not store every instance.
     """
     receiver.start()
     try:
         settle()
+        clock = CpuClock()
         seconds = run_storescu(receiver.aet, receiver.port, split(files, level), workdir)
+        cpu = clock.stop()
         stored = wait_stored(receiver, len(files))
         rss = receiver.peak_rss_kib()
     finally:
@@ -106,10 +113,11 @@ def measure(
     peak = "" if rss is None else f", peak RSS {rss / 1024:.0f} MiB"
     print(
         f"  {receiver.name:<15} x{level}: stored all {stored}/{len(files)} "
-        f"in {seconds:6.2f} s = {rate:7.1f} img/s{peak}",
+        f"in {seconds:6.2f} s = {rate:7.1f} img/s{peak}; CPUs busy"
+        f" {100 * cpu.share(cpu.machine):.0f} %",
         flush=True,
     )
-    return rate, rss
+    return rate, rss, cpu
 
 
 def run(
@@ -131,8 +139,9 @@ def run(
         for level in levels:
             for index, (name, factory) in enumerate(contenders.items()):
                 workdir = tmp / f"r{round_no}-c{level}-{index}"
-                rate, rss = measure(factory(workdir, level), files, level, workdir)
+                rate, rss, cpu = measure(factory(workdir, level), files, level, workdir)
                 results[level][index].rates.append(rate)
+                results[level][index].cpu.append(cpu)
                 if rss is not None:
                     key = (name, level)
                     peak_rss[key] = max(rss, peak_rss.get(key, 0))
@@ -162,6 +171,7 @@ def report(
     for level, series in results.items():
         title = f"receive {slices} CT slices, {level} association(s) at once"
         out.print(rates_table(title, series, baselines=series[:2]))
+        out.print(cpu_table(f"CPU time, {level} association(s) at once", series, slices))
     for (name, level), rss in peak_rss.items():
         out.print(f"{name} peak RSS (VmHWM, all its processes) x{level}: {rss / 1024:.0f} MiB")
     found = targets(results)

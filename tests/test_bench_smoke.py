@@ -40,6 +40,18 @@ def _table_rows(out: str, name: str) -> list[str]:
     return re.findall(pattern, out, flags=re.MULTILINE)
 
 
+def _cpu_rows(out: str, name: str) -> list[tuple[float, float, int, int]]:
+    """The CPU tables' rows for ``name``: senders' and receiver's ms per image, the CPUs'
+    busy share (%) and the CPU-bound rate."""
+    number = r"\s+[│|]\s+(\d+\.\d\d)"
+    share = r"\s+[│|]\s+(\d+) %"
+    pattern = rf"^\W+{re.escape(name)}{number}{number}{share}\s+[│|]\s+(\d+){share}"
+    return [
+        (float(senders), float(others), int(busy), int(bound))
+        for senders, others, busy, bound, _stolen in re.findall(pattern, out, re.MULTILINE)
+    ]
+
+
 def _verdicts(out: str, target: str) -> list[str]:
     return re.findall(rf"{re.escape(target)}\W.*\b(PASS|FAIL)\b", out)
 
@@ -52,6 +64,10 @@ def test_receive_quick_stores_all_on_every_receiver() -> None:
         for level in (1, 2):
             assert f"{name:<15} x{level}: stored all 20/20" in out
         assert len(_table_rows(out, name)) == 2  # one row in each load's table
+        cpu = _cpu_rows(out, name)
+        assert len(cpu) == 2, f"{name}: one row in each load's CPU table"
+        for senders, _others, busy, bound in cpu:
+            assert senders > 0 and busy > 0 and bound > 0  # storescu ran, on these CPUs
     for node in ("dicom_node", "dicom_node x2"):
         assert f"{node} peak RSS (VmHWM, all its processes) x1:" in out
         for target in (
@@ -60,6 +76,20 @@ def test_receive_quick_stores_all_on_every_receiver() -> None:
             f"2 assoc: {node} vs storescp",
         ):
             assert len(_verdicts(out, target)) == 1
+
+
+def test_the_cpu_clock_counts_a_sender_and_the_machine() -> None:
+    sys.path.insert(0, str(BENCH))
+    from common import CpuClock
+
+    clock = CpuClock()
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    use = clock.stop()
+    assert use.senders >= 0.3  # the waited-for child's CPU time, at least what it burnt
+    assert use.machine >= 0.25  # /proc/stat counts in ticks (10 ms)
+    assert use.seconds >= 0.3 and use.cpus >= 1
+    assert 0 < use.share(use.machine) <= 1.05
 
 
 @pytest.mark.timeout(150)
