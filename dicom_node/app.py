@@ -137,9 +137,10 @@ class Analysis:
 
     ``needed`` says whether anything is to be analysed: a node with no routes, a journal
     of its own and no job waiting never creates a job of itself, so its worker (and
-    torch) is built only when a job first needs it: an operator's retry of an old job,
-    through the REST API (:meth:`wake`) or ``dicom-node retry`` (seen within
-    :data:`IDLE_POLL_SECONDS`, as a worker polls the journal).
+    torch) is built only when a job first needs it, on a thread of its own
+    ("analysis-idle"): woken by an operator's retry through the REST API (:meth:`wake`,
+    which returns at once), or finding the job of ``dicom-node retry`` in the journal
+    (it looks every :data:`IDLE_POLL_SECONDS`, as a worker does).
     """
 
     def __init__(
@@ -153,6 +154,7 @@ class Analysis:
         self._started = False  # the node has started
         self._running = False  # the worker has
         self._stopping = threading.Event()
+        self._woken = threading.Event()  # look at the journal now (the idle thread)
         self._lock = threading.Lock()  # one build, and no start after the stop
         self.worker: Worker | None = build() if build is not None and now else None
 
@@ -168,22 +170,24 @@ class Analysis:
         worker = self.worker
         if worker is not None:  # before the start: the worker looks at the journal first
             worker.wake()
-        elif self._started and self._build is not None:
-            try:
-                self._start_worker()
-            except Exception:  # the jobs wait in the journal; the next wake tries again
-                log.exception("cannot build the analysis worker")
+        elif self._started:  # not built yet: the idle thread builds it, if a job waits
+            self._woken.set()
 
     def stop(self, timeout: float) -> None:
         self._stopping.set()
-        with self._lock:  # waits for a build in progress, which then starts its worker
+        self._woken.set()
+        with self._lock:  # waits for a build in progress; its worker is not started
             pass
         if self.worker is not None:
             self.worker.stop(timeout)
 
     def _watch(self) -> None:
-        """Until a job needs the worker: look at the journal now and then."""
-        while not self._running and not self._stopping.wait(IDLE_POLL_SECONDS):
+        """Until a job needs the worker: look at the journal when woken, and now and then."""
+        while not self._running and not self._stopping.is_set():
+            self._woken.wait(IDLE_POLL_SECONDS)
+            self._woken.clear()  # a wake from here on comes after this look's job
+            if self._stopping.is_set():
+                return
             try:
                 if self._needed():
                     self._start_worker()
@@ -198,6 +202,8 @@ class Analysis:
                 if self._build is None:
                     return
                 self.worker = self._build()
+                if self._stopping.is_set():  # stopped while building: never started
+                    return
             self.worker.start()
             self._running = True
 

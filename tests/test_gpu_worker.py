@@ -279,6 +279,9 @@ def _queued_job_of_a_routed_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     return routed
 
 
+BUILD_SECONDS = 1.0  # a lazy build made this slow (loading torch takes 1.5-2 s)
+
+
 @pytest.mark.parametrize("retried_by", ["REST API", "dicom-node retry"])
 def test_a_node_without_routes_or_jobs_builds_its_worker_when_a_job_first_needs_it(
     tmp_path: Path,
@@ -288,8 +291,8 @@ def test_a_node_without_routes_or_jobs_builds_its_worker_when_a_job_first_needs_
 ) -> None:
     """No routes and a journal of its own: nothing to analyse, so no torch at the start;
     an operator's retry of an old failed job builds the worker, which runs it. The REST
-    API wakes the node; ``dicom-node retry`` only writes the journal, which the node
-    looks at every IDLE_POLL_SECONDS."""
+    API wakes the node (and its answer does not wait for the build); ``dicom-node
+    retry`` only writes the journal, which the node looks at every IDLE_POLL_SECONDS."""
     settings = _queued_job_of_a_routed_node(tmp_path, monkeypatch)
     journal = Journal(tmp_path / "var" / "journal.sqlite")
     try:
@@ -303,30 +306,82 @@ def test_a_node_without_routes_or_jobs_builds_its_worker_when_a_job_first_needs_
 
     def build(*args: object, **kwargs: object) -> Worker:
         built.append(True)
+        time.sleep(BUILD_SECONDS)  # as long as loading torch takes, about
         return real_build(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(dicom_node.app, "build_worker", build)
-    monkeypatch.setattr(dicom_node.app, "IDLE_POLL_SECONDS", 0.2)
+    # the REST API's wake alone must build it: the journal is looked at too seldom here
+    poll = 60.0 if retried_by == "REST API" else 0.2
+    monkeypatch.setattr(dicom_node.app, "IDLE_POLL_SECONDS", poll)
     with caplog.at_level(logging.INFO, logger="dicom_node.app"):
         node = dicom_node.app.build_node(parse_config({**settings, "routes": []}))
         node.start()
     try:
-        time.sleep(0.5)  # a few looks at the journal: nothing to analyse yet
+        time.sleep(0.5)  # nothing to analyse yet
         assert built == [] and node.worker is None
         assert "the analysis worker is loaded when a job needs it" in caplog.text
         node.journal.retry_job(job.id, time.time())
         if retried_by == "REST API":
+            woken = time.monotonic()
             node.analysis.wake()  # what its retry endpoint calls (through on_jobs)
-            assert built == [True] and node.worker is not None
-        else:
-            wait_until(lambda: node.worker is not None, 10, 0.05, "the journal looked at")
-            assert built == [True]
+            assert time.monotonic() - woken < BUILD_SECONDS / 2  # the answer did not wait
+        wait_until(lambda: node.worker is not None, 10, 0.05, "the worker built")
+        assert built == [True]
         leaving = {JobState.SENDING, JobState.DONE, JobState.DEAD_LETTER}  # no PACS listens
         wait_until(
             lambda: leaving & set(node.journal.state_counts()["jobs"]), 60, what="the job run"
         )
     finally:
         node.stop(timeout=5)
+
+
+def test_a_worker_built_while_the_node_stops_is_not_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that comes while the lazy worker is being built waits for the build, and
+    the worker it gives is never started: the retried job stays queued."""
+    settings = _queued_job_of_a_routed_node(tmp_path, monkeypatch)
+    journal = Journal(tmp_path / "var" / "journal.sqlite")
+    try:
+        job = journal.claim_job(time.time())
+        assert job is not None
+        journal.job_failed(job.id, "RuntimeError: made to fail by the test", time.time())
+    finally:
+        journal.close()
+    real_build = dicom_node.app.build_worker
+    building, release = threading.Event(), threading.Event()
+    started: list[bool] = []
+
+    def build(*args: object, **kwargs: object) -> Worker:
+        building.set()
+        assert release.wait(10)
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dicom_node.app, "build_worker", build)
+    monkeypatch.setattr(Worker, "start", lambda self: started.append(True))
+    node = dicom_node.app.build_node(parse_config({**settings, "routes": []}))
+    node.start()
+    stopping = threading.Thread(target=node.stop, kwargs={"timeout": 5})
+    try:
+        node.journal.retry_job(job.id, time.time())
+        node.analysis.wake()
+        assert building.wait(10), "the build began"
+        stopping.start()
+        stopped = node.analysis._stopping  # no public sign that a stop has begun
+        wait_until(stopped.is_set, 5, 0.01, "the stop began")
+        assert stopping.is_alive()  # waiting for the build
+    finally:
+        release.set()
+        if stopping.ident is None:  # failed before the stop began: stop here
+            node.stop(timeout=5)
+        stopping.join(10)
+    assert not stopping.is_alive()
+    assert started == []
+    journal = Journal(tmp_path / "var" / "journal.sqlite")
+    try:
+        assert journal.state_counts()["jobs"] == {JobState.QUEUED: 1}
+    finally:
+        journal.close()
 
 
 def test_a_node_without_routes_builds_its_worker_at_the_start_when_jobs_wait(
