@@ -274,8 +274,9 @@ class Receiver:
             raise RuntimeError("only a receiver that does not listen takes connections")
         server.take(sock, address, on_closed)
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """Stop accepting; let associations in progress finish for up to ``timeout`` s.
+    def stop(self, timeout: float) -> int:
+        """Stop accepting; let associations in progress finish for up to ``timeout`` s
+        (``node.drain_seconds``; in a receiving process, what the main process gives it).
 
         Returns how many were still open at the deadline (their unacknowledged
         instances will be sent again by their senders).
