@@ -7,6 +7,7 @@ same starters the tests use), so a benchmark measures what the tests exercise.
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -396,7 +397,14 @@ class CpuClock:
         machine, stolen, senders, wall = (
             b - a for a, b in zip(self._start, _cpu_now(), strict=True)
         )
-        return CpuUse(senders, machine, stolen, wall, os.cpu_count() or 1)
+        return CpuUse(senders, machine, stolen, wall, _cpus_counted())
+
+
+def _cpus_counted() -> int:
+    """The CPUs whose time /proc/stat's "cpu" line sums (its cpuN lines), which is not
+    ``os.cpu_count()`` everywhere (e.g. in a container that shows the host's)."""
+    counted = sum(1 for line in _lines("/proc/stat") if re.match(r"cpu\d+ ", line))
+    return counted or os.cpu_count() or 1
 
 
 def _cpu_now() -> tuple[float, float, float, float]:

@@ -174,12 +174,14 @@ class Analysis:
             self._woken.set()
 
     def stop(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         self._stopping.set()
         self._woken.set()
-        with self._lock:  # waits for a build in progress; its worker is not started
-            pass
+        # waits for a build in progress, up to the deadline; its worker is not started
+        if self._lock.acquire(timeout=timeout):
+            self._lock.release()
         if self.worker is not None:
-            self.worker.stop(timeout)
+            self.worker.stop(max(0.0, deadline - time.monotonic()))
 
     def _watch(self) -> None:
         """Until a job needs the worker: look at the journal when woken, and now and then."""
@@ -192,6 +194,8 @@ class Analysis:
                 if self._needed():
                     self._start_worker()
             except Exception:  # e.g. the journal away for a moment: look again later
+                if self._stopping.is_set():  # the journal closed under this look
+                    return
                 log.exception("cannot start the analysis worker")
 
     def _start_worker(self) -> None:
