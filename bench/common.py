@@ -161,6 +161,21 @@ def evict_page_cache(folder: Path) -> None:
                 os.close(fd)
 
 
+def file_creation_us(folder: Path, count: int = 200) -> float:
+    """Microseconds per empty file created in a new ``folder`` (kept: removing files is
+    what makes creating them slow, see :func:`evict_page_cache`).
+
+    Every receiver creates a file per image. On an ext4 without a journal this went from
+    16 µs to over 500 µs after a run had removed its files (docs/performance.md, item 15
+    and "Where the CPU goes"), so runs are only comparable where this is alike.
+    """
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    for index in range(count):
+        os.close(os.open(folder / f"{index}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return (time.perf_counter() - started) / count * 1e6
+
+
 def split(files: Sequence[Path], groups: int) -> list[list[Path]]:
     """``groups`` contiguous, near-equal slices of ``files`` (one per sender)."""
     if not 1 <= groups <= len(files):

@@ -9,7 +9,9 @@ duplicates. A load of concurrency N splits the series into N groups and runs N s
 processes at once; the time is from the first start to the last exit. Each receiver must
 then hold every instance, or the run stops with exit status 1. Prints the medians, the
 ratios, the CPU time per image (the senders', everything else's, how busy the CPUs
-were), the node's peak RSS and the targets; ``--check-targets`` exits 3 when one is missed.
+were), the node's peak RSS, the targets, and what creating an empty file cost in the
+run's folder before and after it (slow file creation slows every receiver);
+``--check-targets`` exits 3 when one is missed.
 ``--baseline DIR`` adds the node of another revision (a checkout in DIR) to the alternation,
 for before/after figures measured in the same run.
 """
@@ -36,6 +38,7 @@ from common import (
     cpu_table,
     ct_series,
     evict_page_cache,
+    file_creation_us,
     machine,
     rates_table,
     run_storescu,
@@ -224,13 +227,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm_page_cache(files)
     try:
         with tempfile.TemporaryDirectory(prefix="dicom-node-bench-") as tmp:
+            creation = [file_creation_us(Path(tmp) / "creation-before")]
+            print(f"creating an empty file here: {creation[0]:.0f} us", flush=True)
             contenders = receivers(args.receive_processes, args.baseline)
             show_packages(contenders, Path(tmp))
             results, peak_rss = run(files, args.rounds, args.concurrency, Path(tmp), contenders)
+            creation.append(file_creation_us(Path(tmp) / "creation-after"))
     except PeerError as exc:
         print(f"receive benchmark FAILED: {exc}", file=sys.stderr)
         return 1
     passed = report(results, peak_rss, args.slices)
+    print(
+        f"creating an empty file in the benchmark's folder: {creation[0]:.0f} us before the"
+        f" run, {creation[1]:.0f} us after it (runs compare where these are alike)"
+    )
     return 3 if args.check_targets and not passed else 0
 
 

@@ -68,6 +68,8 @@ def test_receive_quick_stores_all_on_every_receiver() -> None:
         assert len(cpu) == 2, f"{name}: one row in each load's CPU table"
         for senders, _others, _busy, bound in cpu:
             assert senders > 0 and bound > 0  # storescu ran, on these CPUs
+    creation = re.search(r"empty file in the benchmark's folder: (\d+) us before .* (\d+) us", out)
+    assert creation is not None and all(int(value) > 0 for value in creation.groups())
     for node in ("dicom_node", "dicom_node x2"):
         assert f"{node} peak RSS (VmHWM, all its processes) x1:" in out
         for target in (
