@@ -279,6 +279,22 @@ def _queued_job_of_a_routed_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     return routed
 
 
+def _failed_job_of_a_routed_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict, int]:
+    """As :func:`_queued_job_of_a_routed_node`, its job then failed (nothing waits):
+    the settings, and the job's id for an operator's retry."""
+    settings = _queued_job_of_a_routed_node(tmp_path, monkeypatch)
+    journal = Journal(tmp_path / "var" / "journal.sqlite")
+    try:
+        job = journal.claim_job(time.time())
+        assert job is not None
+        journal.job_failed(job.id, "RuntimeError: made to fail by the test", time.time())
+    finally:
+        journal.close()
+    return settings, job.id
+
+
 BUILD_SECONDS = 1.0  # a lazy build made this slow (loading torch takes 1.5-2 s)
 
 
@@ -293,14 +309,7 @@ def test_a_node_without_routes_or_jobs_builds_its_worker_when_a_job_first_needs_
     an operator's retry of an old failed job builds the worker, which runs it. The REST
     API wakes the node (and its answer does not wait for the build); ``dicom-node
     retry`` only writes the journal, which the node looks at every IDLE_POLL_SECONDS."""
-    settings = _queued_job_of_a_routed_node(tmp_path, monkeypatch)
-    journal = Journal(tmp_path / "var" / "journal.sqlite")
-    try:
-        job = journal.claim_job(time.time())
-        assert job is not None
-        journal.job_failed(job.id, "RuntimeError: made to fail by the test", time.time())
-    finally:
-        journal.close()
+    settings, job_id = _failed_job_of_a_routed_node(tmp_path, monkeypatch)
     real_build = dicom_node.app.build_worker
     built: list[bool] = []
 
@@ -320,7 +329,7 @@ def test_a_node_without_routes_or_jobs_builds_its_worker_when_a_job_first_needs_
         time.sleep(0.5)  # nothing to analyse yet
         assert built == [] and node.worker is None
         assert "the analysis worker is loaded when a job needs it" in caplog.text
-        node.journal.retry_job(job.id, time.time())
+        node.journal.retry_job(job_id, time.time())
         if retried_by == "REST API":
             woken = time.monotonic()
             node.analysis.wake()  # what its retry endpoint calls (through on_jobs)
@@ -340,14 +349,7 @@ def test_a_worker_built_while_the_node_stops_is_not_started(
 ) -> None:
     """A stop that comes while the lazy worker is being built waits for the build, and
     the worker it gives is never started."""
-    settings = _queued_job_of_a_routed_node(tmp_path, monkeypatch)
-    journal = Journal(tmp_path / "var" / "journal.sqlite")
-    try:
-        job = journal.claim_job(time.time())
-        assert job is not None
-        journal.job_failed(job.id, "RuntimeError: made to fail by the test", time.time())
-    finally:
-        journal.close()
+    settings, job_id = _failed_job_of_a_routed_node(tmp_path, monkeypatch)
     real_build = dicom_node.app.build_worker
     building, release = threading.Event(), threading.Event()
     started: list[bool] = []
@@ -363,7 +365,7 @@ def test_a_worker_built_while_the_node_stops_is_not_started(
     node.start()
     stopping = threading.Thread(target=node.stop, kwargs={"timeout": 5})
     try:
-        node.journal.retry_job(job.id, time.time())
+        node.journal.retry_job(job_id, time.time())
         node.analysis.wake()
         assert building.wait(10), "the build began"
         stopping.start()
