@@ -513,9 +513,14 @@ def cpu_table(title: str, series: Sequence[Series], images: int) -> Table:
     CPU busy: where it is close to the measured rate, more speed needs less CPU per
     image, not more parallel work."""
     table = Table(title=title)
-    columns = ("senders ms/img", "receiver + kernel ms/img", "CPUs busy", "CPU-bound at img/s")
     table.add_column("contender")
-    for name in (*columns, "stolen"):
+    for name in (
+        "senders ms/img",
+        "receiver + kernel ms/img",
+        "CPUs busy",
+        "CPU-bound at img/s",
+        "stolen",
+    ):
         table.add_column(name, justify="right")
     for row in series:
         if not row.cpu:

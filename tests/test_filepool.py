@@ -107,23 +107,22 @@ def test_when_no_file_can_be_made_the_writer_reports_it(tmp_path: Path) -> None:
 
 
 class _Alongside:
-    """dicom_node.store.Alongside that records when it is called and may refuse."""
+    """dicom_node.store.Alongside that records when it is called, counted in file fsyncs
+    (``synced``, which the test's fsync raises), and may refuse."""
 
     def __init__(self, refuse: bool) -> None:
         self.refuse = refuse
+        self.synced = 0
         self.calls: list[tuple[str, int]] = []
 
     def start(self) -> None:
-        self.calls.append(("start", _synced[0]))
+        self.calls.append(("start", self.synced))
 
     def finish(self) -> object:
-        self.calls.append(("finish", _synced[0]))
+        self.calls.append(("finish", self.synced))
         if self.refuse:
             raise ValueError("refused")
         return None
-
-
-_synced = [0]
 
 
 @pytest.mark.parametrize("refuse", [False, True])
@@ -131,16 +130,15 @@ def test_work_alongside_a_write_starts_before_the_fsync_and_can_stop_the_rename(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: bool
 ) -> None:
     real_fsync = os.fsync
+    alongside = _Alongside(refuse)
 
     def fsync(fd: int) -> None:
         if stat.S_ISREG(os.fstat(fd).st_mode):  # not a folder (the pool's own fsyncs)
-            _synced[0] += 1
+            alongside.synced += 1
         real_fsync(fd)
 
-    _synced[0] = 0
     monkeypatch.setattr(os, "fsync", fsync)
     spool = _spool(tmp_path)
-    alongside = _Alongside(refuse)
     relpath = spool.new_instance_relpath()
     try:
         if refuse:

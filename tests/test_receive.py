@@ -7,6 +7,7 @@ import copy
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -299,8 +300,6 @@ def test_serve_drains_for_node_drain_seconds_then_aborts_and_exits_0(tmp_path: P
 
 
 def test_stop_lets_an_association_in_progress_finish(tmp_path: Path) -> None:
-    import threading
-
     files = [pydicom.dcmread(p) for p in sorted(GE_3SLICE.glob("*.dcm"))]
     with running_node(node_settings(tmp_path / "var")) as node:
         port = _port(node)
@@ -325,8 +324,6 @@ def test_the_header_is_read_on_another_thread_while_the_file_is_synced(
     thread is in fsync, not before the write; the file takes its name after both.
     While another instance is being stored (``busy``), they run first, on the storing
     thread: no core is idle to overlap with."""
-    import threading
-
     from dicom_node import receive, store
 
     events: list[tuple[str, str]] = []
@@ -398,8 +395,6 @@ def test_a_refusal_or_a_resend_wins_over_low_space_and_leaves_no_file(
 def test_the_response_does_not_wait_for_the_counters_and_the_audit_record(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import threading
-
     from dicom_node.audit import AuditTrail
 
     answered = threading.Event()
@@ -431,8 +426,6 @@ def test_the_response_does_not_wait_for_the_counters_and_the_audit_record(
 
 
 def test_the_header_threads_run_the_work_here_once_shut_down() -> None:
-    import threading
-
     from dicom_node.receive import _Helpers
 
     helpers = _Helpers(2)
