@@ -93,24 +93,28 @@ class Worker:
             pipeline_factory, metrics, device, memory_probe, admission_wait, self._stopping
         )
         self._threads: list[threading.Thread] = []
+        self._warming = False  # the warm-up thread was started
+        self._analysing = 0  # analysis threads started
         # job id -> (pipeline, reason): failures the journal could not take yet
         self._unrecorded: dict[int, tuple[str, str]] = {}
         self._unrecorded_lock = threading.Lock()
 
     def start(self) -> None:
-        """Start the analysis threads, and the warm-up beside them (start never waits for it)."""
-        self.start_warm_up()
-        for index in range(self._thread_count):
-            thread = threading.Thread(target=self._loop, name=f"analysis-{index}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        """Start the analysis threads, and the warm-up beside them (start never waits for it).
 
-    def start_warm_up(self) -> None:
-        """Load the routes' pipelines in the background, beside the analysis threads."""
-        if self._warm_up_names:
+        A start that failed partway (no thread could be made) may be called again: it
+        starts only the threads still missing.
+        """
+        if self._warm_up_names and not self._warming:
             thread = threading.Thread(target=self.warm_up, name="analysis-warm-up", daemon=True)
             thread.start()
             self._threads.append(thread)
+            self._warming = True
+        for index in range(self._analysing, self._thread_count):
+            thread = threading.Thread(target=self._loop, name=f"analysis-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            self._analysing += 1
 
     def wake(self) -> None:
         self._wake.set()

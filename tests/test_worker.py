@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import gc
 import platform
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,45 @@ def in_process_worker(harness: Harness, pipeline: StudyClassifier) -> Worker:
         harness.clock,
         on_results=lambda: None,
     )
+
+
+def test_a_start_that_failed_partway_starts_only_the_missing_threads_when_called_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's idle thread calls start() again after it raised (app.Analysis): the
+    threads started the first time are not started a second time."""
+    harness = Harness(tmp_path / "var", Clock())
+    pipeline = StudyClassifier()
+    worker = Worker(
+        harness.journal,
+        harness.spool,
+        Metrics(),
+        {},
+        Equipment(device_serial_number="TEST", device_observer_uid=generate_uid()),
+        lambda name, device: pipeline,
+        harness.clock,
+        on_results=lambda: None,
+        threads=3,
+        warm_up=["classifier"],
+    )
+    started: list[str] = []
+    failed: list[str] = []
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:  # the second analysis thread fails once
+        if thread.name == "analysis-1" and not failed:
+            failed.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+        started.append(thread.name)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        worker.start()
+    assert started == ["analysis-warm-up", "analysis-0"]
+    worker.start()
+    worker.stop(10.0)
+    assert started == ["analysis-warm-up", "analysis-0", "analysis-1", "analysis-2"]
 
 
 def test_a_result_without_segments_is_written_as_an_sr_alone(tmp_path: Path) -> None:
