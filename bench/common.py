@@ -406,27 +406,28 @@ class CpuClock:
     """Start before a load, :meth:`stop` after it: its :class:`CpuUse`."""
 
     def __init__(self) -> None:
-        self._start = _cpu_now()
+        lines = _lines("/proc/stat")
+        self._start = _cpu_now(lines)
+        self._cpus = _cpus_counted(lines)
 
     def stop(self) -> CpuUse:
         machine, stolen, senders, wall = (
-            b - a for a, b in zip(self._start, _cpu_now(), strict=True)
+            b - a for a, b in zip(self._start, _cpu_now(_lines("/proc/stat")), strict=True)
         )
-        return CpuUse(senders, machine, stolen, wall, _cpus_counted())
+        return CpuUse(senders, machine, stolen, wall, self._cpus)
 
 
-def _cpus_counted() -> int:
+def _cpus_counted(proc_stat: list[str]) -> int:
     """The CPUs whose time /proc/stat's "cpu" line sums (its cpuN lines), which is not
     ``os.cpu_count()`` everywhere (e.g. in a container that shows the host's)."""
-    counted = sum(1 for line in _lines("/proc/stat") if re.match(r"cpu\d+ ", line))
+    counted = sum(1 for line in proc_stat if re.match(r"cpu\d+ ", line))
     return counted or os.cpu_count() or 1
 
 
-def _cpu_now() -> tuple[float, float, float, float]:
+def _cpu_now(lines: list[str]) -> tuple[float, float, float, float]:
     """(busy and stolen seconds of every CPU since boot, CPU seconds of this process's
-    waited-for children, a monotonic clock). Busy: user, nice, system, irq and softirq
-    time from /proc/stat's "cpu" line; zero where there is none."""
-    lines = _lines("/proc/stat")
+    waited-for children, a monotonic clock), from ``lines`` of /proc/stat. Busy: user,
+    nice, system, irq and softirq time from its "cpu" line; zero where there is none."""
     fields = [int(value) for value in lines[0].split()[1:9]] if lines else []
     busy = stolen = 0.0
     if len(fields) == 8:  # user nice system idle iowait irq softirq steal
