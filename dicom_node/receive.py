@@ -357,6 +357,7 @@ class Receiver:
         calling: str,
         after: list[Callable[[], None]] | None,
     ) -> int:
+        started = time.perf_counter()
         meta = file_meta_bytes(
             _ascii_uid(sop_class_uid), _ascii_uid(sop_instance_uid), transfer_syntax, calling
         )
@@ -393,9 +394,11 @@ class Receiver:
             self._spool.remove(relpath)
             return self._duplicate(calling)
         self._on_recorded(recorded)  # first: the study's completion timer depends on it
+        took = time.perf_counter() - started
 
         def account() -> None:
             with log_context(calling_aet=calling):
+                self._metrics.store_seconds.observe(took)
                 self._metrics.instances_received.labels(calling_aet=calling).inc()
                 self._metrics.bytes_received.labels(calling_aet=calling).inc(size)
                 self._audit.instance_received(calling, header.study_uid, header.sop_uid, SUCCESS)

@@ -77,6 +77,7 @@ def test_orthanc_study_comes_back_with_seg_and_sr(tmp_path: Path) -> None:
             metrics = urllib.request.urlopen(f"http://{LOCALHOST}:{web_port}/metrics", timeout=5)
             exposition = metrics.read().decode()
             assert 'dicom_node_instances_received_total{calling_aet="ORTHANC"} 64.0' in exposition
+            assert "dicom_node_store_seconds_count 64.0" in exposition
             assert 'dicom_node_associations_total{outcome="accepted"}' in exposition
             for stage in ("receive", "wait", "analyse", "encode", "send"):
                 assert f'dicom_node_stage_seconds_count{{stage="{stage}"}} 1.0' in exposition

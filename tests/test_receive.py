@@ -423,6 +423,10 @@ def test_the_response_does_not_wait_for_the_counters_and_the_audit_record(
     }
     assert samples["dicom_node_instances_received_total"] == 1
     assert samples["dicom_node_received_bytes_total"] > len(ds.PixelData)
+    registry = node.metrics.registry
+    assert registry.get_sample_value("dicom_node_store_seconds_count") == 1
+    # the store's own time: not the 10 s the audit record was held back, which came after
+    assert 0 < registry.get_sample_value("dicom_node_store_seconds_sum") < waited
 
 
 def test_the_header_threads_run_the_work_here_once_shut_down() -> None:

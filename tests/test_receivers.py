@@ -120,6 +120,8 @@ def test_four_associations_are_shared_by_two_processes_and_every_instance_is_kep
         wait_until(lambda: node.journal.state_counts()["studies"].get("complete"), 20)
         # receiver-2 reports its counters every 0.5 s
         wait_until(lambda: _received(node) == len(files), 10, what="counters of both")
+        stored = node.metrics.registry.get_sample_value("dicom_node_store_seconds_count")
+        assert stored == len(files)  # the store times of both, as a histogram
         wait_until(lambda: node.receiver.active_associations == 0, 10)
         totals = node.metrics.counter_totals()
         assert totals[("dicom_node_associations", (("outcome", "accepted"),))] == 4
@@ -429,6 +431,30 @@ def test_counters_of_a_receiving_process_are_added_once() -> None:
     pool._processes[0].ready = True
     pool._handle(proc, ("counts", {key: 2.0}, 0))
     assert pool._metrics.counter_totals()[key] == 7.0
+
+
+def test_store_times_of_a_receiving_process_are_added_to_the_histogram_once() -> None:
+    pool, _theirs, _local = _fake_pool(["receiver-2"])
+    proc = pool._processes[0]
+    theirs = Metrics()
+    for seconds in (0.0007, 0.0012, 30.0):
+        theirs.store_seconds.observe(seconds)
+    pool._metrics.store_seconds.observe(0.003)  # the main process's own
+    for _ in range(2):  # the same totals twice: added once
+        pool._handle(proc, ("counts", theirs.counter_totals(), 0))
+    registry = pool._metrics.registry
+
+    def bucket(bound: str) -> float | None:
+        return registry.get_sample_value("dicom_node_store_seconds_bucket", {"le": bound})
+
+    bounds = ("0.0005", "0.001", "0.002", "0.005", "10.0", "+Inf")
+    assert [bucket(bound) for bound in bounds] == [0, 1, 2, 3, 3, 4]  # cumulative
+    assert registry.get_sample_value("dicom_node_store_seconds_count") == 4
+    assert registry.get_sample_value("dicom_node_store_seconds_sum") == pytest.approx(30.0049)
+    theirs.store_seconds.observe(0.0001)
+    pool._handle(proc, ("counts", theirs.counter_totals(), 0))
+    assert bucket("0.0005") == 1
+    assert registry.get_sample_value("dicom_node_store_seconds_count") == 5
 
 
 # --------------------------------------------------------------------------- the journal lock

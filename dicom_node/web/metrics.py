@@ -7,10 +7,12 @@ active associations and GPU memory are read at scrape time.
 from __future__ import annotations
 
 import sys
+import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 # (metric name, its labels as sorted (name, value) pairs)
@@ -18,6 +20,9 @@ CounterKey = tuple[str, tuple[tuple[str, str], ...]]
 
 STAGES = ("receive", "wait", "analyse", "encode", "send")
 STAGE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+STORE_SECONDS = "dicom_node_store_seconds"
+# 1-2 ms is a CT slice on a quiet local disk (docs/performance.md); seconds mean trouble.
+STORE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
@@ -66,6 +71,8 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.store_seconds = _StoreTimes()
+        r.register(self.store_seconds)
 
     def _declare_analysis(self) -> None:
         """Analysis outcomes, CPU fallbacks and the jobs of scale-out workers."""
@@ -101,8 +108,8 @@ class Metrics:
         )
 
     def counter_totals(self) -> dict[CounterKey, float]:
-        """Every counter's value by (metric name, labels): what another receiving process
-        reports to the main one (:mod:`dicom_node.receivers`)."""
+        """Every counter's value by (metric name, labels), and the store times' counts:
+        what another receiving process reports to the main one (:mod:`dicom_node.receivers`)."""
         totals: dict[CounterKey, float] = {}
         for family in self.registry.collect():
             if family.type != "counter":
@@ -110,6 +117,7 @@ class Metrics:
             for sample in family.samples:
                 if sample.name == family.name + "_total":
                     totals[(family.name, tuple(sorted(sample.labels.items())))] = sample.value
+        totals.update(self.store_seconds.totals())
         return totals
 
     def add_counts(self, deltas: Mapping[CounterKey, float]) -> None:
@@ -121,10 +129,14 @@ class Metrics:
             for family in metric.collect()
         }
         for (name, labels), delta in deltas.items():
-            counter = counters.get(name)
-            if counter is None or delta <= 0:
+            if delta <= 0:
                 continue
-            (counter.labels(**dict(labels)) if labels else counter).inc(delta)
+            if name == STORE_SECONDS:
+                self.store_seconds.add(labels, delta)
+                continue
+            counter = counters.get(name)
+            if counter is not None:
+                (counter.labels(**dict(labels)) if labels else counter).inc(delta)
 
     def watch_journal(self, counts: Callable[[], dict[str, dict[str, int]]]) -> None:
         """Export the journal's counts by state (and the queue depths) at scrape time."""
@@ -160,6 +172,70 @@ def _gpu_memory() -> int:
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return 0
     return int(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())))
+
+
+class _StoreTimes(Collector):
+    """``dicom_node_store_seconds``: how long storing a received instance took, from its
+    whole dataset received to its success status (the file written and fsynced, renamed,
+    its folder fsynced, the journal row committed).
+
+    A histogram kept as plain counts, not prometheus_client's, so that the counts of the
+    other receiving processes can be added to the main process's like their counters
+    (:meth:`Metrics.counter_totals`, :meth:`Metrics.add_counts`): one total per bucket
+    (not cumulative, the last one above every bound), and the sum.
+    """
+
+    _SUM = ("part", "sum")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = [0.0] * (len(STORE_BUCKETS) + 1)
+        self._sum = 0.0
+        self._keys: dict[tuple[tuple[str, str], ...], int] = {
+            (("part", "bucket"), ("le", _bound(bound))): index
+            for index, bound in enumerate((*STORE_BUCKETS, float("inf")))
+        }
+
+    def observe(self, seconds: float) -> None:
+        index = bisect_left(STORE_BUCKETS, seconds)  # the first bound >= seconds
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += seconds
+
+    def totals(self) -> dict[CounterKey, float]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        found: dict[CounterKey, float] = {(STORE_SECONDS, (self._SUM,)): total}
+        for labels, index in self._keys.items():
+            found[(STORE_SECONDS, labels)] = counts[index]
+        return found
+
+    def add(self, labels: tuple[tuple[str, str], ...], delta: float) -> None:
+        index = self._keys.get(labels)
+        with self._lock:
+            if index is not None:
+                self._counts[index] += delta
+            elif labels == (self._SUM,):
+                self._sum += delta
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, buckets = 0.0, []
+        for bound, count in zip((*STORE_BUCKETS, float("inf")), counts, strict=True):
+            cumulative += count
+            buckets.append((_bound(bound), cumulative))
+        yield HistogramMetricFamily(
+            STORE_SECONDS,
+            "Time to store a received instance durably: from its whole dataset received to"
+            " its success status (write, fsyncs, rename, journal row)",
+            buckets=buckets,
+            sum_value=total,
+        )
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 class _GaugeCollector(Collector):
