@@ -93,7 +93,11 @@ class StudyNode:
             self.storage,
             # every sender here is on loopback, i.e. one source host: its default limit (8)
             # would refuse the 9th storescu of a load, as it should for one real host
-            node={"ae_title": NODE_AET, "max_associations_per_source": MAX_ASSOCIATIONS},
+            node={
+                "ae_title": NODE_AET,
+                "max_associations_per_source": MAX_ASSOCIATIONS,
+                "receive_processes": "auto",  # the product's default, measured as it ships
+            },
             completion={"study_idle_seconds": self.idle},
             destinations=destinations,
             routes=routes,

@@ -26,7 +26,7 @@ from dicom_node.assemble import Assembler, SchedulerTimers
 from dicom_node.audit import AuditTrail
 from dicom_node.broker import Publisher, celery_app
 from dicom_node.commit import Commitments
-from dicom_node.config import NodeConfig
+from dicom_node.config import NodeConfig, receive_process_count
 from dicom_node.dispatch import Dispatcher
 from dicom_node.domain import JobState
 from dicom_node.encode.types import Equipment
@@ -335,7 +335,10 @@ def _receiver(
 ) -> Receiver:
     """The C-STORE SCP (and its other processes); open associations are read at scrape time."""
     pool = None
-    if config.node.receive_processes > 1:
+    processes = receive_process_count(config)
+    if config.node.receive_processes == "auto":
+        log.info("node.receive_processes auto: %d receiving process(es)", processes)
+    if processes > 1:
         level, fmt = current_logging()
         settings = [
             ProcessSettings(
@@ -347,7 +350,7 @@ def _receiver(
                 level,
                 fmt,
             )
-            for number in range(2, config.node.receive_processes + 1)
+            for number in range(2, processes + 1)
         ]
         pool = ReceiverPool(
             settings,

@@ -95,7 +95,8 @@ class NodeSection(_Section):
     tls: ServerTLS | None = None
     # Processes that receive, this one included: the main process accepts each connection
     # and hands it to the least busy (dicom_node.receivers). More than 1 uses more cores.
-    receive_processes: Annotated[int, Field(ge=1, le=64)] = 1
+    # "auto": see receive_process_count.
+    receive_processes: int | Literal["auto"] = "auto"
     # On SIGTERM, associations in progress may finish for this long; then they are aborted.
     # A receiving process whose main process died does the same. Give the service manager
     # about 15 s more than this (systemd TimeoutStopSec, docker stop -t): the receiving
@@ -103,6 +104,15 @@ class NodeSection(_Section):
     drain_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("receive_processes", mode="before")
+    @classmethod
+    def _check_processes(cls, value: object) -> object:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+            raise ValueError("a whole number from 1 to 64, or auto")
+        return value
 
     @field_validator("allowed_calling_aets")
     @classmethod
@@ -331,7 +341,8 @@ class NodeConfig(_Section):
             problems.append(
                 "storage.object_store: needs cluster.journal_url (it is shared storage)"
             )
-        if self.node.receive_processes > 1 and self.cluster.enabled:
+        explicit = self.node.receive_processes
+        if isinstance(explicit, int) and explicit > 1 and self.cluster.enabled:
             problems.append(
                 "node.receive_processes: more than 1 needs the node's own SQLite journal;"
                 " with cluster.journal_url run more receivers instead (docs/scale-out.md)"
@@ -362,6 +373,51 @@ def parse_config(data: Any, source: str = "<config>") -> NodeConfig:
         problems = [line for error in exc.errors() for line in format_error(error)]
         problems += [p for p in reference_problems(data) if p not in problems]
         raise ConfigError(source, problems) from None
+
+
+AUTO_RECEIVE_PROCESSES_MAX = 4  # each holds about 100 MiB; more were never measured
+
+
+def receive_process_count(config: NodeConfig, cpus: int | None = None) -> int:
+    """How many processes receive: ``node.receive_processes``, or for "auto" one per CPU
+    this node may use (:func:`usable_cpus`, or ``cpus``), at most
+    :data:`AUTO_RECEIVE_PROCESSES_MAX`, and 1 with a shared journal (``cluster``),
+    where more receivers are more nodes instead (docs/scale-out.md)."""
+    setting = config.node.receive_processes
+    if setting != "auto":
+        return setting
+    if config.cluster.enabled:
+        return 1
+    return max(1, min(usable_cpus() if cpus is None else cpus, AUTO_RECEIVE_PROCESSES_MAX))
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on (its affinity), fewer where its cgroup's CPU
+    quota allows less (cgroup v2 ``cpu.max``, v1 ``cpu/cpu.cfs_quota_us``): e.g. a
+    container started with ``--cpus 1`` on a bigger host."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        count = os.cpu_count() or 1
+    quota = _cpu_quota(cgroup_root)
+    if quota is not None:
+        count = min(count, max(1, -(-quota[0] // quota[1])))  # rounded up
+    return max(1, count)
+
+
+def _cpu_quota(root: Path) -> tuple[int, int] | None:
+    """(quota, period) of the cgroup's CPU bandwidth limit; None: no limit, or unknown."""
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1") or int(period) <= 0:
+            return None
+        return int(quota), int(period)
+    except (OSError, ValueError):
+        return None
 
 
 def load_config(path: str | os.PathLike[str] | None) -> NodeConfig:

@@ -42,7 +42,14 @@ def partial_files(tmp: Path) -> list[Path]:
 def node_settings(storage: Path, **sections: Any) -> dict[str, Any]:
     """A config dict on free ports; ``sections`` replace or extend the defaults."""
     settings: dict[str, Any] = {
-        "node": {"ae_title": "AINODE", "host": LOCALHOST, "port": free_port()},
+        # one receiving process unless a test says otherwise: the product's default
+        # ("auto": one per CPU) is tested on its own (tests/test_receivers.py)
+        "node": {
+            "ae_title": "AINODE",
+            "host": LOCALHOST,
+            "port": free_port(),
+            "receive_processes": 1,
+        },
         # no watermark by default: a test machine's disk may be nearly full
         "storage": {"path": str(storage), "min_free_bytes": 0},
         "completion": {"study_idle_seconds": 1.0},

@@ -46,7 +46,7 @@ def test_orthanc_study_comes_back_with_seg_and_sr(tmp_path: Path) -> None:
     ) as pacs:
         settings = node_settings(
             tmp_path / "var",
-            node={"port": node_port},
+            node={"port": node_port, "receive_processes": "auto"},  # as the node ships
             destinations=pacs_destination(pacs),
             routes=[chest_route(["source"], name="chest-ct")],
         )

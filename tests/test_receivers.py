@@ -526,6 +526,63 @@ def test_journal_writers_wait_for_the_lock_another_process_holds(tmp_path: Path)
         journal.close()
 
 
+def test_auto_is_the_default_and_gives_one_process_per_usable_cpu_up_to_four() -> None:
+    from dicom_node.config import parse_config, receive_process_count
+
+    default = parse_config({"node": {"ae_title": "AINODE"}})
+    assert default.node.receive_processes == "auto"
+    assert [receive_process_count(default, cpus) for cpus in (1, 2, 3, 4, 16)] == [1, 2, 3, 4, 4]
+    shared = parse_config(  # a shared journal: more receivers are more nodes, no error
+        {
+            "node": {"ae_title": "AINODE"},
+            "cluster": {"journal_url": "postgresql+psycopg://u:p@db:5432/j"},
+        }
+    )
+    assert receive_process_count(shared, 16) == 1
+    explicit = parse_config({"node": {"ae_title": "AINODE", "receive_processes": 3}})
+    assert receive_process_count(explicit, 1) == 3
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({}, None),  # no cgroup files: the affinity alone
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: rounded up
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+        ({"cpu.max": "garbage\n"}, None),
+    ],
+)
+def test_usable_cpus_follow_the_affinity_and_the_cgroup_quota(
+    tmp_path: Path, files: dict[str, str], expected: int | None
+) -> None:
+    from dicom_node.config import usable_cpus
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == (affinity if expected is None else min(affinity, expected))
+
+
+def test_a_node_left_at_auto_receives_in_as_many_processes_as_it_may_use_cpus(
+    tmp_path: Path,
+) -> None:
+    from dicom_node.config import AUTO_RECEIVE_PROCESSES_MAX, usable_cpus
+
+    expected = min(usable_cpus(), AUTO_RECEIVE_PROCESSES_MAX)
+    settings = node_settings(tmp_path / "var", node={"receive_processes": "auto"})
+    with running_node(settings) as node:
+        if expected > 1:
+            assert _pool(node).ready == expected - 1
+        else:
+            assert node.receiver._pool is None
+        samples = node.metrics.registry.get_sample_value("dicom_node_receiving_processes")
+        assert samples == expected
+
+
 def test_receive_processes_need_the_nodes_own_journal() -> None:
     from dicom_node.config import ConfigError, parse_config
 
