@@ -22,7 +22,7 @@ from common import (
     status_kib,
     wait_until,
 )
-from nodes import NodeProcess, chest_route
+from nodes import NodeProcess, chest_route, child_pids
 from rich.table import Table
 
 from dicom_node.domain import JobState
@@ -124,8 +124,12 @@ class StudyNode:
         return total
 
     def rss_kib(self, field_name: str) -> int:
+        """A ``/proc/PID/status`` size of the node: the sum over its processes (its
+        receiving processes included; for VmHWM an upper bound, as they need not peak at
+        once)."""
         assert self._node is not None and self._node.proc is not None
-        return status_kib(self._node.proc.pid, field_name)
+        pids = [self._node.proc.pid, *child_pids(self._node.proc.pid)]
+        return sum(status_kib(pid, field_name) for pid in pids)
 
     def stop(self) -> None:
         if self._journal is not None:
