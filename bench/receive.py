@@ -1,7 +1,7 @@
 """Receive benchmark: dcmtk storescp, Orthanc and our node, fed by dcmtk storescu.
 
     .venv/bin/python bench/receive.py --slices 300 --rounds 3 [--concurrency 1 4] [--quick]
-        [--receive-processes 1 2] [--baseline DIR]
+        [--receive-processes auto|N ...] [--baseline DIR]
 
 Every round runs each load against each receiver in turn (storescp, Orthanc, node, storescp,
 ...); every measurement gets a freshly started receiver with empty storage, so no run sees
@@ -48,6 +48,8 @@ from common import (
     wait_stored,
     warm_page_cache,
 )
+
+from dicom_node.config import auto_receive_processes
 
 Factory = Callable[[Path, int], Receiver]  # (workdir, concurrency) -> a fresh contender
 
@@ -183,6 +185,11 @@ def report(
     return all(target.passed for target in found)
 
 
+def _processes(value: str) -> int:
+    """A number of receiving processes, or "auto": as many as the node would choose here."""
+    return auto_receive_processes() if value == "auto" else int(value)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, default=300, help="CT slices in the series")
@@ -197,10 +204,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--receive-processes",
-        type=int,
+        type=_processes,
         nargs="+",
-        default=[1],
-        help="node.receive_processes of each node contender (e.g. 1 2: two nodes)",
+        default=[auto_receive_processes()],
+        help="node.receive_processes of each node contender (e.g. 1 2: two nodes); the"
+        " default, auto, is what the node chooses on this machine",
     )
     parser.add_argument(
         "--baseline",

@@ -386,8 +386,12 @@ def receive_process_count(config: NodeConfig, cpus: int | None = None) -> int:
     setting = config.node.receive_processes
     if setting != "auto":
         return setting
-    if config.cluster.enabled:
-        return 1
+    return 1 if config.cluster.enabled else auto_receive_processes(cpus)
+
+
+def auto_receive_processes(cpus: int | None = None) -> int:
+    """What "auto" gives with the node's own journal: one process per usable CPU (or
+    per ``cpus``), at most :data:`AUTO_RECEIVE_PROCESSES_MAX`."""
     return max(1, min(usable_cpus() if cpus is None else cpus, AUTO_RECEIVE_PROCESSES_MAX))
 
 
