@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +33,12 @@ from dicom_node.schema import (
     meta_table,
     upgrade,
 )
+from dicom_node.sqlite_journal import (  # re-exported: defined there, without SQLAlchemy
+    WriterLock as WriterLock,
+)
+from dicom_node.sqlite_journal import configure_sqlite as configure_sqlite
+from dicom_node.sqlite_journal import is_url as is_url
+from dicom_node.sqlite_journal import writer_lock as writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +46,6 @@ log = logging.getLogger(__name__)
 BASELINE_REVISION = "0001"
 # Any constant: PostgreSQL's advisory lock serialising migrations between processes.
 _MIGRATION_LOCK = 0x6469636F6D
-
-
-def is_url(location: Path | str) -> bool:
-    return isinstance(location, str) and "://" in location
 
 
 def describe(location: Path | str) -> str:
@@ -92,73 +93,6 @@ def _sqlite_engine(path: Path) -> Engine:
 
     sa.event.listen(engine, "connect", configure)
     return engine
-
-
-def configure_sqlite(connection: Any, synchronous: str) -> None:
-    """What every connection to a SQLite journal is set to: WAL, foreign keys, a 30 s busy
-    timeout, and ``synchronous`` (FULL; NORMAL for the intake's own connection)."""
-    cursor = connection.cursor()
-    try:
-        for pragma in (
-            "journal_mode=WAL",
-            f"synchronous={synchronous}",
-            "foreign_keys=ON",
-            "busy_timeout=30000",
-        ):
-            cursor.execute(f"PRAGMA {pragma}")
-    finally:
-        cursor.close()
-
-
-class WriterLock:
-    """Serialises the writers of one journal: the threads of this process and, for a
-    SQLite file, every process on this host.
-
-    A thread takes the process's own lock first, then an exclusive ``flock`` on
-    ``<journal>.writers``. The kernel drops a ``flock`` when its process dies, so a
-    receiving process killed in the middle of a transaction never leaves the others
-    waiting. Writers that wait here are woken as soon as the lock is free, where
-    SQLite's own busy handler would sleep and poll (1, 2, 5, 10 ms, ...).
-    PostgreSQL locks rows itself: ``path=None`` leaves only the process's lock.
-    """
-
-    def __init__(self, path: Path | None) -> None:
-        self._path = path
-        self._threads = threading.Lock()
-        self._fd: int | None = None
-
-    def __enter__(self) -> None:
-        self._threads.acquire()
-        try:
-            if self._path is not None:
-                import fcntl
-
-                if self._fd is None:
-                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._threads.release()
-            raise
-
-    def __exit__(self, *_exc: object) -> None:
-        try:
-            if self._fd is not None:
-                import fcntl
-
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._threads.release()
-
-    def close(self) -> None:
-        with self._threads:
-            fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-
-def writer_lock(location: Path | str) -> WriterLock:
-    """The :class:`WriterLock` of the journal at ``location``."""
-    return WriterLock(None if is_url(location) else Path(f"{location}.writers"))
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -19,7 +19,7 @@ from pydicom.uid import UID
 
 from dicom_node import header_scan
 from dicom_node.header_scan import Buffer
-from dicom_node.journal import ReceivedInstance
+from dicom_node.intake import ReceivedInstance
 
 # C-STORE response statuses (PS3.4 B.2.3 and pynetdicom's service-specific codes)
 SUCCESS = 0x0000

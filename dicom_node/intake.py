@@ -20,10 +20,10 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from dicom_node.database import configure_sqlite
 from dicom_node.domain import StudyState, check_study
+from dicom_node.sqlite_journal import WriterLock, configure_sqlite, writer_lock
 
 
 class UIDConflict(Exception):
@@ -270,3 +270,56 @@ class SQLiteIntake:
                 raise
             self._db = db
         return self._db
+
+
+class InstanceJournal(Protocol):
+    """What receiving needs of the journal: :class:`dicom_node.journal.Journal`, or a
+    receiving process's :class:`ReceivingJournal`."""
+
+    def record_instance(self, inst: ReceivedInstance) -> Recorded: ...
+
+    def has_instance(self, sop_uid: str) -> bool: ...
+
+    def all_instance_relpaths(self, prefix: str = "") -> set[str]: ...
+
+
+class ReceivingJournal:
+    """The node's own SQLite journal as receiving uses it: the instances recorded, looked
+    up and indexed again (:func:`dicom_node.reindex.reindex_orphans`), in plain SQL.
+
+    What a receiving process (node.receive_processes) opens instead of
+    :class:`dicom_node.journal.Journal`, without SQLAlchemy (about 30 MiB less); the
+    journal uses one too for these. ``write_lock``: the process's lock of the journal's
+    writers, if it has one already (else one of its own, closed with this).
+    """
+
+    def __init__(self, path: Path, write_lock: WriterLock | None = None) -> None:
+        self.path = path
+        self._intake = SQLiteIntake(path)
+        self._own_lock = write_lock is None
+        self._write_lock = writer_lock(path) if write_lock is None else write_lock
+
+    def record_instance(self, inst: ReceivedInstance) -> Recorded:
+        """Record a stored instance; a known SOP Instance UID is a duplicate."""
+        with self._write_lock:
+            return self._intake.record(inst)
+
+    def has_instance(self, sop_uid: str) -> bool:
+        return self._intake.known(sop_uid)
+
+    def all_instance_relpaths(self, prefix: str = "") -> set[str]:
+        """The relative paths of the recorded instances (those starting with ``prefix``)."""
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            rows = db.execute(
+                "SELECT relpath FROM instances WHERE substr(relpath, 1, ?) = ?",
+                (len(prefix), prefix),
+            ).fetchall()
+        finally:
+            db.close()
+        return {str(relpath) for (relpath,) in rows}
+
+    def close(self) -> None:
+        self._intake.close()
+        if self._own_lock:
+            self._write_lock.close()

@@ -91,18 +91,20 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
         self._engine = create_engine(location)
         self.shared = self._engine.dialect.name != "sqlite"  # other processes write too
         self._intake = intake.statements(self._engine.dialect.name)
-        self._sqlite_intake = None if self.shared else intake.SQLiteIntake(Path(location))
         # Writers of this process and, on SQLite, of every process on this host
         # (node.receive_processes) take it before they begin a transaction.
         self._write_lock = writer_lock(location)
+        self._receiving = (
+            None if self.shared else intake.ReceivingJournal(Path(location), self._write_lock)
+        )
 
     def create(self) -> None:
         """Create the tables of a new journal, upgrade an older one (see :mod:`database`)."""
         migrate(self._engine, self.location)
 
     def close(self) -> None:
-        if self._sqlite_intake is not None:
-            self._sqlite_intake.close()
+        if self._receiving is not None:
+            self._receiving.close()
         self._engine.dispose()
         self._write_lock.close()
 
@@ -142,9 +144,8 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
 
     def record_instance(self, inst: ReceivedInstance) -> Recorded:
         """Record a stored instance; a known SOP Instance UID is a duplicate."""
-        if self._sqlite_intake is not None:
-            with self._write_lock:
-                return self._sqlite_intake.record(inst)
+        if self._receiving is not None:
+            return self._receiving.record_instance(inst)
         for attempt in range(3):
             try:
                 with self._write_lock, self._engine.begin() as conn:
@@ -157,8 +158,8 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
         raise AssertionError("unreachable")
 
     def has_instance(self, sop_uid: str) -> bool:
-        if self._sqlite_intake is not None:
-            return self._sqlite_intake.known(sop_uid)
+        if self._receiving is not None:
+            return self._receiving.has_instance(sop_uid)
         with self._engine.connect() as conn:
             return conn.exec_driver_sql(self._intake.has_instance, (sop_uid,)).first() is not None
 

@@ -45,7 +45,7 @@ from dicom_node.header import (
     received_header,
     valid_uid,
 )
-from dicom_node.journal import Journal, ReceivedInstance, Recorded, UIDConflict
+from dicom_node.intake import InstanceJournal, ReceivedInstance, Recorded, UIDConflict
 from dicom_node.listener import Elsewhere, HandedServer, start_server
 from dicom_node.logs import log_context
 from dicom_node.part10 import file_meta_bytes
@@ -192,7 +192,7 @@ class Receiver:
         self,
         config: NodeSection,
         spool: Spool,
-        journal: Journal,
+        journal: InstanceJournal,
         metrics: Metrics,
         clock: Callable[[], float],
         on_recorded: Callable[[Recorded], None],

@@ -54,7 +54,7 @@ from pynetdicom import evt
 
 from dicom_node.config import NodeSection
 from dicom_node.header import PROCESSING_FAILURE
-from dicom_node.journal import Journal, Recorded
+from dicom_node.intake import ReceivingJournal, Recorded
 from dicom_node.web.metrics import CounterKey, Metrics
 
 log = logging.getLogger(__name__)
@@ -450,7 +450,7 @@ class _Serving:
         spool = Spool(settings.storage, settings.min_free_bytes, settings.name)
         spool.create()  # holds nodes/<name>.lock until this process ends, not before
         spool.clear_tmp()
-        journal = Journal(spool.journal_path)
+        journal = ReceivingJournal(spool.journal_path)
         self._parts.append(journal.close)
         reindex_orphans(spool, journal)
         audit = AuditTrail(settings.audit, time.time)

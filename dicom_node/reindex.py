@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 
 from dicom_node.header import Rejected, parse_header
-from dicom_node.journal import Journal, UIDConflict
+from dicom_node.intake import InstanceJournal, UIDConflict
 from dicom_node.part10 import read_file_meta
 from dicom_node.store import NameInUse, Spool
 
 log = logging.getLogger(__name__)
 
 
-def reindex_orphans(spool: Spool, journal: Journal) -> int:
+def reindex_orphans(spool: Spool, journal: InstanceJournal) -> int:
     """Record instance files that are on disk but not in the journal; returns how many.
 
     Their rows were lost (a crash or power failure right after the file was made
@@ -41,7 +41,7 @@ def reindex_orphans(spool: Spool, journal: Journal) -> int:
     return indexed
 
 
-def reindex_receiving_folders(spool: Spool, journal: Journal) -> int:
+def reindex_receiving_folders(spool: Spool, journal: InstanceJournal) -> int:
     """:func:`reindex_orphans` for the folders of receiving processes (``instances/receiver-K/``,
     node.receive_processes), whatever the setting is now: it may have been lowered.
 
@@ -72,7 +72,7 @@ def reindex_receiving_folders(spool: Spool, journal: Journal) -> int:
     return indexed
 
 
-def _reindex(spool: Spool, journal: Journal, relpath: str) -> int:
+def _reindex(spool: Spool, journal: InstanceJournal, relpath: str) -> int:
     """Index one orphan file (1), or quarantine it (0)."""
     path = spool.path(relpath)
     try:

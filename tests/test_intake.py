@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,8 +136,9 @@ def test_a_failed_commit_is_rolled_back_and_the_next_instance_is_recorded(
     journal: Journal,
 ) -> None:
     journal.record_instance(instance(generate_uid(), generate_uid()))  # opens the connection
-    sqlite_intake = journal._sqlite_intake
-    assert sqlite_intake is not None and sqlite_intake._db is not None
+    assert journal._receiving is not None
+    sqlite_intake = journal._receiving._intake
+    assert sqlite_intake._db is not None
     failing = _CommitFailsOnce(sqlite_intake._db)
     sqlite_intake._db = failing  # type: ignore[assignment]
     before = counts(Path(journal.path))
@@ -147,3 +150,38 @@ def test_a_failed_commit_is_rolled_back_and_the_next_instance_is_recorded(
     assert counts(Path(journal.path)) == before
     assert not journal.record_instance(instance(generate_uid(), generate_uid())).duplicate
     assert counts(Path(journal.path))[2] == before[2] + 1
+
+
+def test_a_receiving_process_opens_the_journal_without_sqlalchemy(
+    journal: Journal, tmp_path: Path
+) -> None:
+    """What a receiving process imports (dicom_node.receivers and what it starts) leaves
+    SQLAlchemy and Alembic out, and its journal sees what the node's journal wrote."""
+    from dicom_node.intake import ReceivingJournal
+
+    probe = (
+        "import sys\n"
+        "import dicom_node.receivers, dicom_node.receive, dicom_node.reindex\n"
+        "import dicom_node.store, dicom_node.audit, dicom_node.logs\n"
+        "print(sorted(m for m in ('sqlalchemy', 'alembic') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+    study_uid, series_uid = generate_uid(), generate_uid()
+    ours = dataclasses.replace(
+        instance(study_uid, series_uid), relpath="instances/receiver-2/ab/x_1.dcm"
+    )
+    journal.record_instance(instance(study_uid, series_uid))  # instances/... of the node
+    receiving = ReceivingJournal(Path(journal.path))
+    try:
+        assert not receiving.record_instance(ours).duplicate
+        assert receiving.record_instance(ours).duplicate
+        assert receiving.has_instance(ours.sop_uid)
+        assert journal.has_instance(ours.sop_uid)  # one journal
+        for prefix in ("instances/receiver-2/", "instances/", "instances/receiver-2/ab/x%", ""):
+            assert receiving.all_instance_relpaths(prefix) == journal.all_instance_relpaths(prefix)
+        assert receiving.all_instance_relpaths("instances/receiver-2/") == {ours.relpath}
+    finally:
+        receiving.close()
