@@ -375,7 +375,7 @@ def parse_config(data: Any, source: str = "<config>") -> NodeConfig:
         raise ConfigError(source, problems) from None
 
 
-AUTO_RECEIVE_PROCESSES_MAX = 4  # each holds about 100 MiB; more were never measured
+AUTO_RECEIVE_PROCESSES_MAX = 4  # each holds about 75 MiB; more were never measured
 
 
 def receive_process_count(config: NodeConfig, cpus: int | None = None) -> int:
