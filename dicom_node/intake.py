@@ -288,7 +288,7 @@ class ReceivingJournal:
     up and indexed again (:func:`dicom_node.reindex.reindex_orphans`), in plain SQL.
 
     What a receiving process (node.receive_processes) opens instead of
-    :class:`dicom_node.journal.Journal`, without SQLAlchemy (about 30 MiB less); the
+    :class:`dicom_node.journal.Journal`, without SQLAlchemy (about 25 MiB less); the
     journal uses one too for these. ``write_lock``: the process's lock of the journal's
     writers, if it has one already (else one of its own, closed with this).
     """

@@ -1,7 +1,7 @@
 """The node's own SQLite journal without SQLAlchemy: its connection settings and the lock
 of its writers, for every process that writes it.
 
-SQLAlchemy and Alembic take about 30 MiB of each process that imports them. A receiving
+SQLAlchemy and Alembic take about 25 MiB of each process that imports them. A receiving
 process (node.receive_processes) records and looks up instances only, in plain SQL
 (:class:`dicom_node.intake.ReceivingJournal`), so it imports neither; the node's own
 process opens the journal through :class:`dicom_node.journal.Journal`, which creates and
