@@ -63,6 +63,7 @@ START_SECONDS = 60.0  # the node waits this long for its receiving processes at 
 RESTART_FIRST_SECONDS = 1.0
 RESTART_MAX_SECONDS = 60.0
 STABLE_SECONDS = 60.0  # a process that ran this long is restarted after the first delay again
+STOP_GRACE_SECONDS = 1.0  # how long a node may take to begin its stop after its SIGTERM
 REPORT_SECONDS = 30.0  # a receiving process's wait for the answer to a commitment report
 COUNTS_SECONDS = 0.5  # how often a receiving process reports its counters
 EXIT_GRACE_SECONDS = 5.0  # after the drain, before a receiving process is killed
@@ -251,13 +252,19 @@ class ReceiverPool:
             self._reschedule_studies()
             if time.monotonic() - began > STABLE_SECONDS:
                 delay = RESTART_FIRST_SECONDS
+            # systemd stops a service with SIGTERM to each of its processes at once: a
+            # receiving process with nothing to drain may end before this one has begun
+            # to stop. That is no failure.
+            if self._stopping.wait(STOP_GRACE_SECONDS):
+                log.info("receiving process %s ended (code %s) as the node stops", proc.name, code)
+                return
             log.error(
                 "receiving process %s exited (code %s); starting it again in %.0f s",
                 proc.name,
                 code,
                 delay,
             )
-            if self._stopping.wait(delay):
+            if self._stopping.wait(max(0.0, delay - STOP_GRACE_SECONDS)):
                 return
             delay = min(delay * 2, RESTART_MAX_SECONDS)
 

@@ -190,6 +190,23 @@ def test_sigterm_lets_a_receiving_process_finish_its_association_first(tmp_path:
 
 
 @pytest.mark.timeout(120)
+def test_a_stop_that_reaches_a_receiving_process_first_is_no_error(tmp_path: Path) -> None:
+    """systemd sends SIGTERM to every process of the service: an idle receiving process
+    may be gone before the node has begun to stop. No ERROR, exit code 0."""
+    settings = node_settings(tmp_path / "var", node={"receive_processes": 2})
+    with NodeProcess(settings, tmp_path / "node") as node:
+        assert node.proc is not None
+        wait_until(lambda: "receiving in 2 process(es)" in node.log(), 60, what="2 processes")
+        (child,) = child_pids(node.proc.pid)
+        os.kill(child, signal.SIGTERM)
+        wait_until(lambda: _exited(child), 10, 0.01, what="receiver-2 to end")
+        node.proc.send_signal(signal.SIGTERM)  # within the grace: as systemd's would be
+        assert node.proc.wait(60) == 0
+    assert "ended (code 0) as the node stops" in node.log()
+    assert " ERROR " not in node.log(), node.log()[-3000:]
+
+
+@pytest.mark.timeout(120)
 def test_receiving_processes_exit_when_the_main_process_dies(tmp_path: Path) -> None:
     storage = tmp_path / "var"
     settings = node_settings(storage, node={"receive_processes": 3})
