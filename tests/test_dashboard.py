@@ -5,15 +5,27 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import logging
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pydicom
+import pytest
 from nodes import node_settings, running_node, send
-from peers import GE_3SLICE, LOCALHOST, REPO_ROOT, Storescp, require_tools, tool_path, wait_until
+from peers import (
+    GE_3SLICE,
+    LOCALHOST,
+    REPO_ROOT,
+    Storescp,
+    free_port,
+    require_tools,
+    tool_path,
+    wait_until,
+)
 from pydicom.uid import generate_uid
 
 ARTIFACTS = REPO_ROOT / ".artifacts"
@@ -199,3 +211,24 @@ def test_web_auth_and_api(tmp_path: Path) -> None:
         assert get(f"{base}/api/jobs?state=nonsense", bearer)[0] == 400
         assert get(f"{base}/api/jobs/999", bearer)[0] == 404
         assert post(f"{base}/api/jobs/999/retry", bearer) == 404
+
+
+def test_a_destination_down_from_the_start_is_logged_once_and_its_return_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dicom_node.config import Destination
+    from dicom_node.web.echo import DestinationMonitor
+
+    port = free_port()  # nothing listens there yet
+    monitor = DestinationMonitor(
+        "AINODE", {"pacs": Destination(ae_title="PACS", host=LOCALHOST, port=port)}, 30, time.time
+    )
+    with caplog.at_level(logging.WARNING, logger="dicom_node.web.echo"):
+        monitor.check_all()
+        monitor.check_all()  # still down: nothing new
+        with Storescp(tmp_path / "scp", aet="PACS", port=port):
+            monitor.check_all()
+    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.web.echo"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("destination pacs is DOWN: ") and "PACS@" in lines[0]
+    assert lines[1] == "destination pacs is now up"

@@ -65,8 +65,13 @@ class DestinationMonitor:
             with self._lock:
                 previous = self._status.get(name)
                 self._status[name] = result
-            if previous is not None and previous.ok != result.ok:
-                log.warning("destination %s is now %s", name, "up" if result.ok else "DOWN")
+            if previous is None and not result.ok:  # down from the start: say so once
+                log.warning("destination %s is DOWN: %s", name, result.error)
+            elif previous is not None and previous.ok != result.ok:
+                if result.ok:
+                    log.warning("destination %s is now up", name)
+                else:
+                    log.warning("destination %s is now DOWN: %s", name, result.error)
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
