@@ -8,6 +8,7 @@ configuration are found by :mod:`dicom_node.config_problems`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -108,11 +109,18 @@ class NodeSection(_Section):
     @field_validator("receive_processes", mode="before")
     @classmethod
     def _check_processes(cls, value: object) -> object:
-        if value == "auto":
-            return value
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-            raise ValueError("a whole number from 1 to 64, or auto")
-        return value
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        problem = ValueError("a whole number from 1 to 64, or auto")
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise problem
+        try:
+            number = float(value)  # "2" and 2.0 as before (pydantic's lax int)
+        except ValueError:
+            raise problem from None
+        if not number.is_integer() or not 1 <= number <= 64:
+            raise problem
+        return int(number)
 
     @field_validator("allowed_calling_aets")
     @classmethod
@@ -375,7 +383,9 @@ def parse_config(data: Any, source: str = "<config>") -> NodeConfig:
         raise ConfigError(source, problems) from None
 
 
-AUTO_RECEIVE_PROCESSES_MAX = 4  # each holds about 75 MiB; more were never measured
+# Two were measured (docs/performance.md, item 30): each more holds about 75 MiB, and more
+# than two CPUs were never at hand. Set node.receive_processes to use more.
+AUTO_RECEIVE_PROCESSES_MAX = 2
 
 
 def receive_process_count(config: NodeConfig, cpus: int | None = None) -> int:
@@ -395,31 +405,64 @@ def auto_receive_processes(cpus: int | None = None) -> int:
     return max(1, min(usable_cpus() if cpus is None else cpus, AUTO_RECEIVE_PROCESSES_MAX))
 
 
-def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """The CPUs this process may run on (its affinity), fewer where its cgroup's CPU
-    quota allows less (cgroup v2 ``cpu.max``, v1 ``cpu/cpu.cfs_quota_us``): e.g. a
-    container started with ``--cpus 1`` on a bigger host."""
+def usable_cpus(
+    cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> int:
+    """The CPUs this process may run on (its affinity), fewer where a CPU quota on its
+    cgroup or on one above it allows less (cgroup v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us``): e.g. systemd's ``CPUQuota=`` or a container's ``--cpus``."""
     try:
         count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         count = os.cpu_count() or 1
-    quota = _cpu_quota(cgroup_root)
+    quota = _cpu_quota(cgroup_root, proc_cgroup)
     if quota is not None:
-        count = min(count, max(1, -(-quota[0] // quota[1])))  # rounded up
+        count = min(count, max(1, math.ceil(quota)))
     return max(1, count)
 
 
-def _cpu_quota(root: Path) -> tuple[int, int] | None:
-    """(quota, period) of the cgroup's CPU bandwidth limit; None: no limit, or unknown."""
+def _cpu_quota(root: Path, proc_cgroup: Path) -> float | None:
+    """The smallest CPU quota (in CPUs) on the way from this process's cgroup up to the
+    top of the hierarchy; None: no quota, or none found."""
     try:
-        if (root / "cpu.max").exists():
-            quota, period = (root / "cpu.max").read_text().split()[:2]
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    folders: list[Path] = []
+    for line in lines:  # "0::/path" (v2), "4:cpu,cpuacct:/path" (v1)
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        relative = path.strip().lstrip("/")
+        if controllers == "":
+            folders.extend(_upwards(root, root / relative))
+        elif "cpu" in controllers.split(","):
+            for mount in (root / controllers, root / "cpu", root / "cpu,cpuacct"):
+                folders.extend(_upwards(mount, mount / relative))
+    if not folders:  # no /proc/self/cgroup: the hierarchy's top, as a container sees it
+        folders = [root, root / "cpu"]
+    quotas = [quota for folder in folders if (quota := _quota_in(folder)) is not None]
+    return min(quotas) if quotas else None
+
+
+def _upwards(top: Path, folder: Path) -> list[Path]:
+    """``folder`` and every folder above it up to ``top`` (both included)."""
+    found = [folder]
+    while folder != top and top in folder.parents:
+        folder = folder.parent
+        found.append(folder)
+    return found
+
+
+def _quota_in(folder: Path) -> float | None:
+    """The CPU quota set in one cgroup folder, in CPUs; None where none is set or readable."""
+    try:
+        if (folder / "cpu.max").exists():
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
         else:
-            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+            quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+            period = (folder / "cpu.cfs_period_us").read_text().strip()
         if quota in ("max", "-1") or int(period) <= 0:
             return None
-        return int(quota), int(period)
+        return int(quota) / int(period)
     except (OSError, ValueError):
         return None
 
