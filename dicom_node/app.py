@@ -212,8 +212,9 @@ class Analysis:
             self._running = True
 
 
-def build_node(config: NodeConfig) -> Node:
-    """Every part of a node, wired together; nothing is started yet."""
+def build_node(config: NodeConfig, stop_requested: Callable[[], bool] = lambda: False) -> Node:
+    """Every part of a node, wired together; nothing is started yet. ``stop_requested``:
+    whether the node has been told to stop (a signal) before :meth:`Node.stop` runs."""
     name = config.cluster.name() if config.cluster.enabled else None
     spool, journal = _storage(config, name)
     metrics = Metrics()
@@ -226,7 +227,9 @@ def build_node(config: NodeConfig) -> Node:
     assembler, dispatcher, on_jobs = _assembling(
         config, journal, spool, metrics, timers, sender, analysis
     )
-    receiver = _receiver(config, journal, spool, metrics, audit, assembler, commitments)
+    receiver = _receiver(
+        config, journal, spool, metrics, audit, assembler, commitments, stop_requested
+    )
 
     def on_retry() -> None:
         on_jobs([])
@@ -332,6 +335,7 @@ def _receiver(
     audit: AuditTrail,
     assembler: Assembler,
     commitments: Commitments,
+    stop_requested: Callable[[], bool],
 ) -> Receiver:
     """The C-STORE SCP (and its other processes); open associations are read at scrape time."""
     pool = None
@@ -358,6 +362,7 @@ def _receiver(
             on_opened=assembler.instance_recorded,
             on_report=commitments.answer_report,
             reschedule=assembler.resume,
+            stop_requested=stop_requested,
         )
     receiver = Receiver(
         config.node,
@@ -533,7 +538,7 @@ def run(config: NodeConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        node = build_node(config)
+        node = build_node(config, stop_requested=lambda: bool(stop))
     # web port in use, storage not writable, CUDA device missing, ...
     except (OSError, JournalSchemaError, DeviceUnavailable) as exc:
         log.error("cannot start: %s", exc)

@@ -64,6 +64,7 @@ RESTART_FIRST_SECONDS = 1.0
 RESTART_MAX_SECONDS = 60.0
 STABLE_SECONDS = 60.0  # a process that ran this long is restarted after the first delay again
 STOP_GRACE_SECONDS = 1.0  # how long a node may take to begin its stop after its SIGTERM
+STOP_POLL_SECONDS = 0.05  # how often the grace looks whether the node was told to stop
 REPORT_SECONDS = 30.0  # a receiving process's wait for the answer to a commitment report
 COUNTS_SECONDS = 0.5  # how often a receiving process reports its counters
 EXIT_GRACE_SECONDS = 5.0  # after the drain, before a receiving process is killed
@@ -128,12 +129,17 @@ class ReceiverPool:
         on_opened: Callable[[Recorded], None],
         on_report: ReportAnswer,
         reschedule: Callable[[], object],
+        stop_requested: Callable[[], bool] = lambda: False,
     ) -> None:
+        """``stop_requested``: whether the node has been told to stop (its SIGTERM), which
+        may come before it stops this pool: the exit of a receiving process then is no
+        failure, and it is not started again."""
         self._processes = [_Process(s) for s in settings]
         self._metrics = metrics
         self._on_opened = on_opened
         self._on_report = on_report
         self._reschedule = reschedule
+        self._stop_requested = stop_requested
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._ids = itertools.count(1)
@@ -246,27 +252,36 @@ class ReceiverPool:
                 code = None
             finally:
                 self._lost(proc)
-            if self._stopping.is_set():
+            # systemd stops a service with SIGTERM to each of its processes at once: a
+            # receiving process with nothing to drain may end before this one has begun
+            # to stop. That is no failure.
+            if self._node_stops():
+                log.info("receiving process %s ended (code %s) as the node stops", proc.name, code)
                 return
             # a study it opened, or indexed again at its start, may not have been announced
             self._reschedule_studies()
             if time.monotonic() - began > STABLE_SECONDS:
                 delay = RESTART_FIRST_SECONDS
-            # systemd stops a service with SIGTERM to each of its processes at once: a
-            # receiving process with nothing to drain may end before this one has begun
-            # to stop. That is no failure.
-            if self._stopping.wait(STOP_GRACE_SECONDS):
-                log.info("receiving process %s ended (code %s) as the node stops", proc.name, code)
-                return
             log.error(
                 "receiving process %s exited (code %s); starting it again in %.0f s",
                 proc.name,
                 code,
                 delay,
             )
-            if self._stopping.wait(max(0.0, delay - STOP_GRACE_SECONDS)):
+            if self._stopping.wait(max(0.0, delay - STOP_GRACE_SECONDS)) or self._stop_requested():
                 return
             delay = min(delay * 2, RESTART_MAX_SECONDS)
+
+    def _node_stops(self) -> bool:
+        """Whether the node stops, or is told to within :data:`STOP_GRACE_SECONDS`."""
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while not self._stop_requested():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self._stopping.wait(min(remaining, STOP_POLL_SECONDS)):
+                return True
+        return True
 
     def _run(self, proc: _Process) -> int | None:
         """Start the process, read its messages until it closes its end; its exit code."""
