@@ -303,13 +303,24 @@ class NodeReceiver:
         """The node's peak RSS; with receiving processes, the sum of every process's peak
         (an upper bound: they need not peak at once)."""
         assert self._node.proc is not None
-        pids = [self._node.proc.pid, *child_pids(self._node.proc.pid)]
-        return sum(status_kib(pid, "VmHWM") for pid in pids)
+        return tree_kib(self._node.proc.pid, "VmHWM")
 
     def stop(self) -> None:
         code = self._node.stop()
         if code != 0:
             raise PeerError(f"node exited with {code}:\n{self._node.log()[-4000:]}")
+
+
+def tree_kib(pid: int, field_name: str) -> int:
+    """``status_kib`` of ``pid`` added up with its children's (a node's receiving
+    processes); a child that has ended meanwhile (or is a zombie: no sizes) counts 0."""
+    total = status_kib(pid, field_name)
+    for child in child_pids(pid):
+        try:
+            total += status_kib(child, field_name)
+        except (FileNotFoundError, ProcessLookupError, KeyError):
+            continue
+    return total
 
 
 def status_kib(pid: int, field_name: str) -> int:

@@ -19,10 +19,10 @@ from common import (
     Storescp,
     dicom_files,
     node_settings,
-    status_kib,
+    tree_kib,
     wait_until,
 )
-from nodes import NodeProcess, chest_route, child_pids
+from nodes import NodeProcess, chest_route
 from rich.table import Table
 
 from dicom_node.domain import JobState
@@ -128,8 +128,7 @@ class StudyNode:
         receiving processes included; for VmHWM an upper bound, as they need not peak at
         once)."""
         assert self._node is not None and self._node.proc is not None
-        pids = [self._node.proc.pid, *child_pids(self._node.proc.pid)]
-        return sum(status_kib(pid, field_name) for pid in pids)
+        return tree_kib(self._node.proc.pid, field_name)
 
     def stop(self) -> None:
         if self._journal is not None:

@@ -107,7 +107,7 @@ def test_receive_measures_a_baseline_checkout_in_the_same_alternation(tmp_path: 
     )
     out = _run_quick(
         BENCH / "receive.py", "--slices", "5", "--rounds", "1", "--concurrency", "1",
-        "--baseline", str(baseline),
+        "--receive-processes", "1", "--baseline", str(baseline),
     )  # fmt: skip
     assert f"dicom_node: runs {REPO_ROOT / 'dicom_node'}" in out
     assert f"dicom_node @before: runs {baseline / 'dicom_node'}" in out

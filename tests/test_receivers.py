@@ -206,6 +206,32 @@ def test_a_stop_that_reaches_a_receiving_process_first_is_no_error(tmp_path: Pat
     assert " ERROR " not in node.log(), node.log()[-3000:]
 
 
+def test_an_exit_is_no_failure_once_the_node_is_told_to_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The grace ends as soon as the node's signal arrives (its SIGTERM may come during
+    its start, long before it stops the pool); without one it runs out."""
+    import dicom_node.receivers as receivers
+
+    monkeypatch.setattr(receivers, "STOP_GRACE_SECONDS", 0.3)
+    told: list[int] = []
+    pool = ReceiverPool(
+        [_settings("receiver-2")],
+        metrics=Metrics(),
+        on_opened=lambda _recorded: None,
+        on_report=lambda _kind, _info: (0, None),
+        reschedule=lambda: None,
+        stop_requested=lambda: bool(told),
+    )
+    started = time.monotonic()
+    assert not pool._node_stops()  # nobody told it: a failure, after the grace
+    assert time.monotonic() - started >= 0.3
+    threading.Timer(0.1, told.append, (15,)).start()
+    started = time.monotonic()
+    assert pool._node_stops()
+    assert time.monotonic() - started < 0.25
+
+
 @pytest.mark.timeout(120)
 def test_receiving_processes_exit_when_the_main_process_dies(tmp_path: Path) -> None:
     storage = tmp_path / "var"
@@ -543,12 +569,12 @@ def test_journal_writers_wait_for_the_lock_another_process_holds(tmp_path: Path)
         journal.close()
 
 
-def test_auto_is_the_default_and_gives_one_process_per_usable_cpu_up_to_four() -> None:
+def test_auto_is_the_default_and_gives_one_process_per_usable_cpu_up_to_two() -> None:
     from dicom_node.config import parse_config, receive_process_count
 
     default = parse_config({"node": {"ae_title": "AINODE"}})
     assert default.node.receive_processes == "auto"
-    assert [receive_process_count(default, cpus) for cpus in (1, 2, 3, 4, 16)] == [1, 2, 3, 4, 4]
+    assert [receive_process_count(default, cpus) for cpus in (1, 2, 3, 16)] == [1, 2, 2, 2]
     shared = parse_config(  # a shared journal: more receivers are more nodes, no error
         {
             "node": {"ae_title": "AINODE"},
@@ -561,27 +587,59 @@ def test_auto_is_the_default_and_gives_one_process_per_usable_cpu_up_to_four() -
 
 
 @pytest.mark.parametrize(
-    ("files", "expected"),
+    ("proc", "files", "expected"),
     [
-        ({}, None),  # no cgroup files: the affinity alone
-        ({"cpu.max": "max 100000\n"}, None),
-        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: rounded up
-        ({"cpu.max": "50000 100000\n"}, 1),
-        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
-        ({"cpu.max": "garbage\n"}, None),
+        ("0::/system.slice/dicom-node.service\n", {}, None),  # no quota anywhere
+        (  # systemd's CPUQuota=150%
+            "0::/system.slice/dicom-node.service\n",
+            {"system.slice/dicom-node.service/cpu.max": "150000 100000\n"},
+            2,
+        ),
+        (  # a quota on the slice above, none on the service
+            "0::/system.slice/dicom-node.service\n",
+            {
+                "system.slice/cpu.max": "50000 100000\n",
+                "system.slice/dicom-node.service/cpu.max": "max 100000\n",
+            },
+            1,
+        ),
+        ("0::/\n", {"cpu.max": "100000 100000\n"}, 1),  # a container's own namespace
+        ("0::/\n", {"cpu.max": "garbage\n"}, None),
+        (  # cgroup v1, docker --cpus 1
+            "5:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n",
+            {
+                "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "100000\n",
+                "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+            },
+            1,
+        ),
+        (
+            "5:cpu,cpuacct:/docker/abc\n",
+            {
+                "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "-1\n",
+                "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+            },
+            None,
+        ),
+        (None, {"cpu.max": "100000 100000\n"}, 1),  # no /proc/self/cgroup: the top
     ],
 )
 def test_usable_cpus_follow_the_affinity_and_the_cgroup_quota(
-    tmp_path: Path, files: dict[str, str], expected: int | None
+    tmp_path: Path, proc: str | None, files: dict[str, str], expected: int | None
 ) -> None:
     from dicom_node.config import usable_cpus
 
+    root = tmp_path / "cgroup"
     for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    root.mkdir(exist_ok=True)
+    proc_cgroup = tmp_path / "proc-self-cgroup"
+    if proc is not None:
+        proc_cgroup.write_text(proc)
     affinity = len(os.sched_getaffinity(0))
-    assert usable_cpus(tmp_path) == (affinity if expected is None else min(affinity, expected))
+    found = usable_cpus(root, proc_cgroup)
+    assert found == (affinity if expected is None else min(affinity, expected))
 
 
 def test_a_node_left_at_auto_receives_in_as_many_processes_as_it_may_use_cpus(
