@@ -93,8 +93,6 @@ class Worker:
             pipeline_factory, metrics, device, memory_probe, admission_wait, self._stopping
         )
         self._threads: list[threading.Thread] = []
-        self._warming = False  # the warm-up thread was started
-        self._analysing = 0  # analysis threads started
         # job id -> (pipeline, reason): failures the journal could not take yet
         self._unrecorded: dict[int, tuple[str, str]] = {}
         self._unrecorded_lock = threading.Lock()
@@ -105,16 +103,17 @@ class Worker:
         A start that failed partway (no thread could be made) may be called again: it
         starts only the threads still missing.
         """
-        if self._warm_up_names and not self._warming:
-            thread = threading.Thread(target=self.warm_up, name="analysis-warm-up", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-            self._warming = True
-        for index in range(self._analysing, self._thread_count):
-            thread = threading.Thread(target=self._loop, name=f"analysis-{index}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-            self._analysing += 1
+        wanted: list[tuple[str, Callable[[], None]]] = [
+            (f"analysis-{index}", self._loop) for index in range(self._thread_count)
+        ]
+        if self._warm_up_names:
+            wanted.insert(0, ("analysis-warm-up", self.warm_up))
+        started = {thread.name for thread in self._threads}
+        for name, target in wanted:
+            if name not in started:
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
 
     def wake(self) -> None:
         self._wake.set()

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -215,14 +216,7 @@ def test_an_exit_is_no_failure_once_the_node_is_told_to_stop(
 
     monkeypatch.setattr(receivers, "STOP_GRACE_SECONDS", 0.3)
     told: list[int] = []
-    pool = ReceiverPool(
-        [_settings("receiver-2")],
-        metrics=Metrics(),
-        on_opened=lambda _recorded: None,
-        on_report=lambda _kind, _info: (0, None),
-        reschedule=lambda: None,
-        stop_requested=lambda: bool(told),
-    )
+    pool, _theirs, _local = _fake_pool(["receiver-2"], stop_requested=lambda: bool(told))
     started = time.monotonic()
     assert not pool._node_stops()  # nobody told it: a failure, after the grace
     assert time.monotonic() - started >= 0.3
@@ -411,7 +405,9 @@ def _settings(name: str) -> ProcessSettings:
     return ProcessSettings(name, node, Path("/nonexistent"), 0, None, "INFO", "text")
 
 
-def _fake_pool(names: list[str]) -> tuple[ReceiverPool, list[socket.socket], list[int]]:
+def _fake_pool(
+    names: list[str], stop_requested: Callable[[], bool] = lambda: False
+) -> tuple[ReceiverPool, list[socket.socket], list[int]]:
     """A pool whose processes are socket pairs (no process started); the main process's
     own load is the returned list's one element."""
     pool = ReceiverPool(
@@ -420,6 +416,7 @@ def _fake_pool(names: list[str]) -> tuple[ReceiverPool, list[socket.socket], lis
         on_opened=lambda _recorded: None,
         on_report=lambda _kind, _info: (0, None),
         reschedule=lambda: None,
+        stop_requested=stop_requested,
     )
     theirs = []
     for proc in pool._processes:

@@ -23,6 +23,7 @@ STAGE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 STORE_SECONDS = "dicom_node_store_seconds"
 # 1-2 ms is a CT slice on a quiet local disk (docs/performance.md); seconds mean trouble.
 STORE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_STORE_BOUNDS = (*STORE_BUCKETS, float("inf"))  # one count each (the last: above every bucket)
 
 
 class Metrics:
@@ -189,11 +190,11 @@ class _StoreTimes(Collector):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts = [0.0] * (len(STORE_BUCKETS) + 1)
+        self._counts = [0.0] * len(_STORE_BOUNDS)
         self._sum = 0.0
         self._keys: dict[tuple[tuple[str, str], ...], int] = {
             (("part", "bucket"), ("le", _bound(bound))): index
-            for index, bound in enumerate((*STORE_BUCKETS, float("inf")))
+            for index, bound in enumerate(_STORE_BOUNDS)
         }
 
     def observe(self, seconds: float) -> None:
@@ -222,7 +223,7 @@ class _StoreTimes(Collector):
         with self._lock:
             counts, total = list(self._counts), self._sum
         cumulative, buckets = 0.0, []
-        for bound, count in zip((*STORE_BUCKETS, float("inf")), counts, strict=True):
+        for bound, count in zip(_STORE_BOUNDS, counts, strict=True):
             cumulative += count
             buckets.append((_bound(bound), cumulative))
         yield HistogramMetricFamily(
