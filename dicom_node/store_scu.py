@@ -11,8 +11,10 @@ cannot be used, through pynetdicom with the file's bytes streamed in PDU-sized c
 from __future__ import annotations
 
 import functools
+import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from pynetdicom import AE, Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import T_CONNECT, AssociationSocket
 
 from dicom_node.config import ClientTLS
 from dicom_node.file_meta import read_part10
@@ -73,12 +75,19 @@ def associate(
     ae.connection_timeout = timeout
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, syntaxes)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_tls_args(peer))
+    where = f"association with {peer.ae_title}@{peer.host}:{peer.port} was"
+    tls_args = _tls_args(peer)
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    except socket.gaierror as exc:  # pynetdicom resolves the host before it connects
+        raise SendError(
+            f"{where} not established: cannot resolve {peer.host!r} ({exc.strerror})"
+        ) from exc
     if not assoc.is_established:
         raise SendError(
-            f"association with {peer.ae_title}@{peer.host}:{peer.port} was "
-            f"{'rejected' if assoc.is_rejected else 'not established'}"
+            f"{where} {'rejected' if assoc.is_rejected else 'not established'}"
             f"{' (over TLS)' if peer.tls else ''}"
+            f"{f': {ae.connect_error}' if ae.connect_error else ''}"
         )
     transport = assoc.dul.socket
     if transport is not None and transport.socket is not None:
@@ -97,6 +106,13 @@ class EventDrivenAE(AE):
     the reactor to pause.
     """
 
+    _socket: ReasonKeepingSocket | None = None
+
+    @property
+    def connect_error(self) -> str:
+        """Why the last association's connection failed (``""``: it did not fail)."""
+        return self._socket.connect_error if self._socket is not None else ""
+
     def _create_socket(
         self, assoc: Association, address: Any, tls_args: tuple[ssl.SSLContext, str] | None
     ) -> AssociationSocket:
@@ -105,7 +121,58 @@ class EventDrivenAE(AE):
         # the setters arm the new DUL's timers, as Association.__init__ did for the old one
         assoc.acse_timeout = assoc.acse_timeout
         assoc.network_timeout = assoc.network_timeout
-        return super()._create_socket(assoc, address, tls_args)
+        sock = ReasonKeepingSocket(assoc, address=address)  # as AE._create_socket makes it
+        sock.tls_args = tls_args
+        self._socket = sock
+        return sock
+
+
+_connecting = threading.local()  # .socket: the ReasonKeepingSocket connecting on this thread
+
+
+class ReasonKeepingSocket(AssociationSocket):
+    """pynetdicom's socket, keeping why its connection failed.
+
+    pynetdicom's ``connect`` swallows the error and logs it as two ERROR lines of its own
+    ("Association request failed: unable to connect to remote", "TCP Initialisation
+    Error: REASON") and, for a TLS error, a traceback; the requestor learns only that
+    the association was not established. With a destination down that was two or three
+    ERROR lines at every check and every send attempt, beside the node's own line. Here
+    the reason is kept (:attr:`connect_error`) for the :class:`SendError`, which the
+    node logs once, naming the destination, and shows on the dashboard; pynetdicom's
+    lines are dropped (:class:`_ConnectFailureFilter`).
+    """
+
+    connect_error = ""
+
+    def connect(self, primitive: T_CONNECT) -> None:
+        _connecting.socket = self
+        try:
+            super().connect(primitive)
+        finally:
+            _connecting.socket = None
+
+
+class _ConnectFailureFilter(logging.Filter):
+    """Takes the ERROR records of a failing :meth:`ReasonKeepingSocket.connect` off
+    pynetdicom's transport logger, keeping the reason on the socket."""
+
+    FAILED = "Association request failed: unable to connect to remote"
+    REASON = "TCP Initialisation Error: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        sock = getattr(_connecting, "socket", None)
+        if sock is None or record.levelno < logging.ERROR:
+            return True
+        message = record.getMessage()
+        if message.startswith(self.REASON):
+            sock.connect_error = message[len(self.REASON) :]
+            return False
+        # the first line, and the TLS error's traceback; anything else is still logged
+        return not (message == self.FAILED or record.exc_info)
+
+
+logging.getLogger("pynetdicom.transport").addFilter(_ConnectFailureFilter())
 
 
 def keep_responses_for_the_requestor(assoc: Association) -> None:

@@ -11,15 +11,13 @@ import yaml
 from peers import GE_3SLICE, LOCALHOST, Storescp, free_port, require_tools
 
 
-def write_config(tmp_path: Path, port: int) -> Path:
+def write_config(tmp_path: Path, port: int, host: str = LOCALHOST) -> Path:
     path = tmp_path / "node.yaml"
     path.write_text(
         yaml.safe_dump(
             {
                 "node": {"ae_title": "AINODE"},
-                "destinations": {
-                    "archive": {"ae_title": "STORESCP", "host": LOCALHOST, "port": port}
-                },
+                "destinations": {"archive": {"ae_title": "STORESCP", "host": host, "port": port}},
             }
         )
     )
@@ -57,6 +55,8 @@ def test_echo_and_send_failures_are_clear(tmp_path: Path) -> None:
     echo = cli("echo", "--config", config, "archive")
     assert echo.returncode == 1
     assert "echo archive: FAILED: association with STORESCP" in echo.stderr
+    assert "was not established: [Errno 111] Connection refused" in echo.stderr
+    assert "TCP Initialisation Error" not in echo.stderr  # said once, by the node
     unknown = cli("echo", "--config", config, "nowhere")
     assert unknown.returncode == 2
     assert "unknown destination 'nowhere' (known: archive)" in unknown.stderr
@@ -66,3 +66,16 @@ def test_echo_and_send_failures_are_clear(tmp_path: Path) -> None:
     missing = cli("send", "--config", config, "archive", tmp_path / "no-such-folder")
     assert missing.returncode == 2
     assert "no such file or folder" in missing.stderr
+
+
+def test_a_destination_host_that_does_not_resolve_is_a_clear_failure(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 104, host="no-such-host.invalid")  # RFC 2606: never resolves
+    for command in ("echo", "send"):
+        args = (GE_3SLICE,) if command == "send" else ()
+        done = cli(command, "--config", config, "archive", *args)
+        assert done.returncode == 1, done.stderr
+        assert (
+            f"{command} archive: FAILED: association with STORESCP@no-such-host.invalid:104"
+            " was not established: cannot resolve 'no-such-host.invalid'" in done.stderr
+        )
+        assert "Traceback" not in done.stderr

@@ -223,7 +223,7 @@ def test_a_destination_down_from_the_start_is_logged_once_and_its_return_too(
     monitor = DestinationMonitor(
         "AINODE", {"pacs": Destination(ae_title="PACS", host=LOCALHOST, port=port)}, 30, time.time
     )
-    with caplog.at_level(logging.WARNING, logger="dicom_node.web.echo"):
+    with caplog.at_level(logging.WARNING):
         monitor.check_all()
         monitor.check_all()  # still down: nothing new
         with Storescp(tmp_path / "scp", aet="PACS", port=port):
@@ -231,4 +231,7 @@ def test_a_destination_down_from_the_start_is_logged_once_and_its_return_too(
     lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.web.echo"]
     assert len(lines) == 2, lines
     assert lines[0].startswith("destination pacs is DOWN: ") and "PACS@" in lines[0]
+    assert lines[0].endswith("Connection refused")  # the socket's own reason
     assert lines[1] == "destination pacs is now up"
+    # pynetdicom's own ERROR lines for each failed connection are not repeated
+    assert not [r for r in caplog.records if r.name.startswith("pynetdicom")]
