@@ -195,6 +195,8 @@ class Receiver(Protocol):
 
     @property
     def port(self) -> int: ...
+    @property
+    def pid(self) -> int | None: ...
     def start(self) -> None: ...
     def stored(self) -> int: ...
     def peak_rss_kib(self) -> int | None: ...
@@ -215,6 +217,10 @@ class StorescpReceiver:
     @property
     def port(self) -> int:
         return self._scp.port
+
+    @property
+    def pid(self) -> int | None:
+        return self._scp.pid
 
     def start(self) -> None:
         self._scp.start()
@@ -241,6 +247,10 @@ class OrthancReceiver:
     @property
     def port(self) -> int:
         return self._orthanc.dicom_port
+
+    @property
+    def pid(self) -> int | None:
+        return self._orthanc.pid
 
     def start(self) -> None:
         self._orthanc.start()
@@ -272,6 +282,10 @@ class NodeReceiver:
     @property
     def port(self) -> int:
         return self._node.port
+
+    @property
+    def pid(self) -> int | None:
+        return self._node.proc.pid if self._node.proc is not None else None
 
     @staticmethod
     def contender_name(processes: int, source: Path | None = None) -> str:
@@ -321,6 +335,26 @@ def tree_kib(pid: int, field_name: str) -> int:
         except (FileNotFoundError, ProcessLookupError, KeyError):
             continue
     return total
+
+
+def tree_cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` and of its children that still run (a node's
+    receiving processes), each with the children it has waited for (storescp ``--fork``'s
+    one per association): ``/proc/PID/stat``; a child that ended meanwhile counts 0."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    user = system = 0.0
+    for index, process in enumerate((pid, *child_pids(pid))):
+        try:
+            stat = Path(f"/proc/{process}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            if index == 0:
+                raise
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the command, which may hold spaces
+        utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
+        user += (utime + cutime) / ticks
+        system += (stime + cstime) / ticks
+    return user, system
 
 
 def status_kib(pid: int, field_name: str) -> int:
@@ -395,13 +429,17 @@ class CpuUse:
     """The CPU time one load took (Linux, ``/proc/stat``) over ``seconds`` of wall time on
     ``cpus`` CPUs: the senders' (storescu, children of this process), every CPU's busy
     time whoever spent it (the receiver, the kernel, the senders), and the time the
-    hypervisor ran another guest while this one wanted its CPUs (steal: noise)."""
+    hypervisor ran another guest while this one wanted its CPUs (steal: noise); and where
+    known, the receiver's own processes' user and system time (the kernel's work in
+    their system calls included, its work for them elsewhere not)."""
 
     senders: float
     machine: float
     stolen: float
     seconds: float
     cpus: int
+    receiver_user: float | None = None  # the receiver's own processes, where known
+    receiver_system: float | None = None
 
     @property
     def others(self) -> float:
@@ -414,9 +452,12 @@ class CpuUse:
 
 
 class CpuClock:
-    """Start before a load, :meth:`stop` after it: its :class:`CpuUse`."""
+    """Start before a load, :meth:`stop` after it: its :class:`CpuUse`; with the
+    receiver's ``pid``, its own user and system time too (:func:`tree_cpu_seconds`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int | None = None) -> None:
+        self._pid = pid
+        self._receiver = tree_cpu_seconds(pid) if pid is not None else (0.0, 0.0)
         lines = _lines("/proc/stat")
         self._start = _cpu_now(lines)
         self._cpus = _cpus_counted(lines)
@@ -425,7 +466,11 @@ class CpuClock:
         machine, stolen, senders, wall = (
             b - a for a, b in zip(self._start, _cpu_now(_lines("/proc/stat")), strict=True)
         )
-        return CpuUse(senders, machine, stolen, wall, self._cpus)
+        if self._pid is None:
+            return CpuUse(senders, machine, stolen, wall, self._cpus)
+        user, system = tree_cpu_seconds(self._pid)
+        user, system = user - self._receiver[0], system - self._receiver[1]
+        return CpuUse(senders, machine, stolen, wall, self._cpus, user, system)
 
 
 def _cpus_counted(proc_stat: list[str]) -> int:
@@ -523,12 +568,15 @@ def cpu_table(title: str, series: Sequence[Series], images: int) -> Table:
 
     "CPU-bound at" is the rate at which that much CPU time per image would keep every
     CPU busy: where it is close to the measured rate, more speed needs less CPU per
-    image, not more parallel work."""
+    image, not more parallel work. "receiver user / sys": the receiver's processes' own
+    time, in its code and in the kernel for its system calls (storescp's and the node's
+    user time compare the two programs; most of the rest is the kernel's)."""
     table = Table(title=title)
     table.add_column("contender")
     for name in (
         "senders ms/img",
         "receiver + kernel ms/img",
+        "of it receiver user / sys",
         "CPUs busy",
         "CPU-bound at img/s",
         "stolen",
@@ -539,6 +587,12 @@ def cpu_table(title: str, series: Sequence[Series], images: int) -> Table:
             continue
         senders = statistics.median(use.senders for use in row.cpu) / images
         others = statistics.median(use.others for use in row.cpu) / images
+        own = "-"
+        users = [use.receiver_user for use in row.cpu if use.receiver_user is not None]
+        systems = [use.receiver_system for use in row.cpu if use.receiver_system is not None]
+        if users and systems:
+            user, system = statistics.median(users) / images, statistics.median(systems) / images
+            own = f"{1000 * user:.2f} / {1000 * system:.2f}"
         busy = statistics.median(use.share(use.machine) for use in row.cpu)
         stolen = statistics.median(use.share(use.stolen) for use in row.cpu)
         cpus = row.cpu[0].cpus
@@ -547,6 +601,7 @@ def cpu_table(title: str, series: Sequence[Series], images: int) -> Table:
             row.name,
             f"{1000 * senders:.2f}",
             f"{1000 * others:.2f}",
+            own,
             f"{100 * busy:.0f} %",
             f"{ceiling:.0f}",
             f"{100 * stolen:.0f} %",

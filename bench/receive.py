@@ -100,7 +100,7 @@ def measure(
     receiver.start()
     try:
         settle()
-        clock = CpuClock()
+        clock = CpuClock(receiver.pid)
         seconds = run_storescu(receiver.aet, receiver.port, split(files, level), workdir)
         cpu = clock.stop()
         stored = wait_stored(receiver, len(files))

@@ -372,6 +372,11 @@ class Storescp:
             return False
         return echo.returncode == 0
 
+    @property
+    def pid(self) -> int | None:
+        """The running process's id (None before :meth:`start`)."""
+        return self._proc.pid if self._proc is not None else None
+
     def stop(self) -> None:
         """Terminate storescp (SIGTERM, then SIGKILL after a deadline)."""
         if self._proc is not None:
@@ -504,6 +509,11 @@ class Orthanc:
         except (OSError, PeerError):
             return False
         return True
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's id (None before :meth:`start`)."""
+        return self._proc.pid if self._proc is not None else None
 
     def stop(self, timeout: float = 15.0) -> None:
         """Terminate Orthanc (SIGTERM, then SIGKILL after ``timeout`` s)."""

@@ -40,15 +40,19 @@ def _table_rows(out: str, name: str) -> list[str]:
     return re.findall(pattern, out, flags=re.MULTILINE)
 
 
-def _cpu_rows(out: str, name: str) -> list[tuple[float, float, int, int]]:
-    """The CPU tables' rows for ``name``: senders' and receiver's ms per image, the CPUs'
-    busy share (%) and the CPU-bound rate."""
+def _cpu_rows(out: str, name: str) -> list[tuple[float, float, float, float, int, int]]:
+    """The CPU tables' rows for ``name``: senders' and receiver's ms per image (the
+    receiver's with the kernel's work for it, then its own user and system time), the
+    CPUs' busy share (%) and the CPU-bound rate."""
     number = r"\s+[│|]\s+(\d+\.\d\d)"
+    own = r"\s+[│|]\s+(\d+\.\d\d) / (\d+\.\d\d)"
     share = r"\s+[│|]\s+(\d+) %"
-    pattern = rf"^\W+{re.escape(name)}{number}{number}{share}\s+[│|]\s+(\d+){share}"
+    pattern = rf"^\W+{re.escape(name)}{number}{number}{own}{share}\s+[│|]\s+(\d+){share}"
     return [
-        (float(senders), float(others), int(busy), int(bound))
-        for senders, others, busy, bound, _stolen in re.findall(pattern, out, re.MULTILINE)
+        (float(senders), float(others), float(user), float(system), int(busy), int(bound))
+        for senders, others, user, system, busy, bound, _stolen in re.findall(
+            pattern, out, re.MULTILINE
+        )
     ]
 
 
@@ -64,9 +68,11 @@ def test_receive_quick_stores_all_on_every_receiver() -> None:
         for level in (1, 2):
             assert f"{name:<15} x{level}: stored all 20/20" in out
         assert len(_table_rows(out, name)) == 2  # one row in each load's table
+        # one row in each load's CPU table, with the receiver's own time read (a number
+        # where it is known; 20 slices may take storescp less than a 10 ms tick)
         cpu = _cpu_rows(out, name)
         assert len(cpu) == 2, f"{name}: one row in each load's CPU table"
-        for senders, _others, _busy, bound in cpu:
+        for senders, _others, _user, _system, _busy, bound in cpu:
             assert senders > 0 and bound > 0  # storescu ran, on these CPUs
     creation = re.search(r"empty file in the benchmark's folder: (\d+) us before .* (\d+) us", out)
     assert creation is not None and all(int(value) > 0 for value in creation.groups())
@@ -94,6 +100,50 @@ def test_the_cpu_clock_counts_a_sender_and_the_machine() -> None:
     assert use.machine >= 0.25  # /proc/stat counts in ticks (10 ms)
     assert use.seconds >= 0.3 and use.cpus >= 1
     assert 0 < use.share(use.machine) <= 1.05
+
+
+_FORKING_RECEIVER = """
+import os, sys, time
+sys.stdin.readline()
+for _ in range(2):  # a child per association, waited for, as storescp --fork does
+    pid = os.fork()
+    if pid == 0:
+        end = time.process_time() + 0.2
+        while time.process_time() < end:
+            pass
+        os._exit(0)
+    os.waitpid(pid, 0)
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc (Linux)")
+def test_the_cpu_clock_counts_the_receivers_own_time_with_the_children_it_waited_for() -> None:
+    sys.path.insert(0, str(BENCH))
+    from common import CpuClock
+
+    with subprocess.Popen(
+        [sys.executable, "-c", _FORKING_RECEIVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as receiver:
+        assert receiver.stdin is not None and receiver.stdout is not None
+        try:
+            clock = CpuClock(receiver.pid)
+            receiver.stdin.write("go\n")
+            receiver.stdin.flush()
+            assert receiver.stdout.readline() == "done\n"
+            use = clock.stop()
+        finally:
+            receiver.kill()
+    assert use.receiver_user is not None and use.receiver_system is not None
+    # two children of 0.2 s each, in 10 ms ticks (their clock reads are system calls: about
+    # half of it is system time)
+    assert use.receiver_user + use.receiver_system >= 0.35
+    assert use.receiver_user > 0.05 and use.receiver_system > 0.05
+    assert use.senders < 0.1  # the receiver is not a waited-for child of this process
 
 
 @pytest.mark.timeout(150)
