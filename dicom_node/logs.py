@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -26,9 +27,16 @@ from typing import Any, TextIO
 LOG_FORMATS = ("text", "json")
 LOG_FORMAT_ENV_VAR = "DICOM_NODE_LOG_FORMAT"
 CONTEXT_KEYS = ("study_id", "job_id", "calling_aet")
-# pynetdicom logs every PDU, APScheduler every timer, highdicom every module it copies,
-# Celery every task and Alembic its context at INFO: their warnings and errors are kept.
-QUIET_LOGGERS = ("pynetdicom", "apscheduler", "highdicom", "celery", "kombu", "alembic")
+# pynetdicom logs every PDU, APScheduler every timer, Celery every task and Alembic its
+# context at INFO: their warnings and errors are kept.
+QUIET_LOGGERS = ("pynetdicom", "apscheduler", "celery", "kombu", "alembic")
+# pydicom and highdicom quote element values (a patient's name, birth date or sex) in
+# their warnings and WARNING records ("Invalid value for VR DA: '...'", "The string ...
+# is unlikely to represent the intended person name"): only their errors are logged, and
+# their Python warnings are not shown. The node says what it needs to without the values
+# (e.g. dicom_node.encode.source).
+VALUE_QUOTING_LOGGERS = ("pydicom", "highdicom")
+_VALUE_QUOTING_MODULES = r"(pydicom|highdicom)(\.|$)"
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 _TEXT_LABELS = {"study_id": "study", "job_id": "job", "calling_aet": "aet", "process": "process"}
@@ -149,6 +157,9 @@ def configure_logging(level: str, fmt: str = "text", process: str | None = None)
     logging.basicConfig(level=numeric, handlers=[handler], force=True)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, numeric))
+    for name in VALUE_QUOTING_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.ERROR, numeric))
+    warnings.filterwarnings("ignore", category=UserWarning, module=_VALUE_QUOTING_MODULES)
 
 
 def current_logging() -> tuple[str, str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import io
+import logging
 import subprocess
 import sys
 import tracemalloc
@@ -14,6 +17,9 @@ import pytest
 import torch
 from dciodvfy import dciodvfy_errors
 from peers import PHILIPS_L
+from pydicom import config
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
 
 from dicom_node.analysis.ct_chest import CtChestPipeline
@@ -289,6 +295,49 @@ def test_tracking_uid_is_deterministic_per_segment(result, written):
     assert first == again
     assert len(set(first)) == 4 and not set(first) & set(other)
     assert all(uid.startswith("2.25.") and len(uid) <= 64 for uid in first)
+
+
+def test_source_values_highdicom_refuses_reach_the_seg_and_sr_as_received(
+    result, equipment, caplog
+):
+    """A birth date of 00000000, a sex of U, a study time out of range and absent Type 2
+    attributes: highdicom refused the first three and failed on the others; the SEG and
+    SR now carry each as the source has it, and the log names them without values."""
+    first = copy.deepcopy(result.volume.datasets[0])
+    odd = {
+        "PatientBirthDate": ("DA", "00000000"),
+        "PatientSex": ("CS", "U"),
+        "StudyTime": ("TM", "25:61"),
+    }
+    for keyword, (vr, value) in odd.items():
+        first[keyword] = DataElement(
+            tag_for_keyword(keyword), vr, value, validation_mode=config.IGNORE
+        )
+    del first.StudyID, first.AccessionNumber
+    volume = dataclasses.replace(result.volume, datasets=(first, *result.volume.datasets[1:]))
+    odd_result = dataclasses.replace(result, volume=volume)
+    before = copy.deepcopy(first)
+    with caplog.at_level(logging.INFO, logger="dicom_node.encode.source"):
+        uids = _uids()
+        seg = build_seg(odd_result, uids, equipment)
+        sr = build_sr(odd_result, seg, uids, equipment)
+    assert first == before  # the source is left as it was
+    for built in (seg, sr):
+        for keyword, (_vr, value) in odd.items():
+            assert built[keyword].value == value, keyword
+        assert built.StudyID == "" and built.AccessionNumber == ""  # Type 2: present, empty
+        assert built.PatientID == first.PatientID and built.PatientName == first.PatientName
+        written = io.BytesIO()
+        built.save_as(written, enforce_file_format=True)  # and it can be written
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "the source's PatientBirthDate, PatientSex, StudyTime: not valid DICOM values;"
+        " the SEG has them as received",
+        "the source has no AccessionNumber, StudyID: the SEG has it empty",
+        "the source's PatientBirthDate, PatientSex, StudyTime: not valid DICOM values;"
+        " the SR has them as received",
+    ]
+    assert not any(value in " ".join(messages) for _vr, value in odd.values())
 
 
 def test_mask_shape_mismatch_is_refused(result, equipment):

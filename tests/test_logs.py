@@ -203,3 +203,31 @@ def test_cli_log_format_from_environment_and_text_default(tmp_path: Path) -> Non
         f"echo pacs: FAILED: association with P@{LOCALHOST}:{port} was not established:"
         " [Errno 111] Connection refused"
     ], refused.stderr
+
+
+_VALUE_QUOTING = """
+import warnings
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from dicom_node.logs import configure_logging
+
+configure_logging("DEBUG")
+hd.sr.PnameContentItem(  # highdicom checks the name: a UserWarning quoting it
+    name=codes.DCM.PersonObserverName,
+    value="Lung_Dx-A0001",
+    relationship_type=hd.sr.RelationshipTypeValues.HAS_OBS_CONTEXT,
+)
+Dataset().PatientBirthDate = "1979-02-30"  # pydicom: a warning and a WARNING record
+import logging
+logging.getLogger("dicom_node").info("still logging")
+"""
+
+
+def test_pydicom_and_highdicom_do_not_put_element_values_in_the_log() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _VALUE_QUOTING], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Lung_Dx-A0001" not in done.stderr and "1979-02-30" not in done.stderr, done.stderr
+    assert "dicom_node: still logging" in done.stderr  # DEBUG: everything else is logged

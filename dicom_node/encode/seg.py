@@ -29,6 +29,7 @@ from dicom_node.analysis.grid import bounding_box
 from dicom_node.analysis.sparse import sparse_zeros
 from dicom_node.analysis.types import AnalysisResult, Code, Segment
 from dicom_node.encode import standard
+from dicom_node.encode.source import readable_source
 from dicom_node.encode.types import AlgorithmEquipment, Equipment, ResultUIDs, derived_device_uid
 
 standard.install()  # highdicom's module table, read one module at a time
@@ -138,8 +139,9 @@ def build_seg(
                 f"differs from the volume's {expected}"
             )
     pixels = _stack(result.segments, expected)
+    first = readable_source(volume.datasets[0])
     seg = StackedSegmentation(
-        source_images=list(volume.datasets),
+        source_images=[first.dataset, *volume.datasets[1:]],
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(result, uids),
@@ -157,6 +159,7 @@ def build_seg(
         omit_empty_frames=True,
         contributing_equipment=contributing_equipment(result, equipment),
     )
+    first.restore(seg, "SEG")
     add_device_uid(seg, result, equipment)
     seg.SeriesDescription = f"{result.pipeline} SEG"
     if "FrameOfReferenceUID" not in seg:

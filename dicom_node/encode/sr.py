@@ -46,6 +46,7 @@ from dicom_node.encode.seg import (
     tracking_uid,
     tracking_uid_for_key,
 )
+from dicom_node.encode.source import readable_source
 from dicom_node.encode.types import Equipment, ResultUIDs
 
 #: Procedure reported (CID 100, extensible): CT of chest.
@@ -95,8 +96,10 @@ def build_sr(
         procedure_reported=_code(result.procedure) if result.procedure else CT_OF_CHEST,
         imaging_measurements=groups,
     )
+    evidence = [*([seg] if seg is not None else []), *result.volume.datasets]
+    first = readable_source(evidence[0])
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*([seg] if seg is not None else []), *result.volume.datasets],
+        evidence=[first.dataset, *evidence[1:]],
         content=report,
         series_instance_uid=uids.sr_series_uid,
         series_number=equipment.sr_series_number,
@@ -109,6 +112,7 @@ def build_sr(
         coding_schemes=_private_schemes(result) or None,
         contributing_equipment=contributing_equipment(result, equipment),
     )
+    first.restore(sr, "SR")
     add_device_uid(sr, result, equipment)
     sr.ManufacturerModelName = equipment.model_name
     sr.SoftwareVersions = equipment.software_version
