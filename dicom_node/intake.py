@@ -80,7 +80,10 @@ _SQLITE = Statements(
         "SELECT series.study_id FROM instances JOIN series ON series.id = instances.series_id"
         " WHERE instances.sop_uid = ?"
     ),
-    study="SELECT id, state, generation, last_received_at FROM studies WHERE study_uid = ?",
+    study=(
+        "SELECT id, state, generation, last_received_at, details FROM studies"
+        " WHERE study_uid = ?"
+    ),
     new_study=(
         "INSERT INTO studies (study_uid, state, calling_aet, first_received_at,"
         " last_received_at, generation, details) VALUES (?, ?, ?, ?, ?, 1, ?)"
@@ -173,7 +176,12 @@ def _touch_study(
             ),
         )
         return _new_id(result, sql), False, True
-    study_id, state, generation, last_received_at = row
+    study_id, state, generation, last_received_at, details = row
+    if _patient_id(details) != inst.study_details.get("PatientID", ""):
+        # One Study Instance UID for two patients (a sender's UID generator, a copy of a
+        # study edited by hand): one series would mix their images, and the results
+        # would go to one of them. The sender hears 0xA900; nothing is merged.
+        raise UIDConflict("StudyInstanceUID already belongs to another patient (PatientID)")
     latest = max(float(last_received_at), inst.received_at)
     if state != StudyState.COMPLETE:
         execute(sql.touch_study, (latest, study_id))
@@ -181,6 +189,14 @@ def _touch_study(
     check_study(StudyState(state), StudyState.OPEN)
     execute(sql.reopen_study, (latest, StudyState.OPEN.value, int(generation) + 1, study_id))
     return int(study_id), True, True
+
+
+def _patient_id(details: object) -> str:
+    """The study's Patient ID as recorded (``details``: the row's JSON, as the database
+    driver returns it: text from sqlite3, a dict from a JSON column)."""
+    if isinstance(details, str | bytes):
+        details = json.loads(details or "{}")
+    return str(details.get("PatientID", "")) if isinstance(details, dict) else ""
 
 
 def _touch_series(execute: Execute, study_id: int, inst: ReceivedInstance, sql: Statements) -> int:

@@ -94,6 +94,24 @@ def test_a_series_of_another_study_is_refused_and_rolled_back(journal: Journal) 
     assert counts(Path(journal.path))[0] == before[0] + 1
 
 
+def test_a_study_uid_of_another_patient_is_refused_and_nothing_is_merged(
+    journal: Journal,
+) -> None:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    journal.record_instance(instance(study_uid, series_uid))  # PatientID P1
+    before = counts(Path(journal.path))
+    for other in (
+        {"PatientID": "P2"},  # another patient, a new series of the same study
+        {},  # no Patient ID at all
+    ):
+        stray = dataclasses.replace(instance(study_uid, generate_uid()), study_details=other)
+        with pytest.raises(UIDConflict, match="another patient"):
+            journal.record_instance(stray)
+        assert counts(Path(journal.path)) == before
+    journal.record_instance(instance(study_uid, generate_uid()))  # the same patient: fine
+    assert counts(Path(journal.path)) == (before[0], before[1] + 1, before[2] + 1)
+
+
 def test_an_instance_of_a_completed_study_reopens_it(journal: Journal) -> None:
     study_uid, series_uid = generate_uid(), generate_uid()
     first = journal.record_instance(instance(study_uid, series_uid, at=100.0))

@@ -278,6 +278,19 @@ def test_a_series_uid_reused_by_another_study_is_refused(node: Node) -> None:
     assert len(_stored_files(node)) == 1
 
 
+def test_a_study_uid_reused_for_another_patient_is_refused(node: Node) -> None:
+    first = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])
+    other = copy.deepcopy(first)
+    other.PatientID = f"{first.PatientID}-OTHER"  # same study UID, another patient
+    other.SeriesInstanceUID = generate_uid()
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    with association(node) as assoc:
+        assert assoc.send_c_store(first).Status == 0
+        assert assoc.send_c_store(other).Status == 0xA900
+    assert node.journal.state_counts()["instances"]["total"] == 1
+    assert len(_stored_files(node)) == 1
+
+
 def test_serve_drains_for_node_drain_seconds_then_aborts_and_exits_0(tmp_path: Path) -> None:
     """SIGTERM: an association that never ends keeps ``serve`` no longer than
     ``node.drain_seconds``; then it is aborted and the node exits 0."""
