@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
@@ -109,10 +110,20 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (stdlib name)
         line = super().formatMessage(record)
         ids = _record_ids(record)
-        if not ids:
-            return line
-        labels = " ".join(f"{_TEXT_LABELS[key]}={value}" for key, value in ids.items())
-        return f"{line} [{labels}]"
+        if ids:
+            labels = " ".join(f"{_TEXT_LABELS[key]}={value}" for key, value in ids.items())
+            line = f"{line} [{labels}]"
+        # One record, one line: a peer's AE title or a library's message could otherwise
+        # start a line of its own that reads like a record (a traceback, added after
+        # this, keeps its lines).
+        return _CONTROL.sub(_escape, line)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
 
 
 class JsonFormatter(logging.Formatter):

@@ -111,6 +111,33 @@ def test_text_format_appends_ids() -> None:
         make_handler("xml")
 
 
+def test_a_text_record_is_one_line_whatever_its_values_hold() -> None:
+    """A peer's AE title with CR LF (pynetdicom quotes it in its own message) must not
+    start a line that reads like a record of its own; a traceback keeps its lines."""
+    stream = io.StringIO()
+    handler = make_handler("text", stream)
+    forged = "EVIL\r\n2026-12-06 00:00:00,000 INFO    dicom_node: all fine\x1b[0m"
+    record = logging.LogRecord(
+        "pynetdicom.acse", logging.ERROR, __file__, 1, "Invalid AE '%s'", (forged,), None
+    )
+    with log_context(calling_aet="A\nB"):
+        handler.handle(record)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        failed = logging.LogRecord(
+            "dicom_node.x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+    handler.handle(failed)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith(
+        "pynetdicom.acse: Invalid AE 'EVIL\\x0d\\x0a2026-12-06 00:00:00,000 INFO    "
+        "dicom_node: all fine\\x1b[0m' [aet=A\\x0aB]"
+    ), lines[0]
+    assert lines[1].endswith("dicom_node.x: failed")
+    assert lines[2] == "Traceback (most recent call last):" and lines[-1] == "RuntimeError: boom"
+
+
 def test_a_receiving_process_names_itself_on_each_record() -> None:
     records = []
     for fmt in ("text", "json"):
