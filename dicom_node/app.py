@@ -217,6 +217,21 @@ def build_node(config: NodeConfig, stop_requested: Callable[[], bool] = lambda: 
     whether the node has been told to stop (a signal) before :meth:`Node.stop` runs."""
     name = config.cluster.name() if config.cluster.enabled else None
     spool, journal = _storage(config, name)
+    try:
+        return _build(config, spool, journal, name, stop_requested)
+    except BaseException:  # the storage's lock goes with the node that was not built
+        spool.release()
+        journal.close()
+        raise
+
+
+def _build(
+    config: NodeConfig,
+    spool: Spool,
+    journal: Journal,
+    name: str | None,
+    stop_requested: Callable[[], bool],
+) -> Node:
     metrics = Metrics()
     metrics.watch_journal(journal.state_counts)
     metrics.watch_gpu()

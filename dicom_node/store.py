@@ -51,6 +51,15 @@ class NameInUse(OSError):
     """Another running process uses the same node name on this storage."""
 
 
+def _lock_holder(fd: int) -> str:
+    """`` (pid N)`` as the lock file's holder wrote it, or ``""``."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
 class Spool:
     """The storage folder: ``instances/``, ``results/``, ``tmp/`` and the journal.
 
@@ -85,8 +94,7 @@ class Spool:
     def create(self) -> None:
         for folder in (self.root, self.instances, self.results, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
-        if self.name is not None:
-            self.lock_name()
+        self.lock_name()
         # All 256 instance folders up front, made durable once: otherwise the first
         # instance into a new folder could be acknowledged by a second thread (which saw
         # the folder and fsynced only it) before the folder's own entry was synced.
@@ -96,20 +104,31 @@ class Spool:
         _fsync_dir(self.root)
 
     def lock_name(self) -> None:
-        """Hold ``nodes/<name>.lock`` while running: a second process of that name fails."""
+        """Hold ``nodes/<name>.lock`` (``nodes/node.lock`` without a name) while running:
+        a second process of that name on this storage fails. Without a name that is a
+        second node on the same ``storage.path``, which would share the journal, run the
+        same studies' timers, jobs and deliveries and clear the first one's ``tmp/``."""
         import fcntl
 
-        path = self.root / "nodes" / f"{self.name}.lock"
+        path = self.root / "nodes" / f"{self.name or 'node'}.lock"
         path.parent.mkdir(exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            holder = _lock_holder(fd)
             os.close(fd)
+            if self.name is None:
+                raise NameInUse(
+                    f"storage.path {self.root} is in use by another dicom-node{holder};"
+                    " each node needs a storage.path of its own"
+                ) from None
             raise NameInUse(
-                f"another running process uses the name {self.name!r} in {self.root}"
+                f"another running process{holder} uses the name {self.name!r} in {self.root}"
                 " (cluster.node_name must be unique per receiver)"
             ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
     def release(self) -> None:

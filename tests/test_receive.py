@@ -291,6 +291,28 @@ def test_a_study_uid_reused_for_another_patient_is_refused(node: Node) -> None:
     assert len(_stored_files(node)) == 1
 
 
+def test_a_second_node_on_the_same_storage_refuses_to_start(tmp_path: Path) -> None:
+    """Two nodes on one storage.path would share the journal, run the same studies' jobs
+    and deliveries, and clear each other's tmp/: the second one stops before any of it."""
+    from dicom_node.app import build_node
+    from dicom_node.config import parse_config
+    from dicom_node.store import NameInUse
+
+    storage = tmp_path / "var"
+    first = NodeProcess(node_settings(storage), tmp_path / "first").start()
+    try:
+        second = parse_config(node_settings(storage))  # its own ports
+        with pytest.raises(
+            NameInUse,
+            match=rf"storage.path {storage} is in use by another"
+            rf" dicom-node \(pid {first.proc.pid}\)",
+        ):  # type: ignore[union-attr]
+            build_node(second)
+    finally:
+        assert first.stop() == 0
+    build_node(second).stop()  # free again once the first has stopped
+
+
 def test_serve_drains_for_node_drain_seconds_then_aborts_and_exits_0(tmp_path: Path) -> None:
     """SIGTERM: an association that never ends keeps ``serve`` no longer than
     ``node.drain_seconds``; then it is aborted and the node exits 0."""
