@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import http.client
 import json
 import logging
 import re
@@ -11,6 +12,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -211,6 +213,126 @@ def test_web_auth_and_api(tmp_path: Path) -> None:
         assert get(f"{base}/api/jobs?state=nonsense", bearer)[0] == 400
         assert get(f"{base}/api/jobs/999", bearer)[0] == 404
         assert post(f"{base}/api/jobs/999/retry", bearer) == 404
+
+
+TOKEN = "s3cret-token-0123456789"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def call(
+    port: int, method: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, http.client.HTTPResponse, bytes]:
+    """Any method, HEAD and PUT included (urllib would follow or refuse some of them)."""
+    connection = http.client.HTTPConnection(LOCALHOST, port, timeout=10)
+    try:
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
+def web_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A node with both a token and basic auth; its web port."""
+    settings = node_settings(
+        tmp_path_factory.mktemp("web") / "var",
+        web={"token": TOKEN, "basic_auth": {"username": "ops", "password": "pa55word"}},
+    )
+    with running_node(settings) as node:
+        assert node.web is not None
+        yield node.web.address[1]
+
+
+def test_job_ids_too_large_for_the_journal_are_unknown_jobs(
+    web_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    huge, enormous = "9" * 23, "1" * 5000  # past SQLite's 64-bit INTEGER; past int()'s limit
+    with caplog.at_level(logging.WARNING):
+        for job_id in (huge, enormous, "9223372036854775808", "0" * 30 + "999"):
+            status, response, body = call(web_port, "GET", f"/api/jobs/{job_id}", BEARER)
+            assert (status, json.loads(body)) == (404, {"error": "no such job"}), job_id
+            status, _, body = call(web_port, "POST", f"/api/jobs/{job_id}/retry", BEARER)
+            assert status == 404 and "error" in json.loads(body), job_id
+            assert call(web_port, "POST", f"/jobs/{job_id}/retry", BEARER)[0] == 404, job_id
+        for limit in (huge, enormous, "-" + huge):
+            assert call(web_port, "GET", f"/api/jobs?limit={limit}", BEARER)[0] == 200
+            assert call(web_port, "GET", f"/api/studies?limit={limit}", BEARER)[0] == 200
+    assert not [r for r in caplog.records if r.name.startswith("dicom_node.web")]
+
+
+def test_a_cross_site_post_is_refused_everywhere(web_port: int) -> None:
+    evil = {"Origin": "http://evil.example"}
+    ours = {"Origin": f"http://{LOCALHOST}:{web_port}"}
+    for path in ("/api/jobs/999/retry", "/jobs/999/retry"):
+        for cross_site in (evil, {"Referer": "http://evil.example/page"}, {"Origin": "null"}):
+            status, response, body = call(web_port, "POST", path, {**BEARER, **cross_site})
+            assert status == 403, (path, cross_site)
+            assert b"cross-site request refused" in body
+        # from our own pages, or from curl and scripts (neither header): on to the job
+        assert call(web_port, "POST", path, {**BEARER, **ours})[0] == 404, path
+        assert call(web_port, "POST", path, BEARER)[0] == 404, path
+        assert call(web_port, "POST", path, evil)[0] == 401, path  # authentication first
+    status, response, body = call(web_port, "POST", "/api/jobs/999/retry", {**BEARER, **evil})
+    assert response.getheader("Content-Type") == "application/json"  # the API's error style
+    assert json.loads(body) == {"error": "cross-site request refused"}
+
+
+def test_head_is_answered_like_get_without_a_body(web_port: int) -> None:
+    for path, headers in (("/healthz", {}), ("/api/status", BEARER), ("/", BEARER)):
+        got, got_response, got_body = call(web_port, "GET", path, headers)
+        status, response, body = call(web_port, "HEAD", path, headers)
+        assert (status, body) == (got, b"") and status == 200, path
+        assert response.getheader("Content-Type") == got_response.getheader("Content-Type")
+        if path != "/":  # the dashboard shows the time, its length may change
+            assert response.getheader("Content-Length") == str(len(got_body)), path
+    status, response, body = call(web_port, "HEAD", "/api/status")  # auth rules unchanged
+    assert status == 401 and body == b"" and response.getheader("WWW-Authenticate")
+    assert call(web_port, "HEAD", "/nowhere", BEARER)[0] == 404
+
+
+def test_a_wrong_method_on_a_known_path_is_405_with_allow(web_port: int) -> None:
+    for method, path, allow in (
+        ("POST", "/healthz", "GET, HEAD"),
+        ("FROB", "/healthz", "GET, HEAD"),
+        ("PUT", "/", "GET, HEAD"),
+        ("OPTIONS", "/metrics", "GET, HEAD"),
+        ("DELETE", "/api/jobs/1", "GET, HEAD"),
+        ("PATCH", "/api/config", "GET, HEAD"),
+        ("GET", "/api/jobs/1/retry", "POST"),
+        ("HEAD", "/jobs/1/retry", "POST"),
+    ):
+        status, response, body = call(web_port, method, path, BEARER)
+        assert (status, response.getheader("Allow")) == (405, allow), (method, path)
+        if method != "HEAD":
+            if path.startswith("/api/"):
+                assert json.loads(body) == {"error": "method not allowed"}
+            else:
+                assert body == b"method not allowed\n"
+    for method in ("PUT", "DELETE", "OPTIONS", "POST"):
+        assert call(web_port, method, "/nowhere", BEARER)[0] == 404  # unknown stays unknown
+        assert call(web_port, method, "/api/status")[0] == 401  # auth first, as for GET
+
+
+def test_auth_schemes_are_case_insensitive(web_port: int) -> None:
+    basic = base64.b64encode(b"ops:pa55word").decode()
+    for authorization in (
+        f"bearer {TOKEN}",
+        f"BEARER {TOKEN}",
+        f"Bearer  {TOKEN}",
+        f"basic {basic}",
+        f"BASIC {basic}",
+    ):
+        assert call(web_port, "GET", "/api/status", {"Authorization": authorization})[0] == 200
+    for authorization in (
+        f"bearer {TOKEN.upper()}",  # the credentials themselves are not
+        f"basic {base64.b64encode(b'OPS:pa55word').decode()}",
+        f"Basic {TOKEN}",
+        f"Bearer {basic}",
+        TOKEN,
+        f"Token {TOKEN}",
+    ):
+        assert call(web_port, "GET", "/api/status", {"Authorization": authorization})[0] == 401
 
 
 def test_a_destination_down_from_the_start_is_logged_once_and_its_return_too(

@@ -9,17 +9,22 @@ from dicom_node import __version__
 _JOB_STATES = ["queued", "analysing", "sending", "done", "failed", "dead_letter", "superseded"]
 
 
-def _get(summary: str, schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {
-        "get": {
-            "summary": summary,
-            "responses": {
-                "200": {"description": "OK", "content": {"application/json": {"schema": schema}}},
-                "401": {"description": "authentication required (web.token / web.basic_auth)"},
-            },
-            **extra,
-        }
+_UNAUTHORISED = {"description": "authentication required (web.token / web.basic_auth)"}
+_ERROR = {
+    "application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}
+}
+
+
+def _get(
+    summary: str, schema: dict[str, Any], errors: dict[str, str] | None = None, **extra: Any
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "200": {"description": "OK", "content": {"application/json": {"schema": schema}}},
+        "401": _UNAUTHORISED,
     }
+    for status, description in (errors or {}).items():
+        responses[status] = {"description": description, "content": _ERROR}
+    return {"get": {"summary": summary, "responses": responses, **extra}}
 
 
 _LIMIT = {
@@ -37,7 +42,11 @@ OPENAPI: dict[str, Any] = {
         "title": "dicom_node",
         "version": __version__,
         "description": "Read the node's journal and retry failed work. Every endpoint but "
-        "/healthz needs 'Authorization: Bearer <web.token>' or basic auth when configured. "
+        "/healthz needs 'Authorization: Bearer <web.token>' or basic auth when configured "
+        "(the scheme is case-insensitive). HEAD is answered like GET, without the body. Any "
+        "other method a path does not list answers 405 with an Allow header (JSON "
+        '{"error": ...} under /api/); unknown paths answer 404. A POST whose Origin or Referer '
+        "is not this host is refused with 403; send neither (curl, scripts) or this host's. "
         "DICOM header text in responses is untrusted input: escape it before display.",
     },
     "paths": {
@@ -64,10 +73,14 @@ OPENAPI: dict[str, Any] = {
         "/api/jobs": _get(
             "Recent jobs, optionally only those in one state",
             _LIST,
+            {"400": "unknown state"},
             parameters=[_LIMIT, {"name": "state", "in": "query", "schema": {"enum": _JOB_STATES}}],
         ),
         "/api/jobs/{job_id}": _get(
-            "One job with its deliveries (404 if unknown)", _OBJECT, parameters=[_JOB_ID]
+            "One job with its deliveries (404 if unknown)",
+            _OBJECT,
+            {"404": "no such job"},
+            parameters=[_JOB_ID],
         ),
         "/api/jobs/{job_id}/retry": {
             "post": {
@@ -75,8 +88,16 @@ OPENAPI: dict[str, Any] = {
                 "parameters": [_JOB_ID],
                 "responses": {
                     "200": {"description": "retried; body says what was done"},
-                    "404": {"description": "no such job"},
-                    "409": {"description": "the job is not failed or dead-lettered"},
+                    "401": _UNAUTHORISED,
+                    "403": {
+                        "description": "cross-site request refused (Origin/Referer not this host)",
+                        "content": _ERROR,
+                    },
+                    "404": {"description": "no such job", "content": _ERROR},
+                    "409": {
+                        "description": "the job is not failed or dead-lettered",
+                        "content": _ERROR,
+                    },
                 },
             }
         },

@@ -3,6 +3,12 @@
 A stdlib threading HTTP server: the node serves a handful of pages, not a web
 application. Everything but ``/healthz`` is behind ``web.token`` (Bearer) or
 ``web.basic_auth`` when either is configured. See :data:`OPENAPI` for the API.
+
+HEAD is answered like GET without the body; any other method a path does not
+serve gets 405 with an ``Allow`` header (unknown paths stay 404). Every POST
+changes state, so one sent from another site's page (Origin or Referer not
+this host) is refused with 403; requests with neither header (curl, scripts)
+are not browser cross-site requests and pass.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 
 Response = tuple[int, str, bytes]
 JSON = "application/json"
+SQLITE_MAX_INTEGER = 2**63 - 1  # larger ids cannot exist in the journal (and SQLite rejects them)
 
 
 @dataclass(frozen=True)
@@ -65,13 +72,13 @@ class WebServer:
             ("GET", re.compile(r"/healthz"), self._healthz),
             ("GET", re.compile(r"/metrics"), self._metrics_page),
             ("GET", re.compile(r"/"), self._dashboard),
-            ("POST", re.compile(r"/jobs/(\d+)/retry"), self._retry_form),
+            ("POST", re.compile(r"/jobs/([0-9]+)/retry"), self._retry_form),
             ("GET", re.compile(r"/api/openapi.json"), lambda _r: _json(OPENAPI)),
             ("GET", re.compile(r"/api/status"), lambda _r: _json(self._journal.state_counts())),
             ("GET", re.compile(r"/api/studies"), self._api_studies),
             ("GET", re.compile(r"/api/jobs"), self._api_jobs),
-            ("GET", re.compile(r"/api/jobs/(\d+)"), self._api_job),
-            ("POST", re.compile(r"/api/jobs/(\d+)/retry"), self._api_retry),
+            ("GET", re.compile(r"/api/jobs/([0-9]+)"), self._api_job),
+            ("POST", re.compile(r"/api/jobs/([0-9]+)/retry"), self._api_retry),
             ("GET", re.compile(r"/api/destinations"), self._api_destinations),
             ("GET", re.compile(r"/api/config"), lambda _r: _json(self._public_config())),
         ]
@@ -107,8 +114,18 @@ class WebServer:
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 server._dispatch(self, "GET")
 
+            def do_HEAD(self) -> None:  # noqa: N802
+                server._dispatch(self, "HEAD")
+
             def do_POST(self) -> None:  # noqa: N802
                 server._dispatch(self, "POST")
+
+            def __getattr__(self, name: str) -> Callable[[], None]:
+                # Any other method (PUT, DELETE, OPTIONS, ...): 405 or 404 from our
+                # own dispatch rather than http.server's HTML 501 page.
+                if name.startswith("do_"):
+                    return lambda: server._dispatch(self, name[3:])
+                raise AttributeError(name)
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 log.debug("http %s", format % args)
@@ -132,35 +149,54 @@ class WebServer:
             handler.send_header("WWW-Authenticate", 'Basic realm="dicom_node"')
         if status == 303:
             handler.send_header("Location", "/")
+        if status == 405:
+            handler.send_header("Allow", ", ".join(self._allowed_methods(path)))
         handler.end_headers()
-        handler.wfile.write(body)
+        if method != "HEAD":
+            handler.wfile.write(body)
 
     def _respond(self, request: Request) -> Response:
         if request.path != "/healthz" and not self._authorised(request.headers):
             return 401, "text/plain", b"authentication required\n"
+        if not self._allowed_methods(request.path):
+            return 404, "text/plain", b"not found\n"
+        wanted = "GET" if request.method == "HEAD" else request.method
         for method, pattern, view in self._routes:
             match = pattern.fullmatch(request.path)
-            if match and method == request.method:
+            if match and method == wanted:
+                if method != "GET" and not _same_origin(request.headers):
+                    return _error(request.path, 403, "cross-site request refused")
                 try:
                     return view(replace(request, params=match.groups()))
                 except Exception:
                     log.exception("error serving %s %s", request.method, request.path)
                     return 500, "text/plain", b"internal error\n"
-        return 404, "text/plain", b"not found\n"
+        return _error(request.path, 405, "method not allowed")
+
+    def _allowed_methods(self, path: str) -> list[str]:
+        """The methods served on ``path`` (HEAD wherever GET is); empty for an unknown path."""
+        methods = [method for method, pattern, _ in self._routes if pattern.fullmatch(path)]
+        if "GET" in methods:
+            methods.insert(methods.index("GET") + 1, "HEAD")
+        return methods
 
     def _authorised(self, headers: dict[str, str]) -> bool:
         web = self._config.web
         if web.token is None and web.basic_auth is None:
             return True
-        given = headers.get("authorization", "")
-        if web.token is not None and hmac.compare_digest(
-            given.encode(), f"Bearer {web.token.get_secret_value()}".encode()
+        # The scheme is case-insensitive (RFC 7235): Bearer, bearer, BEARER.
+        scheme, _, credentials = headers.get("authorization", "").strip().partition(" ")
+        scheme, credentials = scheme.lower(), credentials.strip()
+        if (
+            web.token is not None
+            and scheme == "bearer"
+            and hmac.compare_digest(credentials.encode(), web.token.get_secret_value().encode())
         ):
             return True
-        if web.basic_auth is not None:
+        if web.basic_auth is not None and scheme == "basic":
             pair = f"{web.basic_auth.username}:{web.basic_auth.password.get_secret_value()}"
-            expected = "Basic " + base64.b64encode(pair.encode()).decode()
-            return hmac.compare_digest(given.encode(), expected.encode())
+            expected = base64.b64encode(pair.encode()).decode()
+            return hmac.compare_digest(credentials.encode(), expected.encode())
         return False
 
     # -- pages ----------------------------------------------------------------
@@ -192,8 +228,7 @@ class WebServer:
         return 200, "text/html; charset=utf-8", page.encode()
 
     def _retry_form(self, request: Request) -> Response:
-        if not _same_origin(request.headers):
-            return 403, "text/plain", b"cross-site request refused\n"
+        # the same-origin check is done for every POST in _respond
         status, _, body = self._api_retry(request)
         return (303, "text/plain", b"") if status == 200 else (status, JSON, body)
 
@@ -215,11 +250,14 @@ class WebServer:
         return _json([row._asdict() for row in rows])
 
     def _api_job(self, request: Request) -> Response:
-        detail = self._journal.job_detail(int(request.params[0]))
+        job_id = _job_id(request.params[0])
+        detail = None if job_id is None else self._journal.job_detail(job_id)
         return _json(detail) if detail is not None else _json({"error": "no such job"}, 404)
 
     def _api_retry(self, request: Request) -> Response:
-        job_id = int(request.params[0])
+        job_id = _job_id(request.params[0])
+        if job_id is None:
+            return _json({"error": f"no job {request.params[0]}"}, 404)
         try:
             outcome = self._journal.retry_job(job_id, self._clock())
         except LookupError:
@@ -256,8 +294,17 @@ def _limit(request: Request) -> int:
         return 50
 
 
+def _job_id(digits: str) -> int | None:
+    """The job id in a path, or None for one too large to exist (SQLite's INTEGER is 64-bit)."""
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > len(str(SQLITE_MAX_INTEGER)):
+        return None  # and int() is never asked to parse thousands of digits
+    value = int(digits)
+    return value if value <= SQLITE_MAX_INTEGER else None
+
+
 def _same_origin(headers: dict[str, str]) -> bool:
-    """A browser form post must come from our own pages (no cross-site retry clicks)."""
+    """A browser POST must come from our own pages (no cross-site retry clicks)."""
     origin = headers.get("origin") or headers.get("referer")
     if not origin:
         return True  # not a browser cross-site request
@@ -267,3 +314,10 @@ def _same_origin(headers: dict[str, str]) -> bool:
 
 def _json(value: Any, status: int = 200) -> Response:
     return status, JSON, json.dumps(value, default=str).encode()
+
+
+def _error(path: str, status: int, message: str) -> Response:
+    """An error in the style of its path: JSON under /api/, plain text elsewhere."""
+    if path.startswith("/api/"):
+        return _json({"error": message}, status)
+    return status, "text/plain", f"{message}\n".encode()
