@@ -27,13 +27,22 @@ EXIT_USAGE = 2
 CONFIGLESS_COMMANDS = frozenset({"evaluate"})  # local tools: no node config needed
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    """Any case, as $DICOM_NODE_LOG_LEVEL; anything else as typed, for argparse's error."""
+    return text.upper() if text.upper() in LOG_LEVELS else text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dicom_node {__version__}")
     parser.add_argument(
         "--log-level",
         default=os.environ.get("DICOM_NODE_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=_log_level,
+        choices=LOG_LEVELS,
     )
     parser.add_argument(
         "--log-format",
@@ -73,12 +82,25 @@ def _ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     explain.add_argument("paths", nargs="+", type=Path)
     status = with_config(sub, "status", "counts by state, recent and stuck jobs (journal)")
-    status.add_argument("--limit", type=int, default=10, help="recent jobs shown (default 10)")
+    status.add_argument(
+        "--limit", type=_positive_int, default=10, help="recent jobs shown (default 10)"
+    )
     status.add_argument("--json", action="store_true", help="print JSON")
     retry = with_config(sub, "retry", "retry failed jobs and resend dead-letter jobs")
     retry.add_argument("job_ids", nargs="*", type=int, metavar="JOB_ID")
     retry.add_argument("--dead-letter", action="store_true", help="every dead-letter job")
     retry.add_argument("--failed", action="store_true", help="every failed job")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number of 1 or more (SQLite reads a negative LIMIT as none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more")
+    return value
 
 
 def _cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -222,6 +244,9 @@ def _send(config: NodeConfig, name: str, paths: Sequence[Path]) -> int:
         return EXIT_USAGE
     for path in skipped:
         print(f"skipped (not a DICOM file): {path}", file=sys.stderr)
+    if not files:
+        print(f"send {name}: no DICOM files in the paths given", file=sys.stderr)
+        return EXIT_USAGE
     with Progress(transient=False) as progress:
         task = progress.add_task(f"sending to {name}", total=len(files))
         try:

@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from dicom_node.config_problems import format_error, reference_problems
 
@@ -46,6 +47,23 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, Field(min_length=1, max_length=16)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 ListenPort = Annotated[int, Field(ge=0, le=65535)]
+
+# Upper bounds of the durations (seconds). Each is far above any sensible setting; they
+# exist so that a typo (or .inf) is refused here instead of overflowing a timer later.
+# Every seconds field also refuses NaN and infinity (allow_inf_nan=False).
+MINUTE = 60
+HOUR = 3600
+DAY = 86400
+WEEK = 7 * DAY
+
+
+def _check_host(value: str) -> str:
+    """A host name or address: not empty (which would mean every interface, or this host)."""
+    if not value.strip():
+        raise ValueError("must not be empty: give an address or host name")
+    if value != value.strip() or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not an address or host name (it holds spaces)")
+    return value
 
 
 class _Section(BaseModel):
@@ -78,10 +96,20 @@ class ClientTLS(_Section):
     private_key: FilePath | None = None
     check_hostname: bool = True
 
+    @model_validator(mode="after")
+    def _key_with_certificate(self) -> ClientTLS:
+        # format_error adds ctx "key" to the path: destinations.NAME.tls.private_key: ...
+        # (a certificate alone is a file holding the key as well: dicom_node.tls)
+        if self.private_key is not None and self.certificate is None:
+            raise PydanticCustomError(
+                "config_key", "given without certificate", {"key": "private_key"}
+            )
+        return self
+
 
 class NodeSection(_Section):
     ae_title: AETitle
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # 0.0.0.0: every interface; "" is refused (it means the same)
     port: ListenPort = 11112
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
     check_called_aet: bool = True  # reject associations addressed to another AE title
@@ -91,7 +119,8 @@ class NodeSection(_Section):
     max_associations_per_source: Annotated[int, Field(ge=1, le=1000)] = 8
     max_pdu_bytes: Annotated[int, Field(ge=4096, le=64 * MiB)] = 1 * MiB  # advertised and enforced
     max_instance_bytes: Annotated[int, Field(ge=MiB, le=8192 * MiB)] = 2048 * MiB
-    idle_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0  # per PDU, slow senders
+    # per PDU, slow senders
+    idle_timeout_seconds: Annotated[float, Field(gt=0, le=HOUR, allow_inf_nan=False)] = 60.0
     accept_deflate: bool = False  # Deflated Explicit VR LE invites decompression bombs
     tls: ServerTLS | None = None
     # Processes that receive, this one included: the main process accepts each connection
@@ -102,9 +131,10 @@ class NodeSection(_Section):
     # A receiving process whose main process died does the same. Give the service manager
     # about 15 s more than this (systemd TimeoutStopSec, docker stop -t): the receiving
     # processes get 5 s more to exit, and a start in progress finishes first.
-    drain_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    drain_seconds: Annotated[float, Field(gt=0, le=10 * MINUTE, allow_inf_nan=False)] = 30.0
 
     _ae = field_validator("ae_title")(_check_ae_title)
+    _host = field_validator("host")(_check_host)
 
     @field_validator("receive_processes", mode="before")
     @classmethod
@@ -138,7 +168,7 @@ class ObjectStoreSection(_Section):
     # None: boto3's usual sources (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, roles)
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
-    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 30.0
+    timeout_seconds: Annotated[float, Field(gt=0, le=5 * MINUTE, allow_inf_nan=False)] = 30.0
 
 
 class StorageSection(_Section):
@@ -151,7 +181,7 @@ class StorageSection(_Section):
 
 
 class CompletionSection(_Section):
-    study_idle_seconds: Annotated[float, Field(gt=0, le=86400)] = 10
+    study_idle_seconds: Annotated[float, Field(gt=0, le=DAY, allow_inf_nan=False)] = 10
 
 
 class Destination(_Section):
@@ -162,6 +192,7 @@ class Destination(_Section):
     storage_commitment: bool = False  # done only when N-EVENT-REPORT confirms every object
 
     _ae = field_validator("ae_title")(_check_ae_title)
+    _host = field_validator("host")(_check_host)
 
 
 Scalar = str | int | float
@@ -219,11 +250,13 @@ class Route(_Section):
 
 class SendingSection(_Section):
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 8
-    backoff_initial_seconds: Annotated[float, Field(gt=0)] = 2.0
-    backoff_max_seconds: Annotated[float, Field(gt=0)] = 300.0
-    timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # the wait before a retry doubles from backoff_initial_seconds up to backoff_max_seconds
+    backoff_initial_seconds: Annotated[float, Field(gt=0, le=DAY, allow_inf_nan=False)] = 2.0
+    backoff_max_seconds: Annotated[float, Field(gt=0, le=DAY, allow_inf_nan=False)] = 300.0
+    # network timeout of one association's steps (connect, each PDU/response), not its total
+    timeout_seconds: Annotated[float, Field(gt=0, le=HOUR, allow_inf_nan=False)] = 30.0
     # storage commitment: how long to wait for the N-EVENT-REPORT before retrying
-    commitment_timeout_seconds: Annotated[float, Field(gt=0)] = 300.0
+    commitment_timeout_seconds: Annotated[float, Field(gt=0, le=WEEK, allow_inf_nan=False)] = 300.0
 
 
 class AnalysisSection(_Section):
@@ -253,12 +286,14 @@ class ClusterSection(_Section):
     broker_url: SecretStr | None = None  # redis://HOST:PORT/N
     # Names this process's folders in the shared storage; unique per receiver.
     node_name: str | None = None  # default: the host name
-    lease_seconds: Annotated[float, Field(ge=2, le=3600)] = 60.0  # a worker's hold on a job
-    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0  # look for others' work this often
+    # a worker's hold on a job
+    lease_seconds: Annotated[float, Field(ge=2, le=HOUR, allow_inf_nan=False)] = 60.0
+    # look for others' work this often
+    poll_seconds: Annotated[float, Field(gt=0, le=MINUTE, allow_inf_nan=False)] = 1.0
     # a job handed to the broker this long ago and still queued (its message was lost with
     # a broker restart) is handed over again; shorter than a backlog takes, it duplicates
     # messages (harmless: a worker skips a job that is no longer queued)
-    redispatch_seconds: Annotated[float, Field(ge=10, le=86400)] = 3600.0
+    redispatch_seconds: Annotated[float, Field(ge=10, le=DAY, allow_inf_nan=False)] = 3600.0
 
     @field_validator("node_name")
     @classmethod
@@ -320,14 +355,17 @@ class AuditSection(_Section):
 
 
 class WebSection(_Section):
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # 0.0.0.0: every interface; "" is refused (it means the same)
     port: ListenPort = 8080
     enabled: bool = True
     # Either protects everything but /healthz: "Authorization: Bearer TOKEN" or basic auth.
     token: Annotated[SecretStr, Field(min_length=16)] | None = None
     basic_auth: BasicAuth | None = None
     refresh_seconds: Annotated[int, Field(ge=0, le=3600)] = 5  # dashboard auto-refresh; 0: off
-    echo_interval_seconds: Annotated[float, Field(gt=0)] = 30.0  # destination C-ECHO status
+    # destination C-ECHO status, this often
+    echo_interval_seconds: Annotated[float, Field(gt=0, le=DAY, allow_inf_nan=False)] = 30.0
+
+    _host = field_validator("host")(_check_host)
 
 
 class NodeConfig(_Section):
@@ -341,6 +379,15 @@ class NodeConfig(_Section):
     analysis: AnalysisSection = AnalysisSection()
     web: WebSection = WebSection()
     cluster: ClusterSection = ClusterSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """A section whose entries are all commented out is YAML null: read it as empty
+        (``destinations``, ``routes``) or as all defaults (the other optional sections)."""
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if value is not None or key == "node"}
 
     @model_validator(mode="after")
     def _references(self) -> NodeConfig:
@@ -478,11 +525,96 @@ def load_config(path: str | os.PathLike[str] | None) -> NodeConfig:
         raise ConfigError("<no config>", [f"no --config given and {CONFIG_ENV_VAR} is not set"])
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8-sig")  # a byte order mark is allowed
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [f"not UTF-8 text: {_where_not_utf8(raw, exc)}"]) from None
+    try:
+        data = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader
+    except _YAMLProblems as exc:
+        raise ConfigError(source, [f"not valid YAML: {p}" for p in exc.problems]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError(source, ["not valid YAML: nested too deeply"]) from None
     return parse_config(data, source)
+
+
+def _where_not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    """'byte 0xfc on line 1, column 4 (...)' for the first byte that is not UTF-8."""
+    line_start = raw.rfind(b"\n", 0, exc.start) + 1
+    line = raw.count(b"\n", 0, exc.start) + 1
+    column = len(raw[line_start : exc.start].decode("utf-8", "replace").lstrip("\ufeff")) + 1
+    return (
+        f"byte 0x{raw[exc.start]:02x} on line {line}, column {column}"
+        " (save the file as UTF-8, e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+class _YAMLProblems(yaml.YAMLError):
+    """Problems found in a YAML document, each 'what (where)' on one line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice, at any level.
+
+    PyYAML keeps the last value silently (YAML itself requires unique keys), which would
+    drop half of a section given twice. Keys brought in by a merge key (``<<: *anchor``)
+    may be overridden, as YAML intends.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        problems = _duplicate_keys(node)
+        if problems:
+            raise _YAMLProblems(problems)
+        return super().construct_document(node)
+
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError as exc:  # e.g. 2024-13-01: PyYAML raises a bare ValueError
+            line = node.start_mark.line + 1
+            problem = f"{node.value!r} is not a valid date: {exc} (line {line})"
+            raise _YAMLProblems([problem]) from None
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:timestamp", _ConfigLoader.construct_yaml_timestamp)
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _duplicate_keys(root: yaml.Node) -> list[str]:
+    """'key 'web.port' appears twice (lines 7 and 9)' for each key repeated in a mapping."""
+    problems = []
+    seen: set[int] = set()  # an alias is the node of its anchor: look at each node once
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(item, f"{path}{index}.") for index, item in enumerate(node.value)]
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        lines: dict[tuple[str, str], list[int]] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                lines.setdefault((key.tag, key.value), []).append(key.start_mark.line + 1)
+                stack.append((value, f"{path}{key.value}."))
+            else:
+                stack.append((value, path))
+        for (_, name), found in lines.items():
+            if len(found) > 1:
+                times = "twice" if len(found) == 2 else f"{len(found)} times"
+                where = ", ".join(str(line) for line in found[:-1]) + f" and {found[-1]}"
+                where = f"line {found[0]}" if len(set(found)) == 1 else f"lines {where}"
+                problems.append(f"key '{path}{name}' appears {times} ({where})")
+    return sorted(problems)

@@ -17,7 +17,10 @@ from pydantic_core import ErrorDetails
 
 def format_error(error: ErrorDetails) -> list[str]:
     """The problems of one pydantic error: one, or those a model-level check joined."""
-    path = ".".join(str(part) for part in error["loc"])
+    loc = list(error["loc"])
+    if error["type"] == "config_key":  # a model-level check that names one key of its model
+        loc.append(error.get("ctx", {})["key"])
+    path = ".".join(str(part) for part in loc)
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         message = "unknown key"

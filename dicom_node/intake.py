@@ -81,8 +81,7 @@ _SQLITE = Statements(
         " WHERE instances.sop_uid = ?"
     ),
     study=(
-        "SELECT id, state, generation, last_received_at, details FROM studies"
-        " WHERE study_uid = ?"
+        "SELECT id, state, generation, last_received_at, details FROM studies WHERE study_uid = ?"
     ),
     new_study=(
         "INSERT INTO studies (study_uid, state, calling_aet, first_received_at,"

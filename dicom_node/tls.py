@@ -101,6 +101,11 @@ def _load_chain(
             " (readable only by the node's user)"
         ) from None
     except ssl.SSLError as exc:
+        if private_key == certificate:  # no private_key given: the certificate's file
+            raise TLSConfigError(
+                f"{setting}.certificate: {certificate} holds no unencrypted PEM private key"
+                f" matching it, and {setting}.private_key is not given ({_reason(exc)})"
+            ) from None
         raise TLSConfigError(
             f"{setting}.private_key: {private_key} is not an unencrypted PEM private key"
             f" matching {certificate} ({_reason(exc)})"

@@ -79,3 +79,36 @@ def test_a_destination_host_that_does_not_resolve_is_a_clear_failure(tmp_path: P
             " was not established: cannot resolve 'no-such-host.invalid'" in done.stderr
         )
         assert "Traceback" not in done.stderr
+
+
+def test_send_without_dicom_files_is_a_usage_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())  # nobody listens: nothing may be tried
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = cli("send", "--config", config, "archive", empty)
+    assert done.returncode == 2, done.stderr
+    assert "send archive: no DICOM files in the paths given" in done.stderr
+    assert "sent 0" not in done.stdout
+    (empty / "notes.txt").write_text("not DICOM")
+    done = cli("send", "--config", config, "archive", empty)
+    assert done.returncode == 2, done.stderr
+    assert "skipped (not a DICOM file)" in done.stderr
+    assert "send archive: no DICOM files in the paths given" in done.stderr
+
+
+def test_status_limit_must_be_positive(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())
+    for limit in ("-5", "0", "x"):
+        done = cli("status", "--config", config, "--limit", limit)
+        assert done.returncode == 2, (limit, done.stderr)
+        assert "argument --limit:" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_log_level_in_any_case(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())
+    done = cli("--log-level", "debug", "check-config", "--config", config)
+    assert done.returncode == 0, done.stderr
+    wrong = cli("--log-level", "verbose", "check-config", "--config", config)
+    assert wrong.returncode == 2
+    assert "invalid choice: 'verbose'" in wrong.stderr

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicom_node.config import ConfigError, NodeConfig, load_config, parse_config
+from dicom_node.config import (
+    ConfigError,
+    NodeConfig,
+    ObjectStoreSection,
+    load_config,
+    parse_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,3 +177,164 @@ def test_field_errors_and_dangling_names_are_reported_together() -> None:
     assert any(p.startswith("routes.0.pipeline: unknown pipeline 'nope'") for p in problems)
     assert "routes.0.send_to: unknown destination 'nowhere'" in problems
     assert len(problems) == 3, problems
+
+
+def _problems_of(tmp_path: Path, content: bytes | str) -> list[str]:
+    path = tmp_path / "node.yaml"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    return err.value.problems
+
+
+def test_a_key_given_twice_is_refused_at_any_level(tmp_path: Path) -> None:
+    content = (
+        "node:\n"  # 1
+        "  ae_title: AINODE\n"
+        "  allowed_calling_aets: [CT1]\n"
+        "node:\n"  # 4
+        "  ae_title: AINODE\n"
+        "web:\n"  # 6
+        "  port: 8081\n"  # 7
+        "  port: 8082\n"  # 8
+        "routes:\n"
+        "  - {name: r, name: s, pipeline: ct-chest, send_to: [source]}\n"  # 10
+    )
+    assert _problems_of(tmp_path, content) == [
+        "not valid YAML: key 'node' appears twice (lines 1 and 4)",
+        "not valid YAML: key 'routes.0.name' appears twice (line 10)",
+        "not valid YAML: key 'web.port' appears twice (lines 7 and 8)",
+    ]
+    bad = _cli("check-config", "--config", str(tmp_path / "node.yaml"))
+    assert bad.returncode == 2
+    assert "key 'node' appears twice (lines 1 and 4)" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_a_merge_key_may_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        "node: {ae_title: AINODE}\n"
+        "destinations:\n"
+        "  a: &peer {ae_title: PACS, host: pacs.example.org, port: 104}\n"
+        "  b: {<<: *peer, port: 11112}\n"
+    )
+    config = load_config(path)
+    assert (config.destinations["b"].host, config.destinations["b"].port) == (
+        "pacs.example.org",
+        11112,
+    )
+
+
+def test_a_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    problems = _problems_of(tmp_path, b"# f\xfcr\nnode:\n  ae_title: AINODE\n")
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("not UTF-8 text: byte 0xfc on line 1, column 4"), problems
+    bad = _cli("check-config", "--config", str(tmp_path / "node.yaml"))
+    assert bad.returncode == 2, bad.stderr
+    assert "not UTF-8 text: byte 0xfc on line 1, column 4" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbf# f\xc3\xbcr\nnode:\n  ae_title: AINODE\n")
+    assert load_config(bom).node.ae_title == "AINODE"
+
+
+def test_a_date_that_does_not_exist_is_a_yaml_error(tmp_path: Path) -> None:
+    problems = _problems_of(tmp_path, "node: {ae_title: AINODE}\nrelease: 2024-13-01\n")
+    assert problems == [
+        "not valid YAML: '2024-13-01' is not a valid date: month must be in 1..12 (line 2)"
+    ]
+
+
+def test_empty_hosts_are_refused() -> None:
+    destination = {"ae_title": "PACS", "port": 104}
+    for host in ("", " ", "pacs .example.org"):
+        with pytest.raises(ConfigError) as err:
+            parse_config(
+                {
+                    "node": {"ae_title": "AINODE", "host": host},
+                    "web": {"host": host},
+                    "destinations": {"pacs": {**destination, "host": host}},
+                }
+            )
+        paths = [p.split(":")[0] for p in err.value.problems]
+        assert paths == ["node.host", "destinations.pacs.host", "web.host"], err.value.problems
+    ok = parse_config({"node": {"ae_title": "AINODE", "host": "0.0.0.0"}, "web": {"host": "::"}})
+    assert (ok.node.host, ok.web.host) == ("0.0.0.0", "::")
+
+
+def _seconds_fields() -> list[tuple[str, str]]:
+    """(section path, field) of every duration in the configuration."""
+    found = []
+    sections: list[tuple[str, type]] = [
+        (name, field.annotation)  # type: ignore[misc]
+        for name, field in NodeConfig.model_fields.items()
+        if isinstance(field.annotation, type)
+    ]
+    sections.append(("storage.object_store", ObjectStoreSection))
+    for path, model in sections:
+        found += [(path, key) for key in model.model_fields if key.endswith("_seconds")]
+    return found
+
+
+def _with(path: str, key: str, value: object) -> dict[str, object]:
+    data: dict[str, object] = {"node": {"ae_title": "AINODE"}}
+    if path == "storage.object_store":
+        data["storage"] = {"object_store": {"bucket": "images", key: value}}
+    else:
+        section = data.setdefault(path, {})
+        assert isinstance(section, dict)
+        section[key] = value
+    return data
+
+
+@pytest.mark.parametrize(("path", "key"), _seconds_fields())
+def test_every_duration_is_finite_and_bounded(path: str, key: str) -> None:
+    for value in (float("inf"), float("nan"), 1e12, "1e400"):
+        with pytest.raises(ConfigError) as err:
+            parse_config(_with(path, key, value))
+        assert any(p.startswith(f"{path}.{key}: ") for p in err.value.problems), (
+            value,
+            err.value.problems,
+        )
+
+
+def test_the_durations_are_all_checked() -> None:
+    fields = {f"{path}.{key}" for path, key in _seconds_fields()}
+    assert {
+        "sending.timeout_seconds",
+        "web.echo_interval_seconds",
+        "node.drain_seconds",
+        "storage.object_store.timeout_seconds",
+        "cluster.lease_seconds",
+    } <= fields
+
+
+def test_client_tls_key_and_certificate_come_together(tmp_path: Path) -> None:
+    pem = tmp_path / "client.pem"
+    pem.write_text("not checked here\n")
+    peer = {"ae_title": "PACS", "host": "pacs.example.org", "port": 2762}
+    with pytest.raises(ConfigError) as err:
+        parse_config({**MINIMAL, "destinations": {"pacs": {**peer, "tls": {"private_key": pem}}}})
+    assert err.value.problems == ["destinations.pacs.tls.private_key: given without certificate"]
+    for tls in ({"certificate": str(pem), "private_key": str(pem)}, {"certificate": str(pem)}):
+        # a certificate alone: one file holding the key too (dicom_node.tls loads it so)
+        config = parse_config({**MINIMAL, "destinations": {"pacs": {**peer, "tls": tls}}})
+        assert config.destinations["pacs"].tls is not None
+    assert parse_config({**MINIMAL, "destinations": {"pacs": {**peer, "tls": {}}}})
+
+
+def test_an_empty_section_is_read_as_empty(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        "node:\n  ae_title: AINODE\n"
+        "destinations:\n  # pacs: {ae_title: PACS, host: h, port: 104}\n"
+        "routes:\nweb:\nsending:\n"
+    )
+    config = load_config(path)
+    assert config.destinations == {}
+    assert config.routes == []
+    assert config.web.port == 8080
+    with pytest.raises(ConfigError) as err:
+        parse_config({"node": None})
+    assert [p.split(":")[0] for p in err.value.problems] == ["node"]
