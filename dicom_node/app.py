@@ -544,7 +544,7 @@ def _new_uid() -> str:
 
 
 def run(config: NodeConfig) -> int:
-    """Serve until SIGTERM/SIGINT, then drain and return 0."""
+    """Serve until SIGTERM, SIGINT or SIGHUP, then drain and return 0."""
     stop: list[int] = []  # a plain list: a signal handler must not take a lock
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -552,6 +552,9 @@ def run(config: NodeConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # the terminal of a foreground `make run` closing, or a reload habit: a clean stop,
+    # not the default's immediate death with associations cut and nothing logged
+    signal.signal(signal.SIGHUP, on_signal)
     try:
         node = build_node(config, stop_requested=lambda: bool(stop))
     # web port in use, storage not writable, CUDA device missing, ...

@@ -114,6 +114,18 @@ def migrate(engine: Engine, location: Path | str) -> None:
     Raises :class:`JournalSchemaError` for a journal this version cannot use: one
     written by a newer version, or a pre-Alembic version without a migration.
     """
+    try:
+        _migrate(engine, location)
+    except sa.exc.OperationalError:
+        raise  # a database server that cannot be reached, a locked file: not the journal's fault
+    except sa.exc.DatabaseError as exc:  # e.g. a file that is not an SQLite database
+        raise JournalSchemaError(
+            f"journal {describe(location)} cannot be read ({exc.orig}): restore it from a"
+            " backup (docs/operations.md, section 4) or move it away to start a new one"
+        ) from None
+
+
+def _migrate(engine: Engine, location: Path | str) -> None:
     with _file_lock(location), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})

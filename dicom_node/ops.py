@@ -135,7 +135,12 @@ def _open_journal(config: NodeConfig) -> Journal | None:
         print(f"no journal at {location}", file=sys.stderr)
         return None
     journal = Journal(location)
-    journal.create()  # upgrades a journal written by an older version, as serve would
+    try:
+        journal.create()  # upgrades a journal written by an older version, as serve would
+    except JournalSchemaError as exc:
+        journal.close()
+        print(f"cannot open the journal: {exc}", file=sys.stderr)
+        return None
     return journal
 
 

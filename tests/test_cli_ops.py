@@ -315,3 +315,16 @@ def test_property_rules_cover_every_operator() -> None:
         for op in test
     }
     assert used == {"contains", "regex", "present", "not", "equals", "one_of"}
+
+
+def test_a_journal_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    """A wrong file restored in its place: every command says so, without a traceback."""
+    config = write_config(tmp_path)
+    journal = Path(parse_config(yaml.safe_load(config.read_text())).storage.path)
+    journal.mkdir(parents=True, exist_ok=True)
+    (journal / "journal.sqlite").write_bytes(b"not a database, not even close\n" * 64)
+    expected = "journal.sqlite cannot be read (file is not a database): restore it from a backup"
+    for args in (("status",), ("retry", "--failed"), ("migrate",)):
+        done = cli(*args, "--config", config)
+        assert done.returncode == 1, (args, done.stderr)
+        assert expected in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -289,6 +290,15 @@ def test_a_study_uid_reused_for_another_patient_is_refused(node: Node) -> None:
         assert assoc.send_c_store(other).Status == 0xA900
     assert node.journal.state_counts()["instances"]["total"] == 1
     assert len(_stored_files(node)) == 1
+
+
+def test_sighup_stops_the_node_cleanly(tmp_path: Path) -> None:
+    """A closed terminal (SIGHUP) stops ``serve`` as SIGTERM does: logged, exit 0."""
+    node = NodeProcess(node_settings(tmp_path / "var"), tmp_path / "node").start()
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGHUP)
+    assert node.proc.wait(60) == 0
+    assert "received SIGHUP" in node.log()
 
 
 def test_a_second_node_on_the_same_storage_refuses_to_start(tmp_path: Path) -> None:
