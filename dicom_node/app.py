@@ -32,6 +32,7 @@ from dicom_node.domain import JobState
 from dicom_node.encode.types import Equipment
 from dicom_node.journal import Journal, JournalSchemaError
 from dicom_node.leases import LeaseKeeper
+from dicom_node.listener import listen_error
 from dicom_node.logs import current_logging
 from dicom_node.objects import ObjectStore
 from dicom_node.receive import Receiver
@@ -479,7 +480,10 @@ def _web(
     monitor = DestinationMonitor(
         config.node.ae_title, config.destinations, config.web.echo_interval_seconds, time.time
     )
-    return WebServer(config, journal, metrics, monitor, receiving, on_retry, time.time)
+    try:
+        return WebServer(config, journal, metrics, monitor, receiving, on_retry, time.time)
+    except OSError as exc:
+        raise listen_error(exc, "web", config.web.host, config.web.port) from None
 
 
 def object_store(config: NodeConfig) -> ObjectStore | None:

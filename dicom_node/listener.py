@@ -11,6 +11,7 @@ Every accepted association reads its PDUs through a
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import ipaddress
 import logging
@@ -106,6 +107,36 @@ class HardenedRequestHandler(RequestHandler):
         restore_timeout(self.request, limits.idle_timeout)
         self.server.attach(self.request, assoc)
         return assoc
+
+
+class ListenError(OSError):
+    """A port the node cannot listen on, named by its configuration keys."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def listen_error(exc: OSError, section: str, host: str, port: int) -> ListenError:
+    """``exc`` from binding ``host``:``port`` (the ``section``'s ``host`` and ``port``:
+    "node" or "web") as one line that says which setting to change: ``[Errno 98] Address
+    already in use`` alone did not tell the DICOM port from the web port."""
+    where = f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        text = f"{section}.host: cannot resolve {host!r} ({exc.strerror})"
+    elif exc.errno == errno.EADDRINUSE:
+        text = (
+            f"{section}.port: {where} is already in use (by another dicom-node or another"
+            f" program: ss -ltnp 'sport = :{port}')"
+        )
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        text = f"{section}.host: {host} is not an address of this machine"
+    elif exc.errno == errno.EACCES:
+        text = f"{section}.port: no permission to listen on {where} (below 1024 needs privileges)"
+    else:
+        text = f"{section}.host, {section}.port: cannot listen on {where}: {exc.strerror or exc}"
+    error = ListenError(text)
+    error.errno = exc.errno
+    return error
 
 
 class SupportedContexts(list[PresentationContext]):

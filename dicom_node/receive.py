@@ -46,7 +46,7 @@ from dicom_node.header import (
     valid_uid,
 )
 from dicom_node.intake import InstanceJournal, ReceivedInstance, Recorded, UIDConflict
-from dicom_node.listener import Elsewhere, HandedServer, start_server
+from dicom_node.listener import Elsewhere, HandedServer, listen_error, start_server
 from dicom_node.logs import log_context
 from dicom_node.part10 import file_meta_bytes
 from dicom_node.store import LowSpace, Spool
@@ -247,9 +247,14 @@ class Receiver:
             (evt.EVT_ABORTED, self._aborted),
             (evt.EVT_N_EVENT_REPORT, self._handle_event_report),
         ]
-        server = start_server(
-            ae, self._config, handlers, ssl_context=self._ssl_context, listening=self._listening
-        )
+        try:
+            server = start_server(
+                ae, self._config, handlers, ssl_context=self._ssl_context, listening=self._listening
+            )
+        except OSError as exc:
+            if not self._listening:
+                raise
+            raise listen_error(exc, "node", self._config.host, self._config.port) from None
         server.on_refusal = self._refused_connection
         self._server = server
         if not self._listening:  # given connections by the main process (take)

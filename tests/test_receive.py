@@ -7,7 +7,9 @@ import copy
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
 from nodes import NodeProcess, echo_ok, node_settings, partial_files, running_node
 from peers import (
     GE_3SLICE,
@@ -290,6 +293,29 @@ def test_a_study_uid_reused_for_another_patient_is_refused(node: Node) -> None:
         assert assoc.send_c_store(other).Status == 0xA900
     assert node.journal.state_counts()["instances"]["total"] == 1
     assert len(_stored_files(node)) == 1
+
+
+def test_a_port_in_use_is_named_by_its_key(tmp_path: Path) -> None:
+    """``[Errno 98] Address already in use`` did not tell the DICOM port from the web one."""
+    with socket.socket() as held:
+        held.bind((LOCALHOST, 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        for section in ("node", "web"):
+            settings = node_settings(tmp_path / section)
+            settings[section]["port"] = busy
+            config = tmp_path / f"{section}.yaml"
+            config.write_text(yaml.safe_dump(settings))
+            done = subprocess.run(
+                [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 1, done.stderr
+            assert f"cannot start: {section}.port: {LOCALHOST}:{busy} is already in use" in (
+                done.stderr
+            ), done.stderr
 
 
 def test_sighup_stops_the_node_cleanly(tmp_path: Path) -> None:
