@@ -10,8 +10,8 @@ still goes to pydicom, which refuses it), and converts only the wanted values.
 
 It answers only what it is sure of and returns ``None`` otherwise, and the caller asks
 pydicom: big endian or deflated transfer syntaxes, a character set other than the
-default, Latin-1 or UTF-8, a multi-valued or malformed wanted element, a VR that is not
-two capital letters, an undefined length other than a sequence's, nesting deeper than
+default, Latin-1 or UTF-8, a multi-valued or malformed wanted element, a VR that PS3.5
+does not define, an undefined length other than a sequence's, nesting deeper than
 :data:`MAX_DEPTH`, or bytes that end before the walk does. The values are what
 ``str(dataset.Keyword)`` gives for the same bytes (tested against pydicom on real scans).
 """
@@ -55,6 +55,12 @@ _ENCODINGS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "IS
 _UIDS = frozenset({0x00080016, 0x00080018, 0x0020000D, 0x0020000E})
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+# Every VR of PS3.5 6.2. Any other is pydicom's to judge (it refuses one), and its length
+# field could be either size: the walk would not know where the next element starts.
+_VRS = _LONG_VRS | frozenset(
+    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT"}
+    | {b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
 )
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
@@ -145,7 +151,7 @@ class _Walk:
             (length,) = _LONG.unpack_from(self.data, pos + 4)
             return b"", length, pos + 8
         vr = bytes(self.data[pos + 4 : pos + 6])
-        if len(vr) != 2 or not (b"A" <= vr[:1] <= b"Z" and b"A" <= vr[1:] <= b"Z"):
+        if vr not in _VRS:
             raise _Unsure
         if vr in _LONG_VRS:
             (length,) = _LONG.unpack_from(self.data, pos + 8)

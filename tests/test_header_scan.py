@@ -152,6 +152,9 @@ def test_big_endian_truncated_and_garbage_bytes_are_left_to_pydicom() -> None:
     assert scan(dataset[:cut], syntax) is None
     assert scan(os.urandom(4096), syntax) is None
     assert scan(b"\x08\x00\x16\x00ab\x04\x001234", syntax) is None  # VR "ab"
+    # a VR PS3.5 does not define ("QQ") on a wanted element: pydicom refuses the dataset
+    unknown = dataset.replace(b"\x08\x00\x18\x00UI", b"\x08\x00\x18\x00QQ", 1)
+    assert unknown != dataset and scan(unknown, syntax) is None
 
 
 def test_a_prefix_counts_only_when_the_pixel_data_begins_in_it() -> None:
