@@ -315,6 +315,7 @@ class Receiver:
             str(event.context.transfer_syntax),
             (cast(BytesIO, request.DataSet).getvalue(),),
             event.assoc.requestor.ae_title,
+            context_class=str(event.context.abstract_syntax),
         )
 
     def store_status(
@@ -325,6 +326,7 @@ class Receiver:
         dataset: Sequence[bytes | bytearray | memoryview],
         calling: str,
         after: list[Callable[[], None]] | None = None,
+        context_class: str | None = None,
     ) -> int:
         """Store one received instance; the C-STORE response status.
 
@@ -333,9 +335,18 @@ class Receiver:
         dataset as received, in pieces. ``after``: where to leave what a stored
         instance's response need not wait for (its counters and audit record), for the
         caller to run once it has sent the response; without it, that runs here.
+        ``context_class``: the abstract syntax of the presentation context the request
+        came on, where the caller has not checked it against the request's SOP Class
+        (the wire path serves only requests whose SOP Class is their context's).
         """
         with log_context(calling_aet=calling):
             try:
+                if context_class is not None and context_class != sop_class_uid:
+                    raise Rejected(
+                        DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                        f"request SOP Class {sop_class_uid} on a presentation context"
+                        f" for {context_class}",
+                    )
                 status = self._store(
                     sop_class_uid, sop_instance_uid, transfer_syntax, dataset, calling, after
                 )

@@ -295,6 +295,27 @@ def test_a_study_uid_reused_for_another_patient_is_refused(node: Node) -> None:
     assert len(_stored_files(node)) == 1
 
 
+def test_a_request_for_another_sop_class_than_its_context_is_refused(node: Node) -> None:
+    """An MR instance sent on the context accepted for CT Image Storage: the fast path
+    leaves it to pynetdicom, whose handler stored it; the node refuses it there too."""
+    import pdus
+    from pynetdicom.sop_class import MRImageStorage as MR  # type: ignore[attr-defined]
+
+    source = sorted(GE_3SLICE.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(source)
+    sop = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = MR, sop
+    dataset = pdus.encode(ds, True, True)
+    assert dataset is not None
+    message = pdus.p_data(
+        (pdus.STORE_CONTEXT, pdus.COMMAND_LAST, pdus.command(0x0001, MR, sop, True))
+    ) + pdus.p_data((pdus.STORE_CONTEXT, pdus.DATASET_LAST, dataset))
+    with pdus.raw_association(_port(node)) as (sock, _):
+        assert pdus.raw_store(sock, message) == 0xA900
+    assert node.journal.state_counts()["instances"]["total"] == 0
+    assert not _stored_files(node)
+
+
 def test_a_port_in_use_is_named_by_its_key(tmp_path: Path) -> None:
     """``[Errno 98] Address already in use`` did not tell the DICOM port from the web one."""
     with socket.socket() as held:
