@@ -102,6 +102,10 @@ def received_header(
         prefix = _prefix(dataset, HEADER_PREFIX_BYTES)
         complete = len(prefix) == sum(len(piece) for piece in dataset)
         values = header_scan.scan(prefix, transfer_syntax, complete)
+        if values is None:  # the scan is unsure: pydicom would guess an encoding
+            mismatch = header_scan.encoding_mismatch(prefix, transfer_syntax)
+            if mismatch is not None:
+                raise Rejected(CANNOT_DECODE, mismatch)
     if values is None:
         values = _pydicom_values(b"".join((meta, *dataset)))
     return _checked(values, request_class, request_instance)

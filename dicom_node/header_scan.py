@@ -98,6 +98,24 @@ def scan(dataset: Buffer, transfer_syntax: str, complete: bool = True) -> dict[s
     return found
 
 
+def encoding_mismatch(dataset: Buffer, transfer_syntax: str) -> str | None:
+    """Why the first element of ``dataset`` is not encoded as ``transfer_syntax`` says
+    (explicit VR data on an Implicit VR context, or the reverse), or ``None``.
+
+    pydicom guesses such a dataset's encoding from the same two bytes and reads it
+    anyway (with a warning); stored behind File Meta Information that names the
+    negotiated syntax, the file would contradict itself.
+    """
+    if transfer_syntax in _NOT_LITTLE_ENDIAN_EXPLICIT or len(dataset) < 6:
+        return None
+    looks_explicit = bytes(dataset[4:6]) in _VRS
+    if transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN and looks_explicit:
+        return "the dataset is encoded in explicit VR, not in the negotiated implicit VR"
+    if transfer_syntax != IMPLICIT_VR_LITTLE_ENDIAN and not looks_explicit:
+        return "the dataset is not encoded in explicit VR, as its negotiated transfer syntax is"
+    return None
+
+
 def _decode(raw: dict[int, bytes]) -> dict[str, str]:
     charset = raw.pop(_CHARSET, b"").decode("ascii").strip(" \0")
     encoding = _ENCODINGS.get(charset)

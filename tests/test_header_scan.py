@@ -26,6 +26,7 @@ from pydicom.uid import (
 )
 
 from dicom_node.header import (
+    CANNOT_DECODE,
     CANNOT_UNDERSTAND,
     Rejected,
     _pydicom_values,
@@ -196,6 +197,22 @@ def test_received_header_falls_back_to_pydicom_and_keeps_its_checks() -> None:
     with pytest.raises(Rejected) as refused:
         received_header(meta, [dataset], syntax, ds.SOPClassUID, ds.SOPInstanceUID)
     assert refused.value.status == CANNOT_UNDERSTAND
+
+
+def test_a_dataset_in_another_encoding_than_its_transfer_syntax_is_refused() -> None:
+    """Explicit VR data on an Implicit VR context (or the reverse): pydicom guesses and
+    reads it, and the file would name one encoding and hold the other."""
+    ds = _dataset()
+    for written, negotiated in (
+        (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
+        (ImplicitVRLittleEndian, ExplicitVRLittleEndian),
+    ):
+        meta, dataset, _ = _split(_part10(ds, written))
+        with pytest.raises(Rejected) as refused:
+            received_header(meta, [dataset], negotiated, ds.SOPClassUID, ds.SOPInstanceUID)
+        assert refused.value.status == CANNOT_DECODE, (written, negotiated)
+        assert "encoded in explicit VR" in refused.value.reason
+        assert received_header(meta, [dataset], written, ds.SOPClassUID, ds.SOPInstanceUID)
 
 
 def test_write_atomic_writes_many_pieces_in_order(tmp_path: Path) -> None:

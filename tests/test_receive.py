@@ -201,7 +201,7 @@ def test_disk_full_answers_out_of_resources_and_leaves_no_partial_file(tmp_path:
         with running_node(node_settings(storage / "var")) as node:
             files = sorted(PHILIPS_L.glob("*.dcm"))
             filler = storage / "filler"
-            with open(filler, "wb") as handle:  # fill the file system to the last block
+            with open(filler, "wb", buffering=0) as handle:  # fill it to the last block
                 with contextlib.suppress(OSError):
                     while True:
                         handle.write(b"\0" * 65536)
