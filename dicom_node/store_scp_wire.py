@@ -26,7 +26,9 @@ step when the socket is readable and the association is idle), one C-STORE is:
 Anything else - another PDU type, another DIMSE message (C-ECHO, N-EVENT-REPORT, ...),
 a command this does not fully understand, a message whose fragments break the rules -
 goes to pynetdicom as if its DUL had read those PDUs itself: they are decoded and queued
-for the state machine, in order, and the message is served as before. The state machine
+for the state machine, in order, and the message is served as before (a PDU that also
+carries the next message is queued as one PDU per message:
+:func:`~dicom_node.transport.split_pdata`). The state machine
 stays in Sta6 meanwhile, as it does for P-DATA. Only for associations of a
 :class:`~dicom_node.transport.HardenedDUL` on which nobody listens to PDU- or
 DIMSE-level events (:func:`~dicom_node.store_wire.direct_store_possible`), since those
@@ -63,6 +65,7 @@ from dicom_node.transport import (
     MAX_COMMAND_BYTES,
     HardenedDUL,
     Refused,
+    Stopped,
     recv_exactly,
     recv_into_exactly,
     restore_timeout,
@@ -186,6 +189,7 @@ class FastStore:
         self._calling = ""  # the requestor's AE title, once established (see __call__)
         self._storage_classes: dict[str, bool] = {}
         self._deflated = frozenset({DeflatedExplicitVRLittleEndian})
+        self._stopping = dul.stopping
 
     def __call__(self) -> bool | None:
         """Read from the socket if the association is idle.
@@ -215,6 +219,9 @@ class FastStore:
             return True
         except Refused as exc:
             self._dul.abort_connection(exc)
+            return True
+        except Stopped as exc:  # the node stops: see HardenedDUL.stopping
+            self._dul.abandon_read(exc)
             return True
         except OSError as exc:  # includes TimeoutError and ConnectionError
             log.warning("closing the connection from %s: %s", self._assoc.requestor.address, exc)
@@ -286,14 +293,14 @@ class FastStore:
         ends this: :class:`_HandOver`."""
         limits = self._dul._limits
         deadline = time.monotonic() + limits.idle_timeout
-        header = recv_exactly(sock, 6, deadline, sliced)
+        header = recv_exactly(sock, 6, deadline, sliced, self._stopping)
         pdu_type, _, length = _PDU_HEADER.unpack(header)
         limit = limits.max_body(pdu_type)  # raises Refused for an unknown type
         if length > limit:
             raise Refused(f"PDU type 0x{pdu_type:02X} of {length} bytes (limit {limit})")
         pdu = bytearray(6 + length)
         pdu[:6] = header
-        recv_into_exactly(sock, memoryview(pdu)[6:], deadline, sliced)
+        recv_into_exactly(sock, memoryview(pdu)[6:], deadline, sliced, self._stopping)
         held.append(pdu)
         self._dul._idle_timer.restart()  # a long message must not look like an idle peer
         if pdu_type != PDATA_TF:
@@ -341,8 +348,8 @@ class FastStore:
                     raise Refused(f"dataset over node.max_instance_bytes ({limit})")
                 fragments.append(fragment)
                 if control & LAST:
-                    if offset != end:
-                        raise _HandOver  # a next message in the same PDU
+                    if offset != end:  # a next message in the same PDU: see _hand_over
+                        raise _HandOver
                     return request, fragments
 
     def _request(self, command: bytes, context_id: int) -> _Request:
@@ -402,22 +409,22 @@ class FastStore:
             wrapper.close()
 
     def _hand_over(self, held: list[bytearray]) -> None:
-        """Queue the PDUs read for pynetdicom's state machine, as HardenedDUL would have."""
+        """Queue the PDUs read for pynetdicom's state machine, as HardenedDUL would have:
+        a PDU that carries more than one DIMSE message (the end of a C-STORE and the next
+        request, say) as one PDU per message, since pynetdicom's decoder drops what
+        follows a message's last fragment in the same PDU."""
         dul = self._dul
         deflated = dul._deflated_contexts()
         for pdu in held:
+            cuts = None
             try:
                 if pdu[0] == PDATA_TF:
-                    dul._meter.feed(pdu[6:], deflated)
-                decoded, event = dul._decode_pdu(pdu)
+                    cuts = dul._meter.feed(memoryview(pdu)[6:], deflated)
             except Refused as exc:
                 dul.abort_connection(exc)
                 return
-            except Exception as exc:
-                dul.abort_connection(Refused(f"undecodable PDU ({type(exc).__name__})"))
+            if not dul.queue_received(pdu, cuts):
                 return
-            dul.event_queue.put(event)
-            dul._recv_pdu.put(decoded)
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -11,6 +11,13 @@ without bound and spends two threads on every accepted socket. Here:
   checks the length field before reading the body, and meters P-DATA-TF fragments:
   command sets are bounded, a message's dataset by ``max_instance_bytes`` (inflated size
   for the deflated transfer syntax). A breach sends A-ABORT and closes the connection.
+* A P-DATA-TF PDU that carries the end of one DIMSE message and the start of the next
+  (PS3.8 allows it) is handed to pynetdicom as one PDU per message
+  (:func:`split_pdata`): its decoder ends a message at its last fragment and drops
+  whatever follows in the same PDU.
+* A read in progress gives up once the association is being aborted here (the node
+  stops: ``node.drain_seconds`` passed), however long its PDU deadline still runs: it
+  looks every :data:`RECV_SLICE_SECONDS` (see :func:`recv_into_exactly`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import socket
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -48,9 +56,15 @@ RECV_CHUNK = 1024 * KiB
 RECV_SLICE_SECONDS = 0.5  # a sliced read (see sliced_reads) looks at its deadline this often
 PDATA_TF = 0x04
 
+Buffer = bytes | bytearray | memoryview
+
 # A-ABORT reason/diagnostic values (PS3.8 9.3.8), source 0x02: the service provider
 UNRECOGNIZED_PDU = 0x01
 INVALID_PARAMETER_VALUE = 0x06
+
+
+class Stopped(ConnectionError):
+    """A read given up because the association is being aborted or ended here."""
 
 
 class Refused(Exception):
@@ -111,38 +125,74 @@ def sliced_reads(sock: socket.socket) -> None:
 
 
 def recv_exactly(
-    sock: socket.socket, size: int, deadline: float, sliced: bool = False
+    sock: socket.socket,
+    size: int,
+    deadline: float,
+    sliced: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> bytearray:
     """Read ``size`` bytes before ``deadline`` (time.monotonic) or raise TimeoutError."""
     buffer = bytearray(size)
-    recv_into_exactly(sock, memoryview(buffer), deadline, sliced)
+    recv_into_exactly(sock, memoryview(buffer), deadline, sliced, stop)
     return buffer
 
 
 def recv_into_exactly(
-    sock: socket.socket, view: memoryview, deadline: float, sliced: bool = False
+    sock: socket.socket,
+    view: memoryview,
+    deadline: float,
+    sliced: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
     """Fill ``view`` before ``deadline`` (time.monotonic) or raise TimeoutError.
 
     ``sliced``: ``sock`` is in :func:`sliced_reads` mode. A peer that closes first
-    raises ConnectionError.
+    raises ConnectionError. ``stop``: looked at after each wait that brought no byte
+    (each wait is at most :data:`RECV_SLICE_SECONDS`) and before each further ``recv``
+    once part of ``view`` is filled, never when one ``recv`` fills it; True raises
+    :class:`Stopped`.
     """
     received, size = 0, len(view)
     while received < size:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"{received} of {size} bytes before the PDU deadline")
+        if received and stop is not None and stop():
+            raise Stopped(f"given up with {received} of {size} bytes read: aborted here")
         if not sliced:
-            sock.settimeout(remaining)
+            sock.settimeout(remaining if stop is None else min(remaining, RECV_SLICE_SECONDS))
         try:
             count = sock.recv_into(view[received:], min(RECV_CHUNK, size - received))
         except BlockingIOError:
             if not sliced:
                 raise
-            continue  # a slice passed without a byte: the deadline is looked at again
+            count = -1  # a slice passed without a byte: the deadline is looked at again
+        except TimeoutError:
+            if sliced or stop is None:
+                raise
+            count = -1  # a capped wait passed (TLS, pynetdicom's read path): the same
+        if count > 0:
+            received += count
+            continue
         if not count:
             raise ConnectionError(f"peer closed after {received} of {size} bytes")
-        received += count
+        if stop is not None and stop():
+            raise Stopped(f"given up with {received} of {size} bytes read: aborted here")
+
+
+def split_pdata(pdu: bytearray, cuts: list[int]) -> list[bytearray]:
+    """A P-DATA-TF PDU (header included) as one P-DATA-TF PDU per DIMSE message it
+    carries: cut before the PDVs at body offsets ``cuts`` (see :meth:`MessageMeter.feed`).
+    """
+    pieces = []
+    view = memoryview(pdu)
+    start = 6
+    for stop in [6 + cut for cut in cuts] + [len(pdu)]:
+        piece = bytearray(struct.pack(">BBL", PDATA_TF, 0, stop - start))
+        piece += view[start:stop]
+        pieces.append(piece)
+        start = stop
+    return pieces
 
 
 class MessageMeter:
@@ -155,21 +205,30 @@ class MessageMeter:
         self._inflated = 0
         self._inflater: Any = None
 
-    def feed(self, body: bytes | bytearray, deflated_contexts: frozenset[int]) -> None:
+    def feed(self, body: Buffer, deflated_contexts: frozenset[int]) -> list[int] | None:
+        """Count the PDVs of a P-DATA-TF body. Returns the offsets of the PDVs that start
+        a DIMSE message after another one ended in this same body (a command fragment
+        after a last fragment), for :func:`split_pdata`; None when there are none."""
         offset = 0
+        ended = False  # the PDV before was a last fragment
+        cuts: list[int] | None = None
         while offset + 6 <= len(body):
             (item_length,) = struct.unpack_from(">L", body, offset)
             if item_length < 2 or offset + 4 + item_length > len(body):
-                return  # malformed: pynetdicom's decoder rejects it
+                return cuts  # malformed: pynetdicom's decoder rejects it
             context_id, control = body[offset + 4], body[offset + 5]
             fragment = memoryview(body)[offset + 6 : offset + 4 + item_length]
             if control & 0x01:
+                if ended:  # PS3.8 9.3.5: a PDU may carry PDVs of more than one message
+                    cuts = [offset] if cuts is None else [*cuts, offset]
                 self._count_command(len(fragment), last=bool(control & 0x02))
             else:
                 self._count_dataset(fragment, context_id in deflated_contexts)
                 if control & 0x02:
                     self._dataset, self._inflated, self._inflater = 0, 0, None
+            ended = bool(control & 0x02)
             offset += 4 + item_length
+        return cuts
 
     def _count_command(self, size: int, last: bool) -> None:
         self._command = 0 if last else self._command + size
@@ -229,6 +288,11 @@ class HardenedDUL(EventDrivenDUL):
         # them waits in TCP, not in our memory.
         return self.assoc.dimse.msg_queue.qsize() < MAX_QUEUED_MESSAGES
 
+    def stopping(self) -> bool:
+        """Whether the association is being aborted (the node stops) or the DUL ends: a
+        read in progress gives up (see :func:`recv_into_exactly`)."""
+        return bool(self._kill_thread or self.assoc._sent_abort)
+
     def _read_pdu_data(self) -> None:
         wrapper = cast(AssociationSocket, self.socket)
         sock = wrapper.socket
@@ -237,9 +301,12 @@ class HardenedDUL(EventDrivenDUL):
             return
         deadline = time.monotonic() + self._limits.idle_timeout
         try:
-            pdu = self._read_pdu(sock, deadline)
+            pdu, cuts = self._read_pdu(sock, deadline)
         except Refused as exc:
             self.abort_connection(exc)
+            return
+        except Stopped as exc:
+            self.abandon_read(exc)
             return
         except OSError as exc:  # includes TimeoutError and ConnectionError
             if self.state_machine.current_state == "Sta13":  # released: the peer hangs up
@@ -250,24 +317,34 @@ class HardenedDUL(EventDrivenDUL):
             return
         finally:
             restore_timeout(sock, self._limits.idle_timeout)
-        try:
-            decoded, event = self._decode_pdu(pdu)
-        except Exception as exc:
-            self.abort_connection(Refused(f"undecodable PDU ({type(exc).__name__})"))
-            return
-        self.event_queue.put(event)
-        self._recv_pdu.put(decoded)
+        self.queue_received(pdu, cuts)
 
-    def _read_pdu(self, sock: socket.socket, deadline: float) -> bytearray:
-        header = recv_exactly(sock, 6, deadline)
+    def _read_pdu(self, sock: socket.socket, deadline: float) -> tuple[bytearray, list[int] | None]:
+        """The next PDU (header included) and, for a P-DATA-TF PDU that carries more than
+        one DIMSE message, where to cut it (see :meth:`MessageMeter.feed`)."""
+        header = recv_exactly(sock, 6, deadline, stop=self.stopping)
         pdu_type, _, length = struct.unpack(">BBL", header)
         limit = self._limits.max_body(pdu_type)
         if length > limit:
             raise Refused(f"PDU type 0x{pdu_type:02X} of {length} bytes (limit {limit})")
-        body = recv_exactly(sock, length, deadline)
+        body = recv_exactly(sock, length, deadline, stop=self.stopping)
+        cuts = None
         if pdu_type == PDATA_TF:
-            self._meter.feed(body, self._deflated_contexts())
-        return header + body
+            cuts = self._meter.feed(body, self._deflated_contexts())
+        return header + body, cuts
+
+    def queue_received(self, pdu: bytearray, cuts: list[int] | None) -> bool:
+        """Decode a PDU read (cut at ``cuts``: :func:`split_pdata`) and queue it for the
+        state machine; False when it could not be decoded (then aborted)."""
+        for piece in split_pdata(pdu, cuts) if cuts else (pdu,):
+            try:
+                decoded, event = self._decode_pdu(piece)
+            except Exception as exc:
+                self.abort_connection(Refused(f"undecodable PDU ({type(exc).__name__})"))
+                return False
+            self.event_queue.put(event)
+            self._recv_pdu.put(decoded)
+        return True
 
     def _deflated_contexts(self) -> frozenset[int]:
         return frozenset(
@@ -278,11 +355,24 @@ class HardenedDUL(EventDrivenDUL):
 
     def abort_connection(self, exc: Refused) -> None:
         """Send A-ABORT (source: service provider) and close; the FSM sees Evt17."""
-        wrapper = cast(AssociationSocket, self.socket)
         log.warning("aborting the association from %s: %s", _peer(self.assoc), exc)
+        self._send_abort_and_close(0x02, exc.reason)
+
+    def abandon_read(self, exc: Stopped) -> None:
+        """A PDU half read when the association was aborted here (the node stops): the
+        A-ABORT queued for the state machine cannot follow it, so it is sent here (unless
+        one went already: Sta13), and the connection closed; the FSM sees Evt17."""
+        log.info("closing the connection from %s: %s", _peer(self.assoc), exc)
+        if self.state_machine.current_state == "Sta13":
+            cast(AssociationSocket, self.socket).close()
+        else:
+            self._send_abort_and_close(0x00, 0x00)  # as Association.abort() sends it
+
+    def _send_abort_and_close(self, source: int, reason: int) -> None:
+        wrapper = cast(AssociationSocket, self.socket)
         pdu = A_ABORT_RQ()
-        pdu.source = 0x02
-        pdu.reason_diagnostic = exc.reason
+        pdu.source = source
+        pdu.reason_diagnostic = reason
         if wrapper.socket is not None:
             try:
                 wrapper.socket.sendall(pdu.encode())

@@ -80,10 +80,16 @@ def element(group: int, elem: int, value: bytes) -> bytes:
     return struct.pack("<HHL", group, elem, len(value)) + value
 
 
-def command(field: int, sop_class: str, sop_instance: str | None, has_dataset: bool) -> bytes:
+def command(
+    field: int,
+    sop_class: str,
+    sop_instance: str | None,
+    has_dataset: bool,
+    message_id: int = 1,
+) -> bytes:
     elements = element(0x0000, 0x0002, _uid(sop_class))
     elements += element(0x0000, 0x0100, struct.pack("<H", field))
-    elements += element(0x0000, 0x0110, struct.pack("<H", 1))  # MessageID
+    elements += element(0x0000, 0x0110, struct.pack("<H", message_id))  # MessageID
     if field == 0x0001:
         elements += element(0x0000, 0x0700, struct.pack("<H", 0))  # Priority
     elements += element(0x0000, 0x0800, struct.pack("<H", 0x0000 if has_dataset else 0x0101))
@@ -185,11 +191,17 @@ def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
 
 def response_status(body: bytes) -> int | None:
     """The Status (0000,0900) of a DIMSE response carried in one P-DATA-TF body."""
+    return response_us(body, 0x0900)
+
+
+def response_us(body: bytes, elem: int) -> int | None:
+    """A US command element (0000,``elem``) of a DIMSE response carried in one P-DATA-TF
+    body: 0x0100 Command Field, 0x0120 Message ID Being Responded To, 0x0900 Status."""
     data = body[6:]  # one PDV: item length, context id, message control header
     offset = 0
     while offset + 8 <= len(data):
-        group, elem, length = struct.unpack_from("<HHL", data, offset)
-        if (group, elem) == (0x0000, 0x0900):
+        group, element_, length = struct.unpack_from("<HHL", data, offset)
+        if (group, element_) == (0x0000, elem):
             return int(struct.unpack_from("<H", data, offset + 8)[0])
         offset += 8 + length
     return None

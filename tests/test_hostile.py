@@ -23,7 +23,7 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nodes import echo_ok, node_settings, running_node
+from nodes import NodeProcess, echo_ok, node_settings, running_node
 from peers import GE_3SLICE, LOCALHOST, wait_until
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
@@ -195,6 +195,26 @@ def test_idle_connections_are_closed(watch: Watch) -> None:
         reply = pdus.read_pdu(idle, 4.0)  # network timeout: A-ABORT
         assert reply is None or reply[0] == pdus.A_ABORT
     watch.healthy("idle connections")
+
+
+def test_stop_is_not_held_by_a_peer_stalled_mid_pdu(tmp_path: Path) -> None:
+    """SIGTERM while a peer has sent 100 bytes of a 1000-byte PDU: the node exits soon
+    after node.drain_seconds, not when the PDU deadline (idle_timeout_seconds) passes."""
+    drain = 1.0
+    settings_ = node_settings(
+        tmp_path / "var", node={"drain_seconds": drain, "idle_timeout_seconds": 60.0}
+    )
+    with NodeProcess(settings_, tmp_path / "node") as node, ExitStack() as stack:
+        sock, _ = stack.enter_context(pdus.raw_association(node.port))
+        cmd = pdus.command(0x0001, pdus.CT_IMAGE_STORAGE, SAFE, True)
+        sock.sendall(pdus.p_data((pdus.STORE_CONTEXT, pdus.COMMAND_LAST, cmd)))
+        sock.sendall(struct.pack(">BBL", pdus.P_DATA_TF, 0, 1000) + bytes(100))
+        time.sleep(0.3)  # being read
+        started = time.monotonic()
+        assert node.stop(timeout=30) == 0
+        took = time.monotonic() - started
+        assert took < drain + 4.0, f"stopped after {took:.1f} s"
+        assert _aborted_or_closed(sock, 1.0)
 
 
 # --------------------------------------------------------------------------- floods and sources

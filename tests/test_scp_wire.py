@@ -7,7 +7,9 @@ PDU cutting; its responses must be pynetdicom's bytes; everything else the peer 
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,11 +43,18 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from test_tls import Pki, _node_tls, pki  # noqa: F401 (pki: a fixture)
 
 from dicom_node import store_scp_wire
-from dicom_node.app import Node
+from dicom_node.app import Node, build_node
+from dicom_node.config import parse_config
 from dicom_node.part10 import file_meta_bytes
 from dicom_node.receive import Receiver
 from dicom_node.store_scp_wire import FastStore, command_pdus, store_response
-from dicom_node.transport import RECV_SLICE_SECONDS
+from dicom_node.transport import (
+    RECV_SLICE_SECONDS,
+    HardenedDUL,
+    Stopped,
+    recv_exactly,
+    sliced_reads,
+)
 
 MiB = 1024 * 1024
 GOOD = sorted(GE_3SLICE.glob("*.dcm"))[0]
@@ -330,6 +339,158 @@ def test_release_after_stores(tmp_path: Path, served: list[int]) -> None:
             _release(sock)
         assert served == [0, 0]
         assert _total(running) == 2
+
+
+# --------------------------------------------------------------------------- messages sharing a PDU
+
+Pdv = tuple[int, int, bytes]
+ECHO_RSP, STORE_RSP = 0x8030, 0x8001
+
+
+def _store_pdvs(sop: str, dataset: bytes, message_id: int, fragment: int) -> list[Pdv]:
+    """A C-STORE-RQ's PDVs: the command in one, the dataset in ``fragment``-byte ones."""
+    chunks = _cut(dataset, fragment)
+    return [
+        (pdus.STORE_CONTEXT, pdus.COMMAND_LAST, pdus.command(0x0001, CT, sop, True, message_id)),
+        *((pdus.STORE_CONTEXT, pdus.DATASET_MORE, chunk) for chunk in chunks[:-1]),
+        (pdus.STORE_CONTEXT, pdus.DATASET_LAST, chunks[-1]),
+    ]
+
+
+def _echo_pdv(message_id: int) -> Pdv:
+    return (
+        pdus.ECHO_CONTEXT,
+        pdus.COMMAND_LAST,
+        pdus.command(0x0030, pdus.VERIFICATION, None, False, message_id),
+    )
+
+
+def _responses(sock: Any, count: int) -> list[tuple[int | None, ...]]:
+    """(Command Field, Message ID Being Responded To, Status) of the next ``count``
+    responses."""
+    out: list[tuple[int | None, ...]] = []
+    for _ in range(count):
+        reply = pdus.read_pdu(sock, 10)
+        assert reply is not None and reply[0] == pdus.P_DATA_TF, (out, reply)
+        out.append(tuple(pdus.response_us(reply[1], elem) for elem in (0x0100, 0x0120, 0x0900)))
+    return out
+
+
+def _shared(*groups: list[Pdv]) -> bytes:
+    """P-DATA-TF PDUs, one per group of PDVs."""
+    return b"".join(pdus.p_data(*group) for group in groups)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["wire_path", "pynetdicom_path"])
+def test_every_message_in_a_shared_pdu_is_served_in_order(
+    tmp_path: Path, served: list[int], monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    """PS3.8 lets one P-DATA-TF PDU carry PDVs of more than one DIMSE message. Before,
+    the message after the first one's last fragment was dropped (pynetdicom's decoder
+    stops there) and the association hung until idle_timeout_seconds."""
+    monkeypatch.setattr(store_scp_wire, "ENABLED", fast)
+    sent: dict[str, bytes] = {}
+
+    def store(message_id: int, fragment: int = 16378) -> list[Pdv]:
+        sop = generate_uid(ROOT)
+        sent[sop] = pdus.ct_dataset(GOOD, sop)
+        return _store_pdvs(sop, sent[sop], message_id, fragment)
+
+    with node(tmp_path, max_pdu_bytes=2 * MiB) as running:
+        with established(_port(running)) as sock:
+            # two whole C-STOREs in one PDU
+            sock.sendall(_shared(store(20, 1_000_000) + store(21, 1_000_000)))
+            assert _responses(sock, 2) == [(STORE_RSP, 20, 0), (STORE_RSP, 21, 0)]
+            # X's last fragment, Y's command and first fragment in one PDU; Y goes on after
+            x, y = store(22), store(23)
+            sock.sendall(
+                _shared(*([pdv] for pdv in x[:-1]), [x[-1], *y[:2]], *([p] for p in y[2:]))
+            )
+            assert _responses(sock, 2) == [(STORE_RSP, 22, 0), (STORE_RSP, 23, 0)]
+            # C-ECHO, then a C-STORE, in one PDU; and a C-STORE's end, then a C-ECHO
+            sock.sendall(_shared([_echo_pdv(24), *store(25, 1_000_000)]))
+            assert _responses(sock, 2) == [(ECHO_RSP, 24, 0), (STORE_RSP, 25, 0)]
+            z = store(26)
+            sock.sendall(_shared(*([pdv] for pdv in z[:-1]), [z[-1], _echo_pdv(27)]))
+            assert _responses(sock, 2) == [(STORE_RSP, 26, 0), (ECHO_RSP, 27, 0)]
+            # one message per PDU again: the wire path serves it
+            before = len(served)
+            _store_good(sock)
+            assert served[before:] == ([0] if fast else [])
+            _release(sock)
+        stored = _stored(running)
+    assert len(stored) == len(sent) + 1
+    for data in stored.values():
+        sop = str(pydicom.dcmread(DicomBytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+        if sop in sent:
+            assert data == file_meta_bytes(CT, sop, pdus.IMPLICIT_VR_LE, CALLING) + sent[sop]
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+@pytest.mark.parametrize("sliced", [True, False], ids=["sliced", "capped"])
+def test_a_read_gives_up_once_told_to_stop(sliced: bool) -> None:
+    """recv_exactly's ``stop``: looked at every RECV_SLICE_SECONDS while nothing arrives
+    (sliced reads; otherwise each wait is capped to that), whatever the deadline."""
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        if sliced:
+            sliced_reads(ours)
+        peer.sendall(b"abc")  # then nothing
+        told = threading.Event()
+        timer = threading.Timer(0.2, told.set)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(Stopped):
+            recv_exactly(ours, 10, started + 60, sliced, told.is_set)
+        assert time.monotonic() - started < 0.2 + RECV_SLICE_SECONDS + 0.5
+        timer.join()
+        peer.sendall(b"defghij")  # unaffected otherwise: the rest of a PDU, read at once
+        assert recv_exactly(ours, 7, time.monotonic() + 5, sliced, lambda: True) == b"defghij"
+
+
+@pytest.mark.parametrize("cut", ["mid_header", "mid_body"])
+@pytest.mark.parametrize("fast", [True, False], ids=["wire_path", "pynetdicom_path"])
+def test_stopping_gives_up_a_pdu_half_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast: bool, cut: str
+) -> None:
+    """A peer stalled mid-PDU while the node stops: once node.drain_seconds have passed
+    and the association is aborted, the read gives up (A-ABORT, closed) within about
+    RECV_SLICE_SECONDS, not at the PDU deadline (idle_timeout_seconds, 60 s here)."""
+    monkeypatch.setattr(store_scp_wire, "ENABLED", fast)
+    drain = 0.5
+    settings = node_settings(
+        tmp_path / "var", node={"drain_seconds": drain, "idle_timeout_seconds": 60.0}
+    )
+    running = build_node(parse_config(settings))
+    running.start()
+    stopped = False
+    try:
+        duls = {t for t in threading.enumerate() if isinstance(t, HardenedDUL)}
+        with established(_port(running)) as sock:
+            sop = generate_uid(ROOT)
+            first, second = _message(sop, pdus.ct_dataset(GOOD, sop), 4000)[:2]
+            sock.sendall(first)  # the command: a whole PDU
+            sock.sendall(second[:3] if cut == "mid_header" else second[: len(second) // 2])
+            time.sleep(0.3)  # being read
+            ours = [
+                t for t in threading.enumerate() if isinstance(t, HardenedDUL) and t not in duls
+            ]
+            assert len(ours) == 1
+            started = time.monotonic()
+            running.stop()  # node.drain_seconds
+            stopped = True
+            reply = pdus.read_pdu(sock, 3)
+            assert reply is not None and reply[0] == pdus.A_ABORT, reply
+            assert pdus.closed_by_peer(sock, 3)
+            held = time.monotonic() - started
+            ours[0].join(3)
+            assert not ours[0].is_alive()
+        assert held < drain + RECV_SLICE_SECONDS + 2.0, f"closed after {held:.2f} s"
+    finally:
+        if not stopped:
+            running.stop(timeout=5)
 
 
 def test_instance_over_max_instance_bytes(tmp_path: Path, served: list[int]) -> None:
