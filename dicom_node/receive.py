@@ -588,11 +588,29 @@ def _handle_echo(event: evt.Event) -> int:
 def _log_rejected(event: evt.Event) -> None:
     requestor = event.assoc.requestor
     log.warning(
-        "association from %s at %s rejected (node.allowed_calling_aets, node.check_called_aet"
-        " or node.max_associations)",
+        "association from %s at %s rejected: %s",
         requestor.ae_title,
         requestor.address,
+        _rejection_reason(event.assoc),
     )
+
+
+def _rejection_reason(assoc: Any) -> str:
+    """Why pynetdicom's acceptor rejected ``assoc`` (its checks, last one first, as the
+    last one that fails decides its A-ASSOCIATE-RJ), named by the setting involved."""
+    ae = assoc.ae
+    acceptors = [other for other in ae.active_associations if other.is_acceptor]
+    if len(acceptors) > ae.maximum_associations:
+        return f"node.max_associations ({ae.maximum_associations}) reached"
+    request = getattr(assoc.requestor, "primitive", None)
+    called = str(getattr(request, "called_ae_title", "") or "").strip()
+    ours = str(assoc.acceptor.ae_title).strip()
+    if ae.require_called_aet and called != ours:
+        return f"called AE title {called!r} is not node.ae_title {ours!r} (node.check_called_aet)"
+    allowed = [str(title).strip() for title in ae.require_calling_aet]
+    if allowed and str(assoc.requestor.ae_title).strip() not in allowed:
+        return "calling AE title not in node.allowed_calling_aets"
+    return "application context, protocol version or user identity not accepted"
 
 
 def _reason_label(status: int) -> str:

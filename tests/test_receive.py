@@ -155,11 +155,17 @@ def test_bad_input_is_refused_with_matching_status(
     assert echo_ok(_port(node))  # still serving
 
 
-def test_unknown_calling_ae_is_rejected(tmp_path: Path) -> None:
+def test_unknown_calling_ae_is_rejected(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = node_settings(tmp_path / "var", node={"allowed_calling_aets": ["SCANNER1"]})
-    with running_node(settings) as node:
+    with running_node(settings) as node, caplog.at_level("WARNING", logger="dicom_node"):
         assert not echo_ok(_port(node), calling="INTRUDER")
+        assert not echo_ok(_port(node), ae_title="WRONG", calling="SCANNER1")
         assert echo_ok(_port(node), calling="SCANNER1")
+    rejected = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert [line.split(" rejected: ")[1] for line in rejected] == [
+        "calling AE title not in node.allowed_calling_aets",
+        "called AE title 'WRONG' is not node.ae_title 'AINODE' (node.check_called_aet)",
+    ], rejected
 
 
 def test_compressed_transfer_syntax_is_stored_as_received(node: Node, tmp_path: Path) -> None:
