@@ -234,18 +234,65 @@ class Route(_Section):
     # urgent studies are analysed before normal ones waiting in the queue
     priority: Literal["normal", "urgent"] = "normal"
 
-    @field_validator("when")
+    @field_validator("when", mode="before")
     @classmethod
-    def _keywords(cls, when: dict[str, Any]) -> dict[str, Any]:
-        from pydicom.datadict import dictionary_VR, tag_for_keyword
-
-        for keyword in when:
-            tag = tag_for_keyword(keyword)
-            if tag is None:
-                raise ValueError(f"{keyword!r} is not a DICOM keyword")
-            if dictionary_VR(tag) == "SQ":
-                raise ValueError(f"{keyword!r} is a sequence; rules test plain attributes")
+    def _conditions(cls, when: Any) -> Any:
+        """Every keyword and every test checked, one line each (``.KEYWORD: problem``,
+        see config_problems.format_error): left to pydantic, a test of the wrong shape
+        gave a line per member of the union, and a bad keyword went unreported."""
+        if not isinstance(when, dict):
+            return when  # pydantic says what it should be
+        problems = [
+            f".{keyword}: {problem}"
+            for keyword, test in when.items()
+            for problem in (_keyword_problem(keyword), _test_problem(test))
+            if problem is not None
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
         return when
+
+
+_OPERATORS = "equals, one_of, not, contains, regex, present"
+
+
+def _keyword_problem(keyword: object) -> str | None:
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(keyword) if isinstance(keyword, str) else None
+    if tag is None:
+        return f"{keyword!r} is not a DICOM keyword"
+    if dictionary_VR(tag) == "SQ":
+        return f"{keyword!r} is a sequence; rules test plain attributes"
+    return None
+
+
+def _test_problem(test: object) -> str | None:
+    """What is wrong with one keyword's test: a value, a list of values, or one operator."""
+    scalar = (str, int, float)
+    if test is None:
+        return f"no value to test; give a value, a list of values, or one of {_OPERATORS}"
+    if isinstance(test, bool):
+        return f"{str(test).lower()} is not a value to compare; to test presence: {{present: true}}"
+    if isinstance(test, scalar):
+        return None
+    if isinstance(test, list):
+        if all(isinstance(item, scalar) and not isinstance(item, bool) for item in test):
+            return None
+        return "a list of values must hold plain values (text or numbers) only"
+    if not isinstance(test, dict):
+        return f"a {type(test).__name__} is not a test; give a value, a list, or an operator"
+    unknown = [str(name) for name in test if name not in Condition.model_fields and name != "not"]
+    if unknown:
+        return f"unknown operator {unknown[0]!r} (one of {_OPERATORS})"
+    try:
+        Condition.model_validate(test)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        return f"{where}: {message}" if where else message
+    return None
 
 
 class SendingSection(_Section):

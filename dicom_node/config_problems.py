@@ -28,6 +28,9 @@ def format_error(error: ErrorDetails) -> list[str]:
         # model-level checks already carry their own paths, one problem per line
         return [part.removeprefix("Value error, ") for part in message.split("\n")]
     message = message.removeprefix("Value error, ")
+    if error["type"] == "value_error" and message.startswith("."):
+        # one problem per line, each under a key of the value at ``path`` (Route.when)
+        return [f"{path}{line}" for line in message.split("\n")]
     return [f"{path or '(top level)'}: {message}"]
 
 

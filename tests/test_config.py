@@ -111,6 +111,38 @@ def test_rule_operators_are_validated() -> None:
         )
 
 
+def test_every_rule_test_and_keyword_is_one_line_each() -> None:
+    """A test of the wrong shape gave a line per member of pydantic's union, and a bad
+    keyword next to it went unreported until that was fixed."""
+    route = {"name": "r", "pipeline": "ct-chest", "send_to": ["source"]}
+    when = {
+        "Modality": {"equal": "CT"},  # a misspelt operator
+        "Modalty": "CT",  # a misspelt keyword
+        "ReferencedImageSequence": "x",  # a sequence
+        "BodyPartExamined": None,  # every entry commented out
+        "ContrastBolusAgent": True,
+        "ImageType": ["ORIGINAL", {"not": "LOCALIZER"}],
+        "SeriesDescription": {"regex": "("},
+        "ProtocolName": {"contains": "lung"},  # fine
+    }
+    with pytest.raises(ConfigError) as err:
+        parse_config({**MINIMAL, "routes": [{**route, "when": when}]})
+    assert err.value.problems == [
+        "routes.0.when.Modality: unknown operator 'equal' (one of equals, one_of, not,"
+        " contains, regex, present)",
+        "routes.0.when.Modalty: 'Modalty' is not a DICOM keyword",
+        "routes.0.when.ReferencedImageSequence: 'ReferencedImageSequence' is a sequence;"
+        " rules test plain attributes",
+        "routes.0.when.BodyPartExamined: no value to test; give a value, a list of values,"
+        " or one of equals, one_of, not, contains, regex, present",
+        "routes.0.when.ContrastBolusAgent: true is not a value to compare; to test presence:"
+        " {present: true}",
+        "routes.0.when.ImageType: a list of values must hold plain values (text or numbers) only",
+        "routes.0.when.SeriesDescription: regex '(' does not compile: missing ), unterminated"
+        " subpattern at position 0",
+    ]
+
+
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dicom_node", *args],
