@@ -572,22 +572,39 @@ def load_config(path: str | os.PathLike[str] | None) -> NodeConfig:
         raise ConfigError("<no config>", [f"no --config given and {CONFIG_ENV_VAR} is not set"])
     source = str(path)
     try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
-    try:
-        text = raw.decode("utf-8-sig")  # a byte order mark is allowed
-    except UnicodeDecodeError as exc:
-        raise ConfigError(source, [f"not UTF-8 text: {_where_not_utf8(raw, exc)}"]) from None
-    try:
-        data = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader
-    except _YAMLProblems as exc:
-        raise ConfigError(source, [f"not valid YAML: {p}" for p in exc.problems]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
-    except RecursionError:
-        raise ConfigError(source, ["not valid YAML: nested too deeply"]) from None
+        data = read_yaml(Path(path))
+    except YAMLFileError as exc:
+        raise ConfigError(source, exc.problems) from None
     return parse_config(data, source)
+
+
+class YAMLFileError(Exception):
+    """A YAML file that cannot be read or parsed; ``problems``: one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def read_yaml(path: Path) -> Any:
+    """The document in ``path``: UTF-8 (a byte order mark allowed), safe YAML, no key
+    given twice (the config and the model packages' model.yaml)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise YAMLFileError([f"cannot read: {exc.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise YAMLFileError([f"not UTF-8 text: {_where_not_utf8(raw, exc)}"]) from None
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader
+    except _YAMLProblems as exc:
+        raise YAMLFileError([f"not valid YAML: {p}" for p in exc.problems]) from None
+    except yaml.YAMLError as exc:
+        raise YAMLFileError([f"not valid YAML: {exc}"]) from None
+    except RecursionError:
+        raise YAMLFileError(["not valid YAML: nested too deeply"]) from None
 
 
 def _where_not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:

@@ -87,6 +87,14 @@ def test_model_yaml_problems_name_their_key_paths(tmp_path: Path) -> None:
     (folder / "model.yaml").write_text(text)
     with pytest.raises(PackageError, match="'other-name' differs from the folder 'renamed'"):
         load_spec(folder)
+    # read as the config is: a key given twice or a file not in UTF-8 is refused
+    text = (folder / "model.yaml").read_text().replace("name: other-name", "name: renamed")
+    (folder / "model.yaml").write_text(f"{text}name: renamed\n")
+    with pytest.raises(PackageError, match="key 'name' appears twice"):
+        load_spec(folder)
+    (folder / "model.yaml").write_bytes(b"# f\xfcr\n" + text.encode())
+    with pytest.raises(PackageError, match="not UTF-8 text: byte 0xfc on line 1"):
+        load_spec(folder)
 
 
 def test_config_accepts_installed_packages_and_reports_broken_ones(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.analysis.types import Code
@@ -283,12 +282,12 @@ def package_names(models_path: Path) -> tuple[str, ...]:
 def load_spec(folder: Path) -> ModelSpec:
     """Read and validate ``folder/model.yaml``; raise :class:`PackageError` listing problems."""
     source = str(folder / MODEL_YAML)
+    from dicom_node.config import YAMLFileError, read_yaml
+
     try:
-        data = yaml.safe_load((folder / MODEL_YAML).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise PackageError(source, [f"cannot read: {exc.strerror}"]) from None
-    except yaml.YAMLError as exc:
-        raise PackageError(source, [f"not valid YAML: {exc}"]) from None
+        data = read_yaml(folder / MODEL_YAML)  # as the config: UTF-8, no key twice
+    except YAMLFileError as exc:
+        raise PackageError(source, exc.problems) from None
     if not isinstance(data, dict):
         raise PackageError(source, ["(top level): expected a mapping"])
     try:
