@@ -180,6 +180,7 @@ def test_completion_survives_restart(tmp_path: Path) -> None:
     for path in ge_files():
         first.receive(path)
     first.journal.close()
+    first.spool.release()  # the process ends: its hold on the storage goes with it
     # "restart": a fresh journal and assembler over the same storage, later in time
     clock.now += 3600
     second = Harness(tmp_path / "var", clock)
