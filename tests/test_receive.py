@@ -276,23 +276,15 @@ def test_free_space_watermark_refuses_before_the_disk_is_full_and_recovers(
         subprocess.run(["umount", "-l", str(storage)], check=False)
 
 
-def test_a_series_uid_reused_by_another_study_is_refused(node: Node) -> None:
+@pytest.mark.parametrize("conflict", ["series of another study", "study of another patient"])
+def test_a_uid_held_for_another_study_or_patient_is_refused(node: Node, conflict: str) -> None:
     first = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])
     other = copy.deepcopy(first)
-    other.StudyInstanceUID = generate_uid()  # same series UID, different study
-    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    with association(node) as assoc:
-        assert assoc.send_c_store(first).Status == 0
-        assert assoc.send_c_store(other).Status == 0xA900
-    assert node.journal.state_counts()["instances"]["total"] == 1
-    assert len(_stored_files(node)) == 1
-
-
-def test_a_study_uid_reused_for_another_patient_is_refused(node: Node) -> None:
-    first = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])
-    other = copy.deepcopy(first)
-    other.PatientID = f"{first.PatientID}-OTHER"  # same study UID, another patient
-    other.SeriesInstanceUID = generate_uid()
+    if conflict == "series of another study":
+        other.StudyInstanceUID = generate_uid()  # the series UID stays
+    else:
+        other.PatientID = f"{first.PatientID}-OTHER"  # the study UID stays
+        other.SeriesInstanceUID = generate_uid()
     other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     with association(node) as assoc:
         assert assoc.send_c_store(first).Status == 0
