@@ -51,7 +51,8 @@ class Sender(threading.Thread):
         self.pending = list(datasets)
         self.acked: set[str] = set()
         self.pause = pause
-        self.reconnects = 0
+        self.reconnects = 0  # associations refused or not answered: the node was down
+        self.broken = 0  # associations that ended under a request: a kill hit one
 
     def run(self) -> None:
         deadline = time.monotonic() + 600
@@ -74,8 +75,10 @@ class Sender(threading.Thread):
             try:
                 status = assoc.send_c_store(ds)  # type: ignore[attr-defined]
             except RuntimeError:  # the association died between two requests
+                self.broken += 1
                 return
             if not status or status.Status != 0:
+                self.broken += 1
                 return  # connection lost: reconnect and resend this one
             self.acked.add(str(ds.SOPInstanceUID))
             self.pending.pop(0)

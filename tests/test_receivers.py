@@ -351,8 +351,11 @@ def test_sigkill_of_either_process_while_receiving_loses_nothing(tmp_path: Path)
         node.stop()
     assert sender.acked <= stored and len(stored) == sum(len(s) for s in all_studies)
     assert "receiving process receiver-2 exited" in node.log()
-    assert sender.reconnects >= 1, "no kill hit an association"
-    print(f"sender reconnected {sender.reconnects} times")
+    # a kill hit the sender: an association broke under a request, or one was refused
+    # while the main process restarted (which of the two depends on where the sender's
+    # association was at each kill: receiver-2 drains its own while main restarts)
+    assert sender.broken + sender.reconnects >= 1, "no kill hit an association"
+    print(f"sender: {sender.broken} associations broken, {sender.reconnects} refused")
 
 
 @pytest.mark.timeout(180)
