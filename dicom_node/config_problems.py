@@ -24,6 +24,8 @@ def format_error(error: ErrorDetails) -> list[str]:
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         message = "unknown key"
+    if error["type"] in ("path_not_file", "path_not_directory"):
+        message = f"{message}: {error.get('input')}"  # which one: the file to look for
     if error["type"] == "value_error" and not path:
         # model-level checks already carry their own paths, one problem per line
         return [part.removeprefix("Value error, ") for part in message.split("\n")]

@@ -111,6 +111,19 @@ def test_rule_operators_are_validated() -> None:
         )
 
 
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    """ "Path does not point to a file" alone left the engineer to guess which one."""
+    missing = tmp_path / "no-such.pem"
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            {"node": {"ae_title": "A", "tls": {"certificate": missing, "private_key": missing}}}
+        )
+    assert err.value.problems == [
+        f"node.tls.certificate: Path does not point to a file: {missing}",
+        f"node.tls.private_key: Path does not point to a file: {missing}",
+    ]
+
+
 def test_every_rule_test_and_keyword_is_one_line_each() -> None:
     """A test of the wrong shape gave a line per member of pydantic's union, and a bad
     keyword next to it went unreported until that was fixed."""

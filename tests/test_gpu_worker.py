@@ -410,6 +410,7 @@ def test_an_absent_cuda_device_refuses_the_start_before_any_port_opens(
     with caplog.at_level(logging.ERROR, logger="dicom_node.app"):
         assert dicom_node.app.run(parse_config(settings)) == 1
     assert "cannot start: device 'cuda' was requested" in caplog.text
+    assert "check analysis.device (auto runs on the CPU where no GPU is visible)" in caplog.text
 
 
 def test_a_study_received_before_the_worker_is_built_is_analysed(

@@ -50,7 +50,8 @@ def select_device(preference: str = "auto") -> torch.device:
     if not torch.cuda.is_available():
         raise DeviceUnavailable(
             f"device {preference!r} was requested but torch.cuda.is_available() is False "
-            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})"
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); check"
+            " analysis.device (auto runs on the CPU where no GPU is visible)"
         )
     index = int(match.group(1) or 0)
     count = torch.cuda.device_count()
