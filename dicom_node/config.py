@@ -598,9 +598,7 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as exc:
         raise YAMLFileError([f"not UTF-8 text: {_where_not_utf8(raw, exc)}"]) from None
     try:
-        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader
-    except _YAMLProblems as exc:
-        raise YAMLFileError([f"not valid YAML: {p}" for p in exc.problems]) from None
+        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader; raises YAMLFileError too
     except yaml.YAMLError as exc:
         raise YAMLFileError([f"not valid YAML: {exc}"]) from None
     except RecursionError:
@@ -618,14 +616,6 @@ def _where_not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
     )
 
 
-class _YAMLProblems(yaml.YAMLError):
-    """Problems found in a YAML document, each 'what (where)' on one line."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(problems))
-
-
 class _ConfigLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a mapping key given twice, at any level.
 
@@ -637,7 +627,7 @@ class _ConfigLoader(yaml.SafeLoader):
     def construct_document(self, node: yaml.Node) -> Any:
         problems = _duplicate_keys(node)
         if problems:
-            raise _YAMLProblems(problems)
+            raise YAMLFileError([f"not valid YAML: {problem}" for problem in problems])
         return super().construct_document(node)
 
     def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
@@ -646,7 +636,7 @@ class _ConfigLoader(yaml.SafeLoader):
         except ValueError as exc:  # e.g. 2024-13-01: PyYAML raises a bare ValueError
             line = node.start_mark.line + 1
             problem = f"{node.value!r} is not a valid date: {exc} (line {line})"
-            raise _YAMLProblems([problem]) from None
+            raise YAMLFileError([f"not valid YAML: {problem}"]) from None
 
 
 _ConfigLoader.add_constructor("tag:yaml.org,2002:timestamp", _ConfigLoader.construct_yaml_timestamp)

@@ -49,10 +49,8 @@ def client_context(tls: ClientTLS, setting: str = "tls") -> ssl.SSLContext:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     else:
         _load_ca_bundle(context, tls.ca_bundle, f"{setting}.ca_bundle")
-    if tls.certificate is not None:
+    if tls.certificate is not None:  # a key without a certificate: ClientTLS refuses it
         _load_chain(context, tls.certificate, tls.private_key or tls.certificate, setting)
-    elif tls.private_key is not None:
-        raise TLSConfigError(f"{setting}.private_key: given without {setting}.certificate")
     return context
 
 
