@@ -100,9 +100,13 @@ class AuditTrail:
         outcome = SUCCESS if accepted else MINOR_FAILURE
         self.record(event, outcome, calling_aet=calling_aet, address=address, detail=reason)
 
-    def connection_refused(self, address: str, reason: str) -> None:
+    def connection_refused(
+        self, address: str, reason: str, subtype: str = "connection refused"
+    ) -> None:
         """A connection turned away before any association (a source outside the allowed
-        networks, a connection cap, a failed TLS handshake): a Security Alert.
+        networks, a connection cap, a failed TLS handshake), or an association request
+        rejected before it could be decoded (``subtype`` "association rejected": an AE
+        title that is not one): a Security Alert.
 
         A flood must not fill the disk with the trail: per address and reason at most one
         record every :data:`REFUSAL_RECORD_SECONDS`, with how many were left out before it.
@@ -124,7 +128,7 @@ class AuditTrail:
             MINOR_FAILURE,
             address=address,
             detail=reason,
-            subtype="connection refused",
+            subtype=subtype,
             left_out=left_out or None,
         )
 

@@ -116,6 +116,39 @@ def encoding_mismatch(dataset: Buffer, transfer_syntax: str) -> str | None:
     return None
 
 
+def meta_elements_length(dataset: Buffer) -> int:
+    """How many bytes of File Meta Information elements (group 0002) lead ``dataset``: 0
+    when there are none, or when they do not end within it as whole elements.
+
+    Such elements belong in a Part 10 file's File Meta Information, never in a dataset
+    (PS3.5 7.1; a sender that sends a file as read, minus its preamble, puts them
+    there). Each may be in explicit VR, as in a file, or in the dataset's implicit VR.
+    """
+    data = memoryview(dataset)
+    size = len(data)
+    pos = 0
+    while pos + 8 <= size:
+        (group,) = _SHORT.unpack_from(data, pos)
+        if group != 0x0002:
+            return pos
+        vr = bytes(data[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > size:
+                return 0
+            (length,) = _LONG.unpack_from(data, pos + 8)
+            start = pos + 12
+        elif vr in _VRS:
+            (length,) = _SHORT.unpack_from(data, pos + 6)
+            start = pos + 8
+        else:  # implicit VR
+            (length,) = _LONG.unpack_from(data, pos + 4)
+            start = pos + 8
+        if length == UNDEFINED:
+            return 0
+        pos = start + length
+    return 0
+
+
 def _decode(raw: dict[int, bytes]) -> dict[str, str]:
     charset = raw.pop(_CHARSET, b"").decode("ascii").strip(" \0")
     encoding = _ENCODINGS.get(charset)

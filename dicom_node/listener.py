@@ -99,6 +99,7 @@ class HardenedRequestHandler(RequestHandler):
         stock = assoc.dul
         dul = HardenedDUL(assoc, limits)
         dul.socket, dul.event_queue = stock.socket, stock.event_queue  # Evt5 is queued there
+        dul.report_refusal = self.server.report_refusal
         assoc.dul = dul
         assoc._run_reactor = functools.partial(serve_association, assoc)  # type: ignore[method-assign]
         # the setters arm the new DUL's timers: ARTIM (no A-ASSOCIATE-RQ) and idle

@@ -45,12 +45,14 @@ from dicom_node.header import (
     received_header,
     valid_uid,
 )
+from dicom_node.header_scan import meta_elements_length
 from dicom_node.intake import InstanceJournal, ReceivedInstance, Recorded, UIDConflict
 from dicom_node.listener import Elsewhere, HandedServer, listen_error, start_server
 from dicom_node.logs import log_context
 from dicom_node.part10 import file_meta_bytes
 from dicom_node.store import LowSpace, Spool
 from dicom_node.tls import describe, server_context
+from dicom_node.transport import REJECTED
 from dicom_node.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ ACCEPTED_TRANSFER_SYNTAXES = list(PREFERRED_TRANSFER_SYNTAXES) + [
     syntax for syntax in ALL_TRANSFER_SYNTAXES if syntax not in PREFERRED_TRANSFER_SYNTAXES
 ]
 HEADER_THREADS = 2  # used by one storing thread at a time, mostly (Receiver._store)
+MAX_NOTED_SENDERS = 1000  # senders whose group 0002 elements were logged (once each)
 
 
 class _Duplicate(Exception):
@@ -215,6 +218,7 @@ class Receiver:
         self._on_recorded = on_recorded
         self._helpers = _Helpers(HEADER_THREADS)
         self._storing = _Gauge()  # threads writing an instance now
+        self._meta_senders: set[str] = set()  # calling AE titles that sent group 0002
         self._server: ThreadedAssociationServer | None = None
         # Built here so that a certificate that cannot be used stops the node before it starts.
         self._ssl_context = None if config.tls is None else server_context(config.tls)
@@ -374,6 +378,8 @@ class Receiver:
         after: list[Callable[[], None]] | None,
     ) -> int:
         started = time.perf_counter()
+        if dataset and bytes(dataset[0][:2]) == b"\x02\x00":  # group 0002 leads the dataset
+            dataset = self._without_meta_elements(dataset, calling)
         meta = file_meta_bytes(
             _ascii_uid(sop_class_uid), _ascii_uid(sop_instance_uid), transfer_syntax, calling
         )
@@ -424,6 +430,26 @@ class Receiver:
         else:
             after.append(account)
         return SUCCESS
+
+    def _without_meta_elements(
+        self, dataset: Sequence[bytes | bytearray | memoryview], calling: str
+    ) -> Sequence[bytes | bytearray | memoryview]:
+        """``dataset`` without the File Meta Information elements (group 0002) it begins
+        with, if they end in its first piece: stored behind the node's own File Meta
+        Information, they would make a file with two meta groups, whose readers may take
+        either transfer syntax."""
+        skip = meta_elements_length(dataset[0])
+        if not skip:
+            return dataset
+        if calling not in self._meta_senders and len(self._meta_senders) < MAX_NOTED_SENDERS:
+            self._meta_senders.add(calling)
+            log.warning(
+                "instances from %s carry File Meta Information elements (group 0002) in"
+                " their dataset; they are left out of the stored files, which have the"
+                " node's own (logged once per sender)",
+                calling,
+            )
+        return [memoryview(dataset[0])[skip:], *dataset[1:]]
 
     def _scan(
         self,
@@ -513,9 +539,11 @@ class Receiver:
         log.debug("association from %s accepted", event.assoc.requestor.ae_title)
 
     def _refused_connection(self, address: str, reason: str, kind: str) -> None:
-        """A connection turned away before any association (already logged)."""
+        """A connection turned away before any association, or an association request
+        rejected for an AE title that is not one (``kind`` REJECTED; already logged)."""
         self._metrics.associations.labels(outcome=kind).inc()
-        self._audit.connection_refused(address, reason)
+        subtype = "association rejected" if kind == REJECTED else "connection refused"
+        self._audit.connection_refused(address, reason, subtype)
 
     def _aborted(self, event: evt.Event) -> None:
         self._metrics.associations.labels(outcome="aborted").inc()

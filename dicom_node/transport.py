@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom.fsm import StateMachine
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.transport import AssociationSocket
 
 from dicom_node.config import NodeSection
@@ -54,6 +54,7 @@ MAX_QUEUED_MESSAGES = 4  # complete DIMSE messages waiting for the handler: then
 INFLATE_CHUNK = 1024 * KiB
 RECV_CHUNK = 1024 * KiB
 RECV_SLICE_SECONDS = 0.5  # a sliced read (see sliced_reads) looks at its deadline this often
+A_ASSOCIATE_RQ_TYPE = 0x01
 PDATA_TF = 0x04
 
 Buffer = bytes | bytearray | memoryview
@@ -61,6 +62,31 @@ Buffer = bytes | bytearray | memoryview
 # A-ABORT reason/diagnostic values (PS3.8 9.3.8), source 0x02: the service provider
 UNRECOGNIZED_PDU = 0x01
 INVALID_PARAMETER_VALUE = 0x06
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-permanent by the service user, because of the
+# calling or the called AE title
+REJECTED_PERMANENT, SERVICE_USER = 0x01, 0x01
+CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07
+# A rejection reported to the server's on_refusal (dicom_node.listener.REFUSED's kin):
+# counted as dicom_node_associations{outcome="rejected"}, audited as a Security Alert
+REJECTED = "rejected"
+
+
+def ae_title_problem(raw: bytes) -> str | None:
+    """Why a 16-byte AE title field of an A-ASSOCIATE-RQ is not an AE title (PS3.5 AE:
+    ASCII without control characters or backslash, not all spaces), or None.
+
+    As strict as pynetdicom's decoder, which logs a traceback and raises for such a title
+    (the association was then aborted as an undecodable PDU).
+    """
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return "not ASCII"
+    if not text:
+        return "all spaces"
+    if "\\" in text or not text.isprintable():
+        return "control characters or a backslash"
+    return None
 
 
 class Stopped(ConnectionError):
@@ -277,6 +303,9 @@ class HardenedDUL(EventDrivenDUL):
         self._limits = limits
         self._meter = MessageMeter(limits)
         self.state_machine = GuardedStateMachine(self)
+        # (source address, reason, kind): the listener's report of a connection turned
+        # away (HardenedServer.report_refusal), set by the request handler
+        self.report_refusal: Callable[[str, str, str], None] | None = None
 
     def _is_transport_event(self) -> bool:
         if not self._reading_allowed():
@@ -317,7 +346,39 @@ class HardenedDUL(EventDrivenDUL):
             return
         finally:
             restore_timeout(sock, self._limits.idle_timeout)
+        if pdu[0] == A_ASSOCIATE_RQ_TYPE and self._rejected_ae_title(pdu):
+            return
         self.queue_received(pdu, cuts)
+
+    def _rejected_ae_title(self, pdu: bytearray) -> bool:
+        """Answer an A-ASSOCIATE-RQ whose calling or called AE title is not an AE title
+        with A-ASSOCIATE-RJ (rejected-permanent, calling or called AE title not
+        recognized) and close, as a title not allowed is answered; True if it was."""
+        # Sta1 with the connection's Evt5 still queued, or Sta2: the acceptor's first PDU
+        if self.state_machine.current_state not in ("Sta1", "Sta2") or len(pdu) < 42:
+            return False  # pynetdicom's state machine and decoder see to it
+        for field, start, reason in (
+            ("calling", 26, CALLING_AE_NOT_RECOGNIZED),
+            ("called", 10, CALLED_AE_NOT_RECOGNIZED),
+        ):
+            raw = bytes(pdu[start : start + 16])
+            problem = ae_title_problem(raw)
+            if problem is None:
+                continue
+            address = _peer(self.assoc)
+            text = f"{field} AE title {raw.strip(b' ')!r} is not an AE title ({problem})"
+            log.warning("association from %s rejected: %s", address, text)
+            rejection = A_ASSOCIATE_RJ()
+            rejection.result, rejection.source = REJECTED_PERMANENT, SERVICE_USER
+            rejection.reason_diagnostic = reason
+            self._send_and_close(rejection.encode())
+            if self.report_refusal is not None:
+                try:
+                    self.report_refusal(address, text, REJECTED)
+                except Exception:  # counting and auditing must not break the DUL
+                    log.exception("reporting a rejected association failed")
+            return True
+        return False
 
     def _read_pdu(self, sock: socket.socket, deadline: float) -> tuple[bytearray, list[int] | None]:
         """The next PDU (header included) and, for a P-DATA-TF PDU that carries more than
@@ -369,13 +430,17 @@ class HardenedDUL(EventDrivenDUL):
             self._send_abort_and_close(0x00, 0x00)  # as Association.abort() sends it
 
     def _send_abort_and_close(self, source: int, reason: int) -> None:
-        wrapper = cast(AssociationSocket, self.socket)
         pdu = A_ABORT_RQ()
         pdu.source = source
         pdu.reason_diagnostic = reason
+        self._send_and_close(pdu.encode())
+
+    def _send_and_close(self, pdu: bytes) -> None:
+        """Send a last PDU (as far as the peer takes it) and close; the FSM sees Evt17."""
+        wrapper = cast(AssociationSocket, self.socket)
         if wrapper.socket is not None:
             try:
-                wrapper.socket.sendall(pdu.encode())
+                wrapper.socket.sendall(pdu)
             except OSError:
                 pass
         wrapper.close()

@@ -28,6 +28,7 @@ DEFLATED_VR_LE = "1.2.840.10008.1.2.1.99"
 
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF = 0x01, 0x02, 0x03, 0x04
 A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x05, 0x06, 0x07
+CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07  # A-ASSOCIATE-RJ reasons
 
 COMMAND_LAST, DATASET_LAST, DATASET_MORE = 0x03, 0x02, 0x00
 ECHO_CONTEXT, STORE_CONTEXT = 1, 3
@@ -51,13 +52,14 @@ def presentation_context(context_id: int, abstract: str, syntaxes: list[str]) ->
 
 
 def associate_rq(
-    called: str = "AINODE",
-    calling: str = "HOSTILE",
+    called: str | bytes = "AINODE",
+    calling: str | bytes = "HOSTILE",
     store_syntaxes: tuple[str, ...] = (IMPLICIT_VR_LE,),
     max_pdu: int = 16384,
 ) -> bytes:
-    """A-ASSOCIATE-RQ: context 1 Verification, context 3 CT Image Storage."""
-    fixed = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode()
+    """A-ASSOCIATE-RQ: context 1 Verification, context 3 CT Image Storage. An AE title
+    given as bytes goes into its 16-byte field as it is (padded with spaces)."""
+    fixed = struct.pack(">HH", 1, 0) + _ae_field(called) + _ae_field(calling)
     items = (
         _item(0x10, _uid(APPLICATION_CONTEXT))
         + presentation_context(ECHO_CONTEXT, VERIFICATION, [IMPLICIT_VR_LE])
@@ -65,6 +67,13 @@ def associate_rq(
         + _item(0x50, _item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, b"1.2.3.4"))
     )
     return pdu(A_ASSOCIATE_RQ, fixed + bytes(32) + items)
+
+
+def _ae_field(title: str | bytes) -> bytes:
+    raw = title.encode() if isinstance(title, str) else title
+    if len(raw) > 16:
+        raise ValueError(f"an AE title field holds 16 bytes, not {len(raw)}")
+    return raw.ljust(16, b" ")
 
 
 def p_data(*pdvs: tuple[int, int, bytes]) -> bytes:

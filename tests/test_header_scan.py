@@ -33,7 +33,7 @@ from dicom_node.header import (
     parse_header,
     received_header,
 )
-from dicom_node.header_scan import MAX_DEPTH, scan
+from dicom_node.header_scan import MAX_DEPTH, meta_elements_length, scan
 from dicom_node.store import Spool
 
 
@@ -250,3 +250,17 @@ def test_write_atomic_with_a_writer_leaves_nothing_when_it_fails(tmp_path: Path)
         assert partial_files(spool.tmp) == []
     finally:
         spool.release()
+
+
+def test_the_file_meta_elements_leading_a_dataset_are_measured_only_when_whole() -> None:
+    explicit = pdus.element(0x0002, 0x0010, b"1.2.840.10008.1.2\0")  # implicit-VR bytes
+    explicit_ui = b"\x02\x00\x10\x00UI\x12\x00" + b"1.2.840.10008.1.2\0"
+    explicit_ob = b"\x02\x00\x01\x00OB\0\0" + (2).to_bytes(4, "little") + b"\0\1"
+    rest = pdus.element(0x0008, 0x0016, b"1.2.840.10008.5.1.4.1.1.2\0")
+    for lead in (explicit, explicit_ui, explicit_ob + explicit_ui, explicit_ui + explicit):
+        assert meta_elements_length(lead + rest) == len(lead)
+    assert meta_elements_length(rest) == 0  # none
+    assert meta_elements_length(explicit_ui) == 0  # nothing after them: not sure they end
+    assert meta_elements_length((explicit_ui + rest)[:10]) == 0  # cut inside
+    undefined = b"\x02\x00\x01\x00OB\0\0" + b"\xff" * 4
+    assert meta_elements_length(undefined + rest) == 0

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nodes import NodeProcess, echo_ok, node_settings, running_node
 from peers import GE_3SLICE, LOCALHOST, wait_until
+from prometheus_client import generate_latest
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -296,6 +297,50 @@ def test_sources_outside_allowed_networks_are_refused(
     )
     with hostile_node(tmp_path / "b", allowed_networks=["127.0.0.0/8"]) as watch:
         watch.healthy("allowed network")
+
+
+@pytest.mark.parametrize(
+    ("called", "calling", "reason"),
+    [
+        (b"AINODE", "SC\u00c9NER".encode(), pdus.CALLING_AE_NOT_RECOGNIZED),  # UTF-8
+        (b"AINODE", b"SCAN\\NER", pdus.CALLING_AE_NOT_RECOGNIZED),
+        (b"AINODE", b"\x00\x00SCANNER", pdus.CALLING_AE_NOT_RECOGNIZED),
+        (b"AINODE", b" " * 16, pdus.CALLING_AE_NOT_RECOGNIZED),
+        ("AIN\u00d6DE".encode("latin-1"), b"SCANNER", pdus.CALLED_AE_NOT_RECOGNIZED),
+    ],
+    ids=["utf8-calling", "backslash", "nul", "spaces", "latin1-called"],
+)
+def test_a_title_that_is_no_ae_title_is_rejected_not_aborted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, called: bytes, calling: bytes, reason: int
+) -> None:
+    """pynetdicom's decoder logged a traceback at ERROR for such a title and the node
+    answered A-ABORT ("undecodable PDU"), not counted or audited as a rejection."""
+    caplog.set_level(logging.WARNING)
+    with hostile_node(tmp_path) as watch:
+        with pdus.raw_connection(watch.port) as sock:
+            sock.sendall(pdus.associate_rq(called, calling))
+            reply = pdus.read_pdu(sock)
+            assert reply is not None and reply[0] == pdus.A_ASSOCIATE_RJ, reply
+            # reserved, result 1 (rejected-permanent), source 1 (service user), reason
+            assert reply[1] == bytes([0, 1, 1, reason])
+            assert pdus.closed_by_peer(sock, 3.0)
+        watch.healthy("an AE title that is no AE title")
+        exposition = generate_latest(watch.node.metrics.registry).decode()
+        assert 'dicom_node_associations_total{outcome="rejected"} 1.0' in exposition
+    side = "calling" if reason == pdus.CALLING_AE_NOT_RECOGNIZED else "called"
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(
+        line.startswith(f"association from 127.0.0.1 rejected: {side} AE title") for line in lines
+    ), lines
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "Traceback" not in caplog.text and "undecodable" not in caplog.text
+    trail = [
+        json.loads(line) for line in (tmp_path / "var" / "audit.jsonl").read_text().splitlines()
+    ]
+    alerts = [r for r in trail if r["event_id"]["meaning"] == "Security Alert"]
+    assert [(a["address"], a["subtype"], a["detail"].split(" AE title")[0]) for a in alerts] == [
+        ("127.0.0.1", "association rejected", side)
+    ]
 
 
 # --------------------------------------------------------------------------- dataset content

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -312,6 +313,61 @@ def test_a_request_for_another_sop_class_than_its_context_is_refused(node: Node)
         assert pdus.raw_store(sock, message) == 0xA900
     assert node.journal.state_counts()["instances"]["total"] == 0
     assert not _stored_files(node)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["wire", "pynetdicom"])
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_file_meta_elements_sent_in_the_dataset_are_left_out_of_the_file(
+    node: Node,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    syntax: str,
+    fast_path: bool,
+) -> None:
+    """A sender that sends a Part 10 file minus its preamble puts its group 0002 in the
+    dataset. Stored behind the node's own File Meta Information, the file had two meta
+    groups, and a reader took the sender's transfer syntax for the file's."""
+    import pdus
+
+    from dicom_node import store_scp_wire
+
+    monkeypatch.setattr(store_scp_wire, "ENABLED", fast_path)
+    source = sorted(GE_3SLICE.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(source)
+    dataset = pdus.encode(ds, syntax == ImplicitVRLittleEndian, True)
+    assert dataset is not None
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (
+        CTImageStorage,
+        ds.SOPInstanceUID,
+    )
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"  # JPEG Lossless: not what it is
+    meta.ImplementationClassUID = "1.2.3.4"
+    sent_meta = DicomBytesIO()
+    sent_meta.is_little_endian, sent_meta.is_implicit_VR = True, False
+    pydicom.filewriter.write_file_meta_info(sent_meta, meta, enforce_standard=True)
+    message = pdus.c_store_rq(str(ds.SOPInstanceUID), sent_meta.getvalue() + dataset)
+    caplog.set_level("WARNING", logger="dicom_node")
+    rq = pdus.associate_rq(calling="SCANNER", store_syntaxes=(syntax,))
+    with pdus.raw_association(_port(node), rq) as (sock, _):
+        assert pdus.raw_store(sock, message) == 0
+        assert pdus.raw_store(sock, message) == 0  # a resend: acknowledged again
+    (stored,) = _stored_files(node)
+    written = pydicom.dcmread(stored)
+    assert written.file_meta.TransferSyntaxUID == syntax
+    assert written.file_meta.ImplementationClassUID != "1.2.3.4"
+    assert not [element for element in written if element.tag.group == 0x0002]
+    assert stored.read_bytes().endswith(dataset)  # the rest exactly as received
+    assert len(stored.read_bytes()) == 132 + len(_meta_bytes(stored)) + len(dataset)
+    noted = [r.getMessage() for r in caplog.records if "group 0002" in r.getMessage()]
+    assert len(noted) == 1 and "from SCANNER" in noted[0], noted
+
+
+def _meta_bytes(path: Path) -> bytes:
+    """The File Meta Information elements of a Part 10 file, as written."""
+    data = path.read_bytes()
+    (length,) = struct.unpack_from("<L", data, 132 + 8)
+    return data[132 : 132 + 12 + length]
 
 
 def test_a_port_in_use_is_named_by_its_key(tmp_path: Path) -> None:
