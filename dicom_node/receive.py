@@ -14,6 +14,7 @@ import logging
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from io import BytesIO
@@ -219,6 +220,8 @@ class Receiver:
         self._helpers = _Helpers(HEADER_THREADS)
         self._storing = _Gauge()  # threads writing an instance now
         self._meta_senders: set[str] = set()  # calling AE titles that sent group 0002
+        self._aborts_seen: weakref.WeakSet[Any] = weakref.WeakSet()  # associations
+        self._aborts_lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
         # Built here so that a certificate that cannot be used stops the node before it starts.
         self._ssl_context = None if config.tls is None else server_context(config.tls)
@@ -546,6 +549,12 @@ class Receiver:
         self._audit.connection_refused(address, reason, subtype)
 
     def _aborted(self, event: evt.Event) -> None:
+        # pynetdicom fires this twice for an association aborted here (the node stops):
+        # for the A-ABORT it sends, and again when its DUL sees the connection close.
+        with self._aborts_lock:
+            if event.assoc in self._aborts_seen:
+                return
+            self._aborts_seen.add(event.assoc)
         self._metrics.associations.labels(outcome="aborted").inc()
         log.warning("association from %s aborted", event.assoc.requestor.ae_title)
 
