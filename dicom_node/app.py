@@ -547,11 +547,40 @@ def _new_uid() -> str:
     return generate_uid(None)
 
 
+FORCED_EXIT = 1  # a second SIGINT/SIGTERM ended the drain
+
+
+def _kill_children() -> None:
+    """SIGKILL this process's children (its receiving processes; Linux /proc)."""
+    for path in Path("/proc/self/task").glob("*/children"):
+        try:
+            pids = [int(pid) for pid in path.read_text().split()]
+        except (OSError, ValueError):
+            continue
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def run(config: NodeConfig) -> int:
-    """Serve until SIGTERM, SIGINT or SIGHUP, then drain and return 0."""
+    """Serve until SIGTERM, SIGINT or SIGHUP, then drain and return 0; a second SIGTERM
+    or SIGINT during the drain ends the node at once (exit 1)."""
     stop: list[int] = []  # a plain list: a signal handler must not take a lock
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop and signum != signal.SIGHUP:  # a second Ctrl-C (or SIGTERM) while draining
+            # Python runs this in the main thread, between bytecodes: logging's locks are
+            # re-entrant there. Every acknowledged instance is durable already.
+            log.warning(
+                "received %s again: stopping at once, without waiting for the drain;"
+                " instances not yet acknowledged are sent again by their senders",
+                signal.Signals(signum).name,
+            )
+            _kill_children()  # the receiving processes would drain on their own
+            logging.shutdown()
+            os._exit(FORCED_EXIT)
         stop.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)

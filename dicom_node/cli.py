@@ -90,6 +90,7 @@ def _ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     retry.add_argument("job_ids", nargs="*", type=int, metavar="JOB_ID")
     retry.add_argument("--dead-letter", action="store_true", help="every dead-letter job")
     retry.add_argument("--failed", action="store_true", help="every failed job")
+    retry.set_defaults(command_parser=retry)  # its usage, for the check in main()
 
 
 def _positive_int(text: str) -> int:
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "retry" and not (args.job_ids or args.dead_letter or args.failed):
-        parser.error("retry: give JOB_IDs, --dead-letter or --failed")
+        args.command_parser.error("give JOB_IDs, --dead-letter or --failed")
     try:
         configure_logging(args.log_level, args.log_format)
     except ValueError as exc:  # from $DICOM_NODE_LOG_LEVEL / $DICOM_NODE_LOG_FORMAT

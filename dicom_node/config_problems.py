@@ -8,6 +8,7 @@ it only when a check runs.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ def format_error(error: ErrorDetails) -> list[str]:
         message = "unknown key"
     if error["type"] in ("path_not_file", "path_not_directory"):
         message = f"{message}: {error.get('input')}"  # which one: the file to look for
+    given = error.get("input")
+    if error["type"] == "string_type" and isinstance(given, int | float):
+        # ae_title: 1234, or a host written as a number: YAML reads it as one
+        message = f'{message} (YAML reads {given!r} as a number: quote it, "{given}")'
+    if error["type"] == "ip_any_network" and isinstance(given, str):
+        message += _host_bits_hint(given)
     if error["type"] == "value_error" and not path:
         # model-level checks already carry their own paths, one problem per line
         return [part.removeprefix("Value error, ") for part in message.split("\n")]
@@ -34,6 +41,15 @@ def format_error(error: ErrorDetails) -> list[str]:
         # one problem per line, each under a key of the value at ``path`` (Route.when)
         return [f"{path}{line}" for line in message.split("\n")]
     return [f"{path or '(top level)'}: {message}"]
+
+
+def _host_bits_hint(text: str) -> str:
+    """For a network written with host bits (``10.1.2.3/8``): the network meant."""
+    try:
+        network = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        return ""
+    return f" ({text} has host bits set; the network is {network})"
 
 
 def reference_problems(data: dict[str, Any]) -> list[str]:

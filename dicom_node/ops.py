@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 ERROR_CHARS = 60
 ALL_JOBS = 10_000  # "every" dead-letter/failed job, bounded
 PICKUP_NOTE = (
@@ -87,9 +88,9 @@ def _read_series(files: Sequence[Path]) -> tuple[dict[str, _SeriesFiles], list[P
 def explain_rules(config: NodeConfig, paths: Sequence[Path]) -> int:
     try:
         files = collect_files(paths)
-    except FileNotFoundError as exc:
+    except FileNotFoundError as exc:  # a usage error, as for send and evaluate
         print(str(exc), file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE
     found, skipped = _read_series(files)
     for path in skipped:
         print(f"skipped (not a DICOM file): {path}")
@@ -153,7 +154,9 @@ def migrate(config: NodeConfig) -> int:
     try:
         journal.create()
     except (JournalSchemaError, sa.exc.OperationalError) as exc:
-        print(f"cannot migrate {journal.path}: {exc}", file=sys.stderr)
+        text = str(exc)  # a schema error names the journal itself
+        where = "" if str(journal.path) in text else f" {journal.path}"
+        print(f"cannot migrate{where}: {text}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         journal.close()

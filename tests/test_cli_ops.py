@@ -137,7 +137,7 @@ def test_rules_explain_with_no_matching_route(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "verdict: nothing (no route matches)" in result.stdout
     missing = cli("rules", "explain", "--config", config, tmp_path / "nowhere")
-    assert missing.returncode == 1
+    assert missing.returncode == 2  # a usage error, as for send and evaluate
     assert "no such file or folder" in missing.stderr
 
 
@@ -261,6 +261,7 @@ def test_status_and_retry_without_a_journal(tmp_path: Path) -> None:
     assert not journal_path.exists() and not (tmp_path / "var").exists()
     usage = cli("retry", "--config", config)
     assert usage.returncode == 2 and "give JOB_IDs, --dead-letter or --failed" in usage.stderr
+    assert "usage: dicom-node retry" in usage.stderr  # its own usage, not the top level one
 
 
 def test_retry_failed_and_dead_letter_jobs(tmp_path: Path) -> None:
@@ -328,3 +329,4 @@ def test_a_journal_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> No
         done = cli(*args, "--config", config)
         assert done.returncode == 1, (args, done.stderr)
         assert expected in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+        assert done.stderr.count(str(journal / "journal.sqlite")) == 1, done.stderr

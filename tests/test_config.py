@@ -383,3 +383,20 @@ def test_an_empty_section_is_read_as_empty(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({"node": None})
     assert [p.split(":")[0] for p in err.value.problems] == ["node"]
+
+
+def test_a_number_for_a_title_and_a_network_with_host_bits_say_what_to_write() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            {
+                "node": {"ae_title": 1234, "allowed_networks": ["10.1.2.3/8", "not-a-net"]},
+                "destinations": {"pacs": {"ae_title": "PACS", "host": "pacs", "port": 104}},
+            }
+        )
+    assert err.value.problems == [
+        "node.ae_title: Input should be a valid string (YAML reads 1234 as a number: quote"
+        ' it, "1234")',
+        "node.allowed_networks.0: value is not a valid IPv4 or IPv6 network (10.1.2.3/8 has"
+        " host bits set; the network is 10.0.0.0/8)",
+        "node.allowed_networks.1: value is not a valid IPv4 or IPv6 network",
+    ]

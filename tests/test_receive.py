@@ -19,7 +19,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
-from nodes import NodeProcess, echo_ok, node_settings, partial_files, running_node
+from nodes import NodeProcess, child_pids, echo_ok, node_settings, partial_files, running_node
 from peers import (
     GE_3SLICE,
     LOCALHOST,
@@ -400,6 +400,33 @@ def test_sighup_stops_the_node_cleanly(tmp_path: Path) -> None:
     node.proc.send_signal(signal.SIGHUP)
     assert node.proc.wait(60) == 0
     assert "received SIGHUP" in node.log()
+
+
+def test_a_second_sigint_during_the_drain_stops_at_once(tmp_path: Path) -> None:
+    """Ctrl-C twice: the second one ends a drain that an open association holds,
+    receiving processes included, instead of being ignored for node.drain_seconds."""
+    settings = node_settings(tmp_path / "var", node={"receive_processes": 2, "drain_seconds": 120})
+    node = NodeProcess(settings, tmp_path / "node").start()
+    assert node.proc is not None
+    children = child_pids(node.proc.pid)
+    assert len(children) == 1
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage)
+    held = ae.associate(LOCALHOST, node.port, ae_title="AINODE")
+    try:
+        assert held.is_established
+        node.proc.send_signal(signal.SIGINT)
+        wait_until(lambda: "draining" in node.log(), 10, 0.1, "the drain to begin")
+        time.sleep(0.5)
+        assert node.proc.poll() is None  # draining: the association is still open
+        started = time.monotonic()
+        node.proc.send_signal(signal.SIGINT)
+        assert node.proc.wait(10) == 1
+        assert time.monotonic() - started < 5
+    finally:
+        held.abort()
+    assert "received SIGINT again: stopping at once" in node.log()
+    wait_until(lambda: not Path(f"/proc/{children[0]}").exists(), 10, 0.1, "the child to end")
 
 
 def test_a_second_node_on_the_same_storage_refuses_to_start(tmp_path: Path) -> None:
