@@ -18,9 +18,8 @@ import logging
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TextIO
@@ -28,6 +27,7 @@ from typing import Any, TextIO
 LOG_FORMATS = ("text", "json")
 LOG_FORMAT_ENV_VAR = "DICOM_NODE_LOG_FORMAT"
 CONTEXT_KEYS = ("study_id", "job_id", "calling_aet")
+_KNOWN_KEYS = frozenset(CONTEXT_KEYS)
 # pynetdicom logs every PDU, APScheduler every timer, Celery every task and Alembic its
 # context at INFO: their warnings and errors are kept.
 QUIET_LOGGERS = ("pynetdicom", "apscheduler", "celery", "kombu", "alembic")
@@ -46,22 +46,34 @@ _EMPTY: Mapping[str, object] = MappingProxyType({})
 _ids: ContextVar[Mapping[str, object]] = ContextVar("dicom_node_log_ids", default=_EMPTY)
 
 
-@contextmanager
-def log_context(**ids: object) -> Iterator[None]:
+class log_context:  # noqa: N801 - used like a function: ``with log_context(...):``
     """Add ids (``study_id``, ``job_id``, ``calling_aet``) to records logged inside.
 
     Nested contexts add to (and may override) the outer ids; leaving one restores the
-    outer ids. ``None`` values are ignored.
+    outer ids. ``None`` values are ignored. A class, not a ``@contextmanager`` generator:
+    every received instance enters two.
     """
-    unknown = sorted(set(ids) - set(CONTEXT_KEYS))
-    if unknown:
-        raise ValueError(f"log_context: unknown id(s) {unknown}; known: {list(CONTEXT_KEYS)}")
-    merged = {**_ids.get(), **{k: v for k, v in ids.items() if v is not None}}
-    token = _ids.set(MappingProxyType(merged))
-    try:
-        yield
-    finally:
-        _ids.reset(token)
+
+    __slots__ = ("_ids", "_token")
+
+    def __init__(self, **ids: object) -> None:
+        if not ids.keys() <= _KNOWN_KEYS:
+            unknown = sorted(set(ids) - _KNOWN_KEYS)
+            raise ValueError(f"log_context: unknown id(s) {unknown}; known: {list(CONTEXT_KEYS)}")
+        self._ids = ids
+        self._token: Token[Mapping[str, object]] | None = None
+
+    def __enter__(self) -> None:
+        merged = dict(_ids.get())
+        for key, value in self._ids.items():
+            if value is not None:
+                merged[key] = value
+        self._token = _ids.set(MappingProxyType(merged))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _ids.reset(self._token)
+            self._token = None
 
 
 def current_ids() -> Mapping[str, object]:
@@ -171,6 +183,22 @@ def configure_logging(level: str, fmt: str = "text", process: str | None = None)
     for name in VALUE_QUOTING_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.ERROR, numeric))
     warnings.filterwarnings("ignore", category=UserWarning, module=_VALUE_QUOTING_MODULES)
+    quiet_pydicom_validation()
+
+
+def quiet_pydicom_validation() -> None:
+    """pydicom checks every value it reads against its VR only to warn (its default
+    reading mode), and those warnings are not shown here. The check is not free: each UID
+    pynetdicom decodes is matched against a regular expression, some 1750 for an
+    association that proposes 128 presentation contexts, a quarter of the CPU time its
+    set-up took (docs/performance.md, item 32). Nothing else changes: a value is read
+    the same either way, and the node checks the UIDs it uses itself
+    (:func:`dicom_node.header.valid_uid`). Writing (highdicom's SEG and SR) keeps its
+    own mode.
+    """
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 def current_logging() -> tuple[str, str]:

@@ -258,3 +258,57 @@ def test_pydicom_and_highdicom_do_not_put_element_values_in_the_log() -> None:
     assert done.returncode == 0, done.stderr
     assert "Lung_Dx-A0001" not in done.stderr and "1979-02-30" not in done.stderr, done.stderr
     assert "dicom_node: still logging" in done.stderr  # DEBUG: everything else is logged
+
+
+_UID_CHECKS = """
+import struct
+import sys
+sys.path.insert(0, "tests")
+import pdus
+import pydicom.valuerep as valuerep
+from pynetdicom import StoragePresentationContexts
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from dicom_node.logs import configure_logging
+
+checked = [0]
+check_ui = valuerep.VALIDATORS["UI"]
+def counting(*args, **kwargs):
+    checked[0] += 1
+    return check_ui(*args, **kwargs)
+valuerep.VALIDATORS["UI"] = counting
+
+contexts = b"".join(
+    pdus.presentation_context(2 * i + 1, str(cx.abstract_syntax), [pdus.IMPLICIT_VR_LE])
+    for i, cx in enumerate(StoragePresentationContexts)
+)
+fixed = struct.pack(">HH", 1, 0) + b"AINODE".ljust(16) + b"SCANNER".ljust(16) + bytes(32)
+user = pdus._item(0x50, pdus._item(0x51, struct.pack(">L", 16384)) + pdus._item(0x52, b"1.2.3"))
+application = pdus._item(0x10, pdus.APPLICATION_CONTEXT.encode())
+rq = pdus.pdu(pdus.A_ASSOCIATE_RQ, fixed + application + contexts + user)
+def decoded():
+    checked[0] = 0
+    request = A_ASSOCIATE_RQ()
+    request.decode(rq)
+    found = request.to_primitive().presentation_context_definition_list
+    assert len(found) == len(StoragePresentationContexts) == 120
+    return checked[0]
+before = decoded()
+configure_logging("INFO")
+print(before, decoded())
+"""
+
+
+def test_the_uids_of_an_association_request_are_not_matched_only_to_warn() -> None:
+    """pydicom matched every UID pynetdicom decodes against a regular expression only to
+    warn (warnings the node does not show): a quarter of the set-up of an association
+    that proposes 120 contexts."""
+    done = subprocess.run(
+        [sys.executable, "-c", _UID_CHECKS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = (int(count) for count in done.stdout.split())
+    assert before > 256 and after == 0, done.stdout
