@@ -87,6 +87,17 @@ def test_receive_quick_stores_all_on_every_receiver() -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat (Linux)")
+@pytest.mark.timeout(150)
+def test_associations_quick_stores_all_on_every_receiver() -> None:
+    require_tools("storescu", "storescp", "echoscu", "Orthanc")
+    out = _run_quick(BENCH / "associations.py", "--quick", "--receive-processes", "1")
+    for name in ("dcmtk storescp", "Orthanc", "dicom_node"):
+        assert f"{name:<15}: stored all 5/5" in out
+        assert len(_table_rows(out, name)) == 1
+        (row,) = _cpu_rows(out, name)
+        assert row[0] > 0  # the storescu runs were counted
+
+
 def test_the_cpu_clock_counts_a_sender_and_the_machine() -> None:
     sys.path.insert(0, str(BENCH))
     from common import CpuClock
