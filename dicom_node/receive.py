@@ -49,7 +49,7 @@ from dicom_node.header import (
 from dicom_node.header_scan import meta_elements_length
 from dicom_node.intake import InstanceJournal, ReceivedInstance, Recorded, UIDConflict
 from dicom_node.listener import Elsewhere, HandedServer, listen_error, start_server
-from dicom_node.logs import log_context
+from dicom_node.logs import log_context, quiet_pynetdicom_events
 from dicom_node.part10 import file_meta_bytes
 from dicom_node.store import LowSpace, Spool
 from dicom_node.tls import describe, server_context
@@ -596,6 +596,7 @@ def _abort_all(associations: Sequence[Any]) -> None:
 
 
 def _make_ae(config: NodeSection) -> AE:
+    quiet_pynetdicom_events()
     ae = AE(ae_title=config.ae_title)
     ae.maximum_associations = config.max_associations
     ae.maximum_pdu_size = config.max_pdu_bytes

@@ -312,3 +312,32 @@ def test_the_uids_of_an_association_request_are_not_matched_only_to_warn() -> No
     assert done.returncode == 0, done.stderr
     before, after = (int(count) for count in done.stdout.split())
     assert before > 256 and after == 0, done.stdout
+
+
+_EVENT_HANDLERS = """
+import logging, sys
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from dicom_node.logs import configure_logging, quiet_pynetdicom_events
+
+configure_logging("DEBUG")  # the node's own DEBUG: pynetdicom stays at WARNING
+if sys.argv[1] == "info":  # someone looking at pynetdicom's own messages
+    logging.getLogger("pynetdicom").setLevel(logging.INFO)
+quiet_pynetdicom_events()
+assoc = Association(AE(), mode="requestor")
+print(len(assoc.get_handlers(evt.EVT_PDU_RECV)), len(assoc.get_handlers(evt.EVT_DIMSE_SENT)))
+"""
+
+
+@pytest.mark.parametrize(("pynetdicom_level", "bound"), [("warning", "0 0"), ("info", "1 1")])
+def test_pynetdicom_formats_no_messages_that_its_logger_drops(
+    pynetdicom_level: str, bound: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _EVENT_HANDLERS, pynetdicom_level],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == bound.split(), done.stdout
