@@ -43,6 +43,7 @@ from dicom_node.header import (
     UNEXPECTED_ERROR,
     Header,
     Rejected,
+    check_uids_quickly,
     received_header,
     valid_uid,
 )
@@ -597,6 +598,7 @@ def _abort_all(associations: Sequence[Any]) -> None:
 
 def _make_ae(config: NodeSection) -> AE:
     quiet_pynetdicom_events()
+    check_uids_quickly()
     ae = AE(ae_title=config.ae_title)
     ae.maximum_associations = config.max_associations
     ae.maximum_pdu_size = config.max_pdu_bytes

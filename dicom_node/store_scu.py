@@ -31,6 +31,7 @@ from pynetdicom.transport import T_CONNECT, AssociationSocket
 
 from dicom_node.config import ClientTLS
 from dicom_node.file_meta import read_part10
+from dicom_node.header import check_uids_quickly
 from dicom_node.logs import quiet_pynetdicom_events
 from dicom_node.reactor import EventDrivenDUL, serve_association
 from dicom_node.store_wire import DirectStore, WireError, direct_store_possible
@@ -70,6 +71,7 @@ def associate(
     calling_aet: str, peer: Peer, contexts: Iterable[tuple[str, list[str]]], timeout: float
 ) -> Association:
     quiet_pynetdicom_events()
+    check_uids_quickly()
     ae = EventDrivenAE(ae_title=calling_aet)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout

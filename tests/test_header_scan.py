@@ -31,6 +31,7 @@ from dicom_node.header import (
     Rejected,
     _pydicom_values,
     parse_header,
+    pynetdicom_uid_check,
     received_header,
 )
 from dicom_node.header_scan import MAX_DEPTH, meta_elements_length, scan
@@ -264,3 +265,14 @@ def test_the_file_meta_elements_leading_a_dataset_are_measured_only_when_whole()
     assert meta_elements_length((explicit_ui + rest)[:10]) == 0  # cut inside
     undefined = b"\x02\x00\x01\x00OB\0\0" + b"\xff" * 4
     assert meta_elements_length(undefined + rest) == 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom's, for the invalid ones
+def test_the_quick_uid_check_answers_as_pynetdicoms_own() -> None:
+    from pydicom.uid import UID
+    from pynetdicom._validators import validate_ui
+
+    values: list[object] = ["", " ", "1.2", "1" * 64, "1" * 65, "1" * 64 + " ", "abc"]
+    values += [" 1.2.3 ", UID("1.2.840.10008.1.2"), 5, b"1.2", None]
+    for value in values:
+        assert pynetdicom_uid_check(value) == validate_ui(value), repr(value)  # type: ignore[arg-type]

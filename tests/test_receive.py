@@ -631,3 +631,18 @@ def test_a_failure_after_the_response_is_logged_and_the_association_goes_on(
         assert [assoc.send_c_store(ds).Status for ds in files] == [0, 0, 0]
     assert node.journal.state_counts()["instances"]["total"] == 3
     assert caplog.text.count("after the response to a C-STORE from TESTSCU") == 3
+
+
+def test_a_running_node_checks_uids_quickly_and_binds_no_unheard_event_logging(
+    node: Node,
+) -> None:
+    """pynetdicom's costly defaults for each association (a pydicom UID built again for
+    each of its some 700 UIDs; its standard handlers formatting every PDU for a logger
+    at WARNING) are replaced once the node runs; associations still work."""
+    from pynetdicom import _config
+
+    from dicom_node.header import pynetdicom_uid_check
+
+    assert _config.VALIDATORS["UI"] is pynetdicom_uid_check
+    assert _config.LOG_HANDLER_LEVEL == "none"
+    assert echo_ok(_port(node))
