@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import threading
+import uuid
 from collections import deque
 from pathlib import Path
 
@@ -93,7 +94,7 @@ class FilePool:
             self._wake.wait()
             self._wake.clear()
             while not self._closed and len(self._ready) < self.size:
-                path = os.path.join(self.folder, os.urandom(16).hex() + READY_SUFFIX)
+                path = os.path.join(self.folder, uuid.uuid4().hex + READY_SUFFIX)
                 try:
                     os.close(
                         os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)

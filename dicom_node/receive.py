@@ -95,7 +95,7 @@ ACCEPTED_TRANSFER_SYNTAXES = list(PREFERRED_TRANSFER_SYNTAXES) + [
     syntax for syntax in ALL_TRANSFER_SYNTAXES if syntax not in PREFERRED_TRANSFER_SYNTAXES
 ]
 HEADER_THREADS = 2  # used by one storing thread at a time, mostly (Receiver._store)
-MAX_NOTED_SENDERS = 1000  # calling AE titles remembered (group 0002 logged, counters)
+MAX_NOTED_SENDERS = 1000  # senders whose group 0002 elements were logged (once each)
 
 
 class _Duplicate(Exception):
@@ -221,7 +221,6 @@ class Receiver:
         self._helpers = _Helpers(HEADER_THREADS)
         self._storing = _Gauge()  # threads writing an instance now
         self._meta_senders: set[str] = set()  # calling AE titles that sent group 0002
-        self._counters: dict[str, tuple[Any, Any]] = {}  # see _sender_counters
         self._aborts_seen: weakref.WeakSet[Any] = weakref.WeakSet()  # associations
         self._aborts_lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
@@ -426,9 +425,8 @@ class Receiver:
         def account() -> None:
             with log_context(calling_aet=calling):
                 self._metrics.store_seconds.observe(took)
-                instances, received_bytes = self._sender_counters(calling)
-                instances.inc()
-                received_bytes.inc(size)
+                self._metrics.instances_received.labels(calling_aet=calling).inc()
+                self._metrics.bytes_received.labels(calling_aet=calling).inc(size)
                 self._audit.instance_received(calling, header.study_uid, header.sop_uid, SUCCESS)
 
         if after is None:
@@ -436,19 +434,6 @@ class Receiver:
         else:
             after.append(account)
         return SUCCESS
-
-    def _sender_counters(self, calling: str) -> tuple[Any, Any]:
-        """The instance and byte counters of ``calling`` (prometheus_client's ``labels``
-        looks them up under a lock, for every instance)."""
-        found = self._counters.get(calling)
-        if found is None:
-            found = (
-                self._metrics.instances_received.labels(calling_aet=calling),
-                self._metrics.bytes_received.labels(calling_aet=calling),
-            )
-            if len(self._counters) < MAX_NOTED_SENDERS:
-                self._counters[calling] = found
-        return found
 
     def _without_meta_elements(
         self, dataset: Sequence[bytes | bytearray | memoryview], calling: str

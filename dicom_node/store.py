@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -76,7 +77,6 @@ class Spool:
         objects: ObjectStore | None = None,
     ) -> None:
         self.root = root.resolve()
-        self._root_text = str(self.root)
         # With an object store, the bucket is what is shared and ``root`` is this
         # process's own folder (see dicom_node.objects).
         self.objects = objects
@@ -182,9 +182,8 @@ class Spool:
             )
 
     def new_instance_relpath(self) -> str:
-        """A fresh relative path for a received instance: ``instances/[<name>/]ab/<id>.dcm``,
-        the id 128 random bits in hex (as a UUID4's, at a seventh of its cost)."""
-        name = random_id()
+        """A fresh relative path for a received instance: ``instances/[<name>/]ab/<uuid>.dcm``."""
+        name = uuid.uuid4().hex
         return f"{self._instances_rel}/{name[:2]}/{name}.dcm"
 
     def path(self, relpath: str) -> Path:
@@ -209,10 +208,7 @@ class Spool:
             writer = data
         else:
             pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
-        # Strings, not Paths: this runs once per received instance (pathlib's joins and
-        # parents cost as much as the rest of the Python here).
-        final = os.path.join(self._root_text, relpath)
-        folder = os.path.dirname(final)
+        final = self.root / relpath
         temp, fd = self._open_temp()
         try:
             try:
@@ -233,17 +229,17 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
-        _fsync_dir(folder)
+        _fsync_dir(final.parent)
         if created:  # the new folder's own entry must be durable too
-            _fsync_dir(os.path.dirname(folder))
+            _fsync_dir(final.parent.parent)
         if self.objects is not None:
             try:
-                payload = Path(final).read_bytes() if callable(data) else b"".join(pieces)
+                payload = final.read_bytes() if callable(data) else b"".join(pieces)
                 self.objects.put(relpath, payload)
             except OSError:
-                Path(final).unlink(missing_ok=True)  # not shared, so not stored
+                final.unlink(missing_ok=True)  # not shared, so not stored
                 raise
-        return Path(final)
+        return final
 
     def _open_temp(self) -> tuple[str, int]:
         """A new, empty file in ``tmp/`` opened for writing: a ready one when there is."""
@@ -253,19 +249,19 @@ class Spool:
                 return ready, os.open(ready, os.O_WRONLY | os.O_CLOEXEC)
             except FileNotFoundError:  # removed behind our back: make one as below
                 pass
-        temp = os.path.join(self.tmp, f"{random_id()}.part")
+        temp = os.path.join(self.tmp, f"{uuid.uuid4().hex}.part")
         return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
 
     @staticmethod
-    def _move_into_place(temp: str, final: str) -> bool:
+    def _move_into_place(temp: str, final: Path) -> bool:
         """Rename ``temp`` to ``final``; True when ``final``'s folder had to be made."""
         try:
             os.replace(temp, final)
             return False
         except FileNotFoundError:
-            if os.path.isdir(os.path.dirname(final)):
+            if final.parent.is_dir():
                 raise  # the temporary file itself is gone
-        os.makedirs(os.path.dirname(final), exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, final)
         return True
 
@@ -281,7 +277,7 @@ class Spool:
         data = self.objects.get(relpath)
         if data is None:
             return local
-        temp = self.tmp / f"{random_id()}.part"
+        temp = self.tmp / f"{uuid.uuid4().hex}.part"
         temp.write_bytes(data)  # a cache: no fsync, the bucket has it
         local.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, local)
@@ -351,12 +347,7 @@ def _write_all(fd: int, pieces: list[Buffer]) -> None:
             views[0] = views[0][written:]
 
 
-def random_id() -> str:
-    """128 random bits in hex: a file name no other process or run will make."""
-    return os.urandom(16).hex()
-
-
-def _fsync_dir(folder: str | Path) -> None:
+def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
