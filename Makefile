@@ -60,7 +60,7 @@ typecheck: $(VENV)/.installed-test
 # Throughput against dcmtk storescp / storescu and Orthanc, study latency / memory / scaling
 # (bench/README.md); about 10 minutes.
 bench: $(VENV)/.installed-test
-	$(PY) bench/receive.py && $(PY) bench/send.py && $(PY) bench/study.py
+	$(PY) bench/receive.py && $(PY) bench/associations.py && $(PY) bench/send.py && $(PY) bench/study.py
 
 # Analysis throughput with one and with two `dicom-node worker` processes (scale-out).
 bench-workers: $(VENV)/.installed-test peers
