@@ -66,8 +66,8 @@ INVALID_PARAMETER_VALUE = 0x06
 # calling or the called AE title
 REJECTED_PERMANENT, SERVICE_USER = 0x01, 0x01
 CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07
-# A rejection reported to the server's on_refusal (dicom_node.listener.REFUSED's kin):
-# counted as dicom_node_associations{outcome="rejected"}, audited as a Security Alert
+# The kind such a rejection is reported as to the server's on_refusal (beside the listener's
+# "refused" and "tls_failed"): dicom_node_associations{outcome="rejected"}, and audited
 REJECTED = "rejected"
 
 
