@@ -72,6 +72,7 @@ class Statements:
     count_series: str
     new_instance: str
     has_instance: str
+    instance_patient: str
     returning: bool  # inserts return the new id as a row (else: the cursor's lastrowid)
 
 
@@ -103,6 +104,10 @@ _SQLITE = Statements(
         " size, calling_aet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     ),
     has_instance="SELECT 1 FROM instances WHERE sop_uid = ?",
+    instance_patient=(
+        "SELECT studies.details FROM instances JOIN series ON series.id = instances.series_id"
+        " JOIN studies ON studies.id = series.study_id WHERE instances.sop_uid = ?"
+    ),
     returning=False,
 )
 
@@ -176,7 +181,7 @@ def _touch_study(
         )
         return _new_id(result, sql), False, True
     study_id, state, generation, last_received_at, details = row
-    if _patient_id(details) != inst.study_details.get("PatientID", ""):
+    if patient_id_of(details) != inst.study_details.get("PatientID", ""):
         # One Study Instance UID for two patients (a sender's UID generator, a copy of a
         # study edited by hand): one series would mix their images, and the results
         # would go to one of them. The sender hears 0xA900; nothing is merged.
@@ -190,7 +195,7 @@ def _touch_study(
     return int(study_id), True, True
 
 
-def _patient_id(details: object) -> str:
+def patient_id_of(details: object) -> str:
     """The study's Patient ID as recorded (``details``: the row's JSON, as the database
     driver returns it: text from sqlite3, a dict from a JSON column)."""
     if isinstance(details, str | bytes):
@@ -242,6 +247,13 @@ class SQLiteIntake:
             return (
                 self._connection().execute(_SQLITE.has_instance, (sop_uid,)).fetchone() is not None
             )
+
+    def stored_patient_id(self, sop_uid: str) -> str | None:
+        """The Patient ID recorded with the study of instance ``sop_uid`` ("" for none),
+        or None when the instance is not stored."""
+        with self._lock:
+            row = self._connection().execute(_SQLITE.instance_patient, (sop_uid,)).fetchone()
+        return None if row is None else patient_id_of(row[0])
 
     def record(self, inst: ReceivedInstance) -> Recorded:
         with self._lock:
@@ -295,6 +307,8 @@ class InstanceJournal(Protocol):
 
     def has_instance(self, sop_uid: str) -> bool: ...
 
+    def stored_patient_id(self, sop_uid: str) -> str | None: ...
+
     def all_instance_relpaths(self, prefix: str = "") -> set[str]: ...
 
 
@@ -321,6 +335,10 @@ class ReceivingJournal:
 
     def has_instance(self, sop_uid: str) -> bool:
         return self._intake.known(sop_uid)
+
+    def stored_patient_id(self, sop_uid: str) -> str | None:
+        """The Patient ID of stored instance ``sop_uid``'s study, or None if not stored."""
+        return self._intake.stored_patient_id(sop_uid)
 
     def all_instance_relpaths(self, prefix: str = "") -> set[str]:
         """The relative paths of the recorded instances (those starting with ``prefix``)."""

@@ -30,6 +30,7 @@ from dicom_node.domain import (
 from dicom_node.intake import ReceivedInstance as ReceivedInstance
 from dicom_node.intake import Recorded as Recorded
 from dicom_node.intake import UIDConflict as UIDConflict
+from dicom_node.intake import patient_id_of
 from dicom_node.journal_sending import HAS_RESULTS, JournalDeliveries, set_job_state, settle_job
 from dicom_node.leases import JournalLeases
 from dicom_node.reports import JournalReports
@@ -162,6 +163,15 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
             return self._receiving.has_instance(sop_uid)
         with self._engine.connect() as conn:
             return conn.exec_driver_sql(self._intake.has_instance, (sop_uid,)).first() is not None
+
+    def stored_patient_id(self, sop_uid: str) -> str | None:
+        """The Patient ID recorded with stored instance ``sop_uid``'s study ("" for none),
+        or None when it is not stored."""
+        if self._receiving is not None:
+            return self._receiving.stored_patient_id(sop_uid)
+        with self._engine.connect() as conn:
+            row = conn.exec_driver_sql(self._intake.instance_patient, (sop_uid,)).first()
+        return None if row is None else patient_id_of(row[0])
 
     # -- completion ---------------------------------------------------------
 

@@ -466,13 +466,23 @@ class Receiver:
         """The instance's header, checked against the request; :class:`_Duplicate` when
         the journal has it already."""
         header = received_header(meta, dataset, transfer_syntax, sop_class_uid, sop_instance_uid)
-        if self._known(header.sop_uid):
-            raise _Duplicate
-        return header
+        stored_patient = self._stored_patient_id(header.sop_uid)
+        if stored_patient is None:
+            return header
+        if stored_patient != header.study_details.get("PatientID", ""):
+            # A resend with the patient corrected (a reconciliation at the modality or in
+            # the PACS) under the same UIDs: acknowledging it as a resend would drop the
+            # correction unseen, and the results already sent name the other patient.
+            raise Rejected(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Instance UID already stored for another patient (PatientID); the"
+                " stored instance and its results are kept unchanged",
+            )
+        raise _Duplicate
 
-    def _known(self, sop_uid: str) -> bool:
+    def _stored_patient_id(self, sop_uid: str) -> str | None:
         try:
-            return self._journal.has_instance(sop_uid)
+            return self._journal.stored_patient_id(sop_uid)
         except Exception as exc:  # the journal's database is away: the sender will retry
             log.debug("journal error", exc_info=True)
             raise Rejected(

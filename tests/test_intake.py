@@ -198,6 +198,10 @@ def test_a_receiving_process_opens_the_journal_without_sqlalchemy(
         assert receiving.record_instance(ours).duplicate
         assert receiving.has_instance(ours.sop_uid)
         assert journal.has_instance(ours.sop_uid)  # one journal
+        assert receiving.stored_patient_id(ours.sop_uid) == "P1"
+        assert journal.stored_patient_id(ours.sop_uid) == "P1"
+        assert receiving.stored_patient_id(generate_uid()) is None
+        assert journal.stored_patient_id(generate_uid()) is None
         for prefix in ("instances/receiver-2/", "instances/", "instances/receiver-2/ab/x%", ""):
             assert receiving.all_instance_relpaths(prefix) == journal.all_instance_relpaths(prefix)
         assert receiving.all_instance_relpaths("instances/receiver-2/") == {ours.relpath}

@@ -8,6 +8,7 @@ processes, released together.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import subprocess
@@ -893,3 +894,17 @@ def test_cluster_configuration_is_validated() -> None:
     assert config.journal_location(Path("unused")) == "postgresql+psycopg://u:p@db:5432/dicom"
     with pytest.raises(JournalSchemaError, match="only postgresql"):
         Journal("mysql+pymysql://u:p@db/dicom")
+
+
+def test_the_patient_of_a_stored_instance_is_read_back_on_postgres(
+    journals: Callable[[], Journal],
+) -> None:
+    """Its study's details are a JSON column there (a dict), text on SQLite."""
+    journal = journals()
+    first = dataclasses.replace(
+        received(generate_uid(), generate_uid(), generate_uid(), NOW),
+        study_details={"PatientID": "P-7"},
+    )
+    journal.record_instance(first)
+    assert journal.stored_patient_id(first.sop_uid) == "P-7"
+    assert journal.stored_patient_id(generate_uid()) is None

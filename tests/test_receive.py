@@ -277,21 +277,44 @@ def test_free_space_watermark_refuses_before_the_disk_is_full_and_recovers(
         subprocess.run(["umount", "-l", str(storage)], check=False)
 
 
-@pytest.mark.parametrize("conflict", ["series of another study", "study of another patient"])
-def test_a_uid_held_for_another_study_or_patient_is_refused(node: Node, conflict: str) -> None:
+@pytest.mark.parametrize("fast_path", [True, False], ids=["wire", "pynetdicom"])
+@pytest.mark.parametrize(
+    "conflict",
+    ["series of another study", "study of another patient", "instance of another patient"],
+)
+def test_a_uid_held_for_another_study_or_patient_is_refused(
+    node: Node,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    conflict: str,
+    fast_path: bool,
+) -> None:
+    """ "instance of another patient": a resend under the same UIDs with the Patient ID
+    corrected was acknowledged as a resend, and the correction dropped unseen."""
+    from dicom_node import store_scp_wire
+
+    monkeypatch.setattr(store_scp_wire, "ENABLED", fast_path)
     first = pydicom.dcmread(sorted(GE_3SLICE.glob("*.dcm"))[0])
     other = copy.deepcopy(first)
     if conflict == "series of another study":
         other.StudyInstanceUID = generate_uid()  # the series UID stays
     else:
         other.PatientID = f"{first.PatientID}-OTHER"  # the study UID stays
+    if conflict == "study of another patient":
         other.SeriesInstanceUID = generate_uid()
-    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if conflict != "instance of another patient":
+        other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    caplog.set_level("WARNING", logger="dicom_node")
     with association(node) as assoc:
         assert assoc.send_c_store(first).Status == 0
         assert assoc.send_c_store(other).Status == 0xA900
+        assert assoc.send_c_store(first).Status == 0  # the same patient again: a resend
     assert node.journal.state_counts()["instances"]["total"] == 1
-    assert len(_stored_files(node)) == 1
+    (stored,) = _stored_files(node)
+    assert pydicom.dcmread(stored).PatientID == first.PatientID
+    refused = [r.getMessage() for r in caplog.records if "(status 0xA900)" in r.getMessage()]
+    assert len(refused) == 1 and "another" in refused[0], refused
+    assert str(first.PatientID) not in caplog.text
 
 
 def test_a_request_for_another_sop_class_than_its_context_is_refused(node: Node) -> None:
