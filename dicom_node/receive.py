@@ -254,6 +254,7 @@ class Receiver:
             (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_ABORTED, self._aborted),
             (evt.EVT_N_EVENT_REPORT, self._handle_event_report),
+            (evt.EVT_N_ACTION, _handle_action),
         ]
         try:
             server = start_server(
@@ -628,6 +629,27 @@ def _ascii_uid(value: object) -> str:
     if not text or not valid_uid(text):
         raise Rejected(CANNOT_UNDERSTAND, "the request's affected SOP UIDs are not valid UIDs")
     return text
+
+
+NOT_A_COMMITMENT_SCP = "not a storage commitment SCP"  # Error Comment: LO, 64 at most
+
+
+def _handle_action(event: evt.Event) -> tuple[pydicom.Dataset, None]:
+    """An N-ACTION: a sender asking the node to commit to storage (the Push Model context
+    is accepted with default roles, for the reports of the peers the node asks). The node
+    is no Storage Commitment SCP: refused with Processing Failure and an Error Comment;
+    pynetdicom answered the same status after a traceback of its own."""
+    requestor = event.assoc.requestor.ae_title
+    log.warning(
+        "N-ACTION (a storage commitment request) from %s refused: the node is no storage"
+        " commitment SCP; a sender configured to ask for commitment from the node reports"
+        " a failure although its images were stored",
+        requestor,
+    )
+    status = pydicom.Dataset()
+    status.Status = PROCESSING_FAILURE
+    status.ErrorComment = NOT_A_COMMITMENT_SCP
+    return status, None
 
 
 def _handle_echo(event: evt.Event) -> int:

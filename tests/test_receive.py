@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import shutil
 import signal
@@ -669,3 +670,39 @@ def test_a_running_node_checks_uids_quickly_and_binds_no_unheard_event_logging(
     assert _config.VALIDATORS["UI"] is pynetdicom_uid_check
     assert _config.LOG_HANDLER_LEVEL == "none"
     assert echo_ok(_port(node))
+
+
+def test_a_storage_commitment_request_to_the_node_is_refused_cleanly(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Orthanc asked for commitment after a store: the node accepted the Push Model
+    context (it must, for the reports of the peers it asks) and pynetdicom answered the
+    N-ACTION with 0x0110 after logging a NotImplementedError traceback at ERROR."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StorageCommitmentPushModel,
+        Verification,
+    )
+
+    caplog.set_level("WARNING")
+    ae = AE(ae_title="ORTHANC")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(LOCALHOST, _port(node), ae_title="AINODE")
+    assert assoc.is_established
+    try:
+        request = Dataset()
+        request.TransactionUID = generate_uid()
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = CTImageStorage, generate_uid()
+        request.ReferencedSOPSequence = [item]
+        status, reply = assoc.send_n_action(
+            request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1"
+        )
+        assert status.Status == 0x0110 and reply is None
+        assert status.ErrorComment == "not a storage commitment SCP"
+        assert assoc.send_c_echo().Status == 0  # the association goes on
+    finally:
+        assoc.release()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "N-ACTION (a storage commitment request) from ORTHANC refused" in caplog.text
