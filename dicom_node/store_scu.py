@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any
 
 import pydicom
+from pydicom.uid import UID
 from pynetdicom import AE, Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
@@ -273,12 +274,16 @@ def store_files(
     if not paths:
         return
     assoc = associate(calling_aet, peer, _contexts(paths), timeout)
+    refused: list[str] = []  # files the peer took no presentation context for
     try:
         with _Stores(assoc) as stores:
             for number, path in enumerate(paths):
                 message_id = number % MAX_MESSAGE_ID + 1
                 try:
                     status = stores.store(path, message_id)
+                except NotAccepted as exc:  # the others may still go (the SR without the SEG)
+                    refused.append(f"{path.name}: {exc}")
+                    continue
                 except WireError as exc:
                     raise SendError(
                         f"C-STORE of {path.name} to {peer.ae_title} failed: {exc}"
@@ -292,6 +297,12 @@ def store_files(
     finally:
         if assoc.is_established:
             assoc.release()
+    if refused:
+        sent = len(paths) - len(refused)
+        raise SendError(
+            f"{peer.ae_title} did not accept {len(refused)} of {len(paths)} file(s) at"
+            f" association ({sent} sent): " + "; ".join(refused)
+        )
 
 
 class _Stores:
@@ -345,6 +356,30 @@ def _exact_contexts(assoc: Association) -> dict[tuple[str, str], int]:
     }
 
 
+class NotAccepted(SendError):
+    """The peer took no presentation context that a file can be sent on."""
+
+
+def _not_sendable(assoc: Association, sop_class: str, syntax: str) -> str | None:
+    """Why no context the peer accepted can carry a file of ``sop_class`` in ``syntax``
+    (pynetdicom converts between the uncompressed syntaxes only), or None."""
+    accepted = [
+        str(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if cx.as_scu and cx.transfer_syntax and str(cx.abstract_syntax) == sop_class
+    ]
+    name = UID(sop_class).name
+    if not accepted:
+        return f"no presentation context for {name} ({sop_class}) accepted: not taken there"
+    if syntax in accepted or (syntax in UNCOMPRESSED and set(accepted) & set(UNCOMPRESSED)):
+        return None
+    offered = ", ".join(UID(accepted_syntax).name for accepted_syntax in sorted(set(accepted)))
+    return (
+        f"{name} accepted only in {offered}, not in the file's {UID(syntax).name}"
+        " (compressed data is not transcoded)"
+    )
+
+
 def _store_one(
     assoc: Association, path: Path, exact: dict[tuple[str, str], int], message_id: int
 ) -> pydicom.Dataset:
@@ -362,8 +397,12 @@ def _store_one(
         raise SendError(f"association ended before {path.name} could be sent")
     meta, offset = split_dataset(path)
     sop_class = str(meta.MediaStorageSOPClassUID)
-    context_id = exact.get((sop_class, str(meta.TransferSyntaxUID)))
+    syntax = str(meta.TransferSyntaxUID)
+    context_id = exact.get((sop_class, syntax))
     if context_id is None:
+        refusal = _not_sendable(assoc, sop_class, syntax)
+        if refusal is not None:  # pynetdicom would log an ERROR and raise ValueError
+            raise NotAccepted(refusal)
         return assoc.send_c_store(pydicom.dcmread(path), msg_id=message_id)
     request = C_STORE()
     request.MessageID = message_id

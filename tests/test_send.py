@@ -277,3 +277,46 @@ def test_with_a_shared_journal_a_delivery_is_claimed_before_its_attempt(
     (delivery,) = harness.journal.job_deliveries(job_id)
     assert delivery.next_attempt_at - harness.clock.now == 300.0  # reserved
     assert make_sender(harness, max_attempts=3, shared_journal=True).send_due() == 0
+
+
+def test_files_a_peer_takes_no_context_for_are_named_and_the_others_still_sent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS that does not take Segmentation Storage: pynetdicom logged an ERROR about the
+    transfer syntax and raised ValueError, the rest (the SR) was never sent, and
+    ``dicom-node send`` printed a traceback. A peer that takes CT in implicit VR only
+    cannot get a JPEG 2000 file (compressed data is not transcoded)."""
+    from peers import SHARED_REAL, patch_siemens_copy
+    from pynetdicom import AE as PeerAE
+    from pynetdicom import evt
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from dicom_node.send import Peer, SendError, store_files
+
+    stored: list[str] = []
+
+    def keep(event: evt.Event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    pacs = PeerAE(ae_title="PACS")
+    pacs.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2"])  # implicit VR only
+    port = free_port()
+    server = pacs.start_server(
+        (LOCALHOST, port), block=False, evt_handlers=[(evt.EVT_C_STORE, keep)]
+    )
+    seg = sorted((SHARED_REAL / "dcmqi-ct-3slice" / "seg").glob("*.dcm"))[0]
+    j2k = patch_siemens_copy(tmp_path / "j2k")[0]
+    ct = sorted(GE_3SLICE.glob("*.dcm"))[0]
+    caplog.set_level(logging.WARNING)
+    try:
+        with pytest.raises(SendError) as failed:
+            store_files("AINODE", Peer("PACS", LOCALHOST, port), [seg, j2k, ct], timeout=10)
+    finally:
+        server.shutdown()
+    message = str(failed.value)
+    assert message.startswith("PACS did not accept 2 of 3 file(s) at association (1 sent)")
+    assert f"{seg.name}: no presentation context for Segmentation Storage" in message
+    assert "CT Image Storage accepted only in Implicit VR Little Endian, not in" in message
+    assert stored == [str(pydicom.dcmread(ct).SOPInstanceUID)]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
