@@ -552,6 +552,15 @@ class Receiver:
         requestor = event.assoc.requestor
         self._audit.association(requestor.ae_title, str(requestor.address), True, "accepted")
         log.debug("association from %s accepted", event.assoc.requestor.ae_title)
+        if not event.assoc.accepted_contexts and event.assoc.rejected_contexts:
+            # C-FIND, C-MOVE, a private SOP class: the peer usually aborts next
+            names = sorted({_sop_name(cx.abstract_syntax) for cx in event.assoc.rejected_contexts})
+            log.warning(
+                "association from %s proposed nothing the node serves (%s); it takes C-STORE"
+                " of storage SOP classes and C-ECHO only",
+                requestor.ae_title,
+                ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else ""),
+            )
 
     def _refused_connection(self, address: str, reason: str, kind: str) -> None:
         """A connection turned away before any association, or an association request
@@ -650,6 +659,13 @@ def _handle_action(event: evt.Event) -> tuple[pydicom.Dataset, None]:
     status.Status = PROCESSING_FAILURE
     status.ErrorComment = NOT_A_COMMITMENT_SCP
     return status, None
+
+
+def _sop_name(abstract_syntax: object) -> str:
+    """A proposed abstract syntax as a name (its UID where pydicom knows none)."""
+    text = str(abstract_syntax or "?")
+    name = uid.UID(text).name
+    return name if name != text else f"SOP class {text}"
 
 
 def _handle_echo(event: evt.Event) -> int:

@@ -706,3 +706,28 @@ def test_a_storage_commitment_request_to_the_node_is_refused_cleanly(
         assoc.release()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert "N-ACTION (a storage commitment request) from ORTHANC refused" in caplog.text
+
+
+def test_an_association_for_services_the_node_does_not_offer_says_so(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """findscu, movescu or a private SOP class: every context rejected, and the log said
+    only that the peer closed the connection and that the association was aborted."""
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelMove,
+    )
+
+    caplog.set_level("WARNING", logger="dicom_node")
+    ae = AE(ae_title="QR1")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.add_requested_context("1.2.826.0.1.3680043.8.498.77")  # a private SOP class
+    assoc = ae.associate(LOCALHOST, _port(node), ae_title="AINODE")
+    if assoc.is_established:
+        assoc.abort()
+    wait_until(lambda: "proposed nothing" in caplog.text, 5, 0.05, "the warning")
+    (line,) = [r.getMessage() for r in caplog.records if "proposed nothing" in r.getMessage()]
+    assert line.startswith("association from QR1 proposed nothing the node serves (")
+    assert "Study Root Query/Retrieve Information Model - FIND" in line
+    assert "SOP class 1.2.826.0.1.3680043.8.498.77" in line
