@@ -451,9 +451,26 @@ class NodeConfig(_Section):
             )
         if self.sending.backoff_max_seconds < self.sending.backoff_initial_seconds:
             problems.append("sending.backoff_max_seconds: smaller than backoff_initial_seconds")
+        if _same_listener(self.node.host, self.node.port, self.web.host, self.web.port) and (
+            self.web.enabled
+        ):
+            problems.append(
+                f"web.port: {self.web.port} is node.port too; the DICOM listener and the web"
+                " server each need a port of their own"
+            )
         if problems:  # one per line: a problem's own text may hold "; "
             raise ValueError("\n".join(problems))
         return self
+
+
+_ANY_ADDRESS = frozenset({"0.0.0.0", "::", "*"})
+
+
+def _same_listener(host: str, port: int, other_host: str, other_port: int) -> bool:
+    """Whether two listeners would take the same port (0: any free port, never the same)."""
+    if port == 0 or port != other_port:
+        return False
+    return host == other_host or host in _ANY_ADDRESS or other_host in _ANY_ADDRESS
 
 
 class ConfigError(Exception):

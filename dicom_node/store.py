@@ -83,6 +83,7 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.name = name
         self._low = False
+        self._largest_refused = 0  # the largest instance refused since space got low
         self._instances_rel = "instances" if name is None else f"instances/{name}"
         self.instances = self.root / self._instances_rel
         self.results = self.root / "results"
@@ -162,24 +163,34 @@ class Spool:
         """Raise :class:`LowSpace` if storing ``incoming`` bytes would pass the watermark.
 
         Checked before every write, so the node recovers by itself when space returns.
+        Low space is logged once when an instance is first refused and once when an
+        instance of the largest size refused meanwhile fits again, not at each smaller
+        instance that still fits in between.
         """
         free = shutil.disk_usage(self.root).free
-        low = free - incoming < self.min_free_bytes
-        if low != self._low:
-            self._low = low
-            if low:
-                log.error(
-                    "free space %d MiB is below storage.min_free_bytes (%d MiB): refusing"
-                    " new instances with 0xA700 until space returns",
-                    free // 2**20,
-                    self.min_free_bytes // 2**20,
-                )
-            else:
+        floor = self.min_free_bytes
+        if free - incoming >= floor:
+            if self._low and free - self._largest_refused >= floor:
+                self._low, self._largest_refused = False, 0
                 log.warning("free space back above storage.min_free_bytes: accepting again")
-        if low:
-            raise LowSpace(
-                f"{free} bytes free, below storage.min_free_bytes ({self.min_free_bytes})"
+            return
+        if not self._low:
+            self._low = True
+            log.error(
+                "free space %d MiB: an instance of %d KiB would leave less than"
+                " storage.min_free_bytes (%d MiB); refusing new instances with 0xA700 until"
+                " space returns",
+                free // 2**20,
+                incoming // 1024,
+                floor // 2**20,
             )
+        self._largest_refused = max(self._largest_refused, incoming)
+        if free < floor:
+            raise LowSpace(f"{free} bytes free, below storage.min_free_bytes ({floor})")
+        raise LowSpace(
+            f"an instance of {incoming} bytes would leave {max(free - incoming, 0)} of the"
+            f" {free} bytes free, below storage.min_free_bytes ({floor})"
+        )
 
     def new_instance_relpath(self) -> str:
         """A fresh relative path for a received instance: ``instances/[<name>/]ab/<uuid>.dcm``."""

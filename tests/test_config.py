@@ -400,3 +400,19 @@ def test_a_number_for_a_title_and_a_network_with_host_bits_say_what_to_write() -
         " host bits set; the network is 10.0.0.0/8)",
         "node.allowed_networks.1: value is not a valid IPv4 or IPv6 network",
     ]
+
+
+def test_the_web_server_and_the_dicom_listener_on_one_port_is_a_config_problem() -> None:
+    """check-config said OK, and serve then blamed "another dicom-node or another program"."""
+    for web in ({"port": 11712}, {"port": 11712, "host": "0.0.0.0"}):
+        with pytest.raises(ConfigError) as err:
+            parse_config({"node": {"ae_title": "AINODE", "port": 11712}, "web": web})
+        assert err.value.problems == [
+            "web.port: 11712 is node.port too; the DICOM listener and the web server each"
+            " need a port of their own"
+        ]
+    parse_config({"node": {"ae_title": "AINODE", "port": 11712}, "web": {"port": 11713}})
+    parse_config({"node": {"ae_title": "A", "port": 0}, "web": {"port": 0}})  # any free ones
+    parse_config(
+        {"node": {"ae_title": "A", "port": 11712}, "web": {"port": 11712, "enabled": False}}
+    )

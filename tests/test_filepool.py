@@ -152,3 +152,36 @@ def test_work_alongside_a_write_starts_before_the_fsync_and_can_stop_the_rename(
         assert partial_files(spool.tmp) == []
     finally:
         spool.release()
+
+
+def test_low_space_is_logged_once_and_each_refusal_says_what_did_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mixed stream on a nearly full disk logged an ERROR / WARNING pair per image, and
+    "372736 bytes free, below storage.min_free_bytes (0)"."""
+    from collections import namedtuple
+
+    from dicom_node import store
+    from dicom_node.store import LowSpace
+
+    usage = namedtuple("usage", "total used free")
+    free = [372_736]
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda _path: usage(0, 0, free[0]))
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    caplog.set_level("WARNING", logger="dicom_node.store")
+    with pytest.raises(LowSpace) as refused:
+        spool.ensure_space(528_000)
+    assert str(refused.value) == (
+        "an instance of 528000 bytes would leave 0 of the 372736 bytes free, below"
+        " storage.min_free_bytes (0)"
+    )
+    spool.ensure_space(1_000)  # a small one still fits: no "accepting again" yet
+    with pytest.raises(LowSpace):
+        spool.ensure_space(528_000)
+    free[0] = 2_000_000
+    spool.ensure_space(1_000)
+    spool.ensure_space(528_000)
+    assert [(r.levelname, r.getMessage()[:40]) for r in caplog.records] == [
+        ("ERROR", "free space 0 MiB: an instance of 515 KiB"),
+        ("WARNING", "free space back above storage.min_free_b"),
+    ]
