@@ -39,7 +39,7 @@ from dicom_node.receive import Receiver
 from dicom_node.receivers import ProcessSettings, ReceiverPool
 from dicom_node.reindex import reindex_orphans, reindex_receiving_folders
 from dicom_node.send import Sender
-from dicom_node.store import Spool
+from dicom_node.store import NameInUse, Spool
 from dicom_node.tls import destination_tls
 from dicom_node.web.echo import DestinationMonitor
 from dicom_node.web.metrics import Metrics
@@ -77,7 +77,10 @@ class Node:
     def start(self) -> None:
         """Open the journal, resume unfinished work, start listening, then build and start
         the analysis worker."""
-        self.audit.open()
+        try:
+            self.audit.open()
+        except OSError as exc:
+            raise not_writable("audit.path", exc) from None
         self.audit.application("start", self.config.node.ae_title)
         self.spool.clear_tmp()
         reindex_orphans(self.spool, self.journal)
@@ -273,12 +276,28 @@ def _storage(config: NodeConfig, name: str | None) -> tuple[Spool, Journal]:
     """The storage folder (with the shared bucket, if any) and the journal, created or upgraded."""
     cluster = config.cluster
     spool = Spool(config.storage.path, config.storage.min_free_bytes, name, object_store(config))
-    spool.create()
+    try:
+        spool.create()
+    except NameInUse:
+        raise
+    except OSError as exc:  # "[Errno 13] Permission denied: '…/instances'" named no key
+        raise not_writable("storage.path", exc) from None
     journal = Journal(cluster.journal_location(spool.journal_path))
     journal.create()
     if cluster.enabled:
         log.info("cluster: node %s, journal %s, folder %s", name, journal.path, spool.root)
     return spool, journal
+
+
+def not_writable(key: str, exc: OSError) -> OSError:
+    """``exc`` from creating a file or folder as the setting ``key`` names it."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    error = OSError(
+        f"{key}: cannot create {where}{exc.strerror or exc} (the node runs as uid"
+        f" {os.getuid()}; that user needs to write there)"
+    )
+    error.errno = exc.errno
+    return error
 
 
 def _analysis(

@@ -264,10 +264,12 @@ def _print_jobs(jobs: list[dict[str, Any]]) -> None:
             f"{job['state']:<12} {_age(job['age_seconds']):>5}  {error}"
         )
         for d in job.get("deliveries", ()):
-            last_error = (d["last_error"] or "").replace("\n", " ")[:ERROR_CHARS]
+            # whole, on a line of its own: the reason (errno, TLS alert, status) is at its end
+            last_error = (d["last_error"] or "").replace("\n", " ")
             print(
                 f"  {'':>6} delivery to {d['destination']} ({d['ae_title']}): {d['state']} "
-                f"after {d['attempts']} attempt(s): {last_error}"
+                f"after {d['attempts']} attempt(s)"
+                + (f":\n  {'':>6}   {last_error}" if last_error else "")
             )
 
 

@@ -240,7 +240,9 @@ def test_status_text_and_json(tmp_path: Path) -> None:
     assert len(failed_rows) == 2  # in the recent jobs and in the failed jobs
     assert failed_rows[0].split()[1:5] == ["1", "ct", "ct-chest", "failed"]
     assert failed_rows[0].endswith("AnalysisError: no lungs")
-    assert "delivery to pacs (P): dead after 1 attempt(s): refused" in out
+    lines = out.splitlines()
+    at = lines.index("         delivery to pacs (P): dead after 1 attempt(s):")
+    assert lines[at + 1] == "           refused"  # whole, on its own line (it was cut at 60)
 
     data = json.loads(cli("status", "--config", config, "--json", "--limit", "2").stdout)
     assert data["counts"]["jobs"] == {"failed": 1, "dead_letter": 1, "done": 1}

@@ -417,6 +417,31 @@ def test_a_port_in_use_is_named_by_its_key(tmp_path: Path) -> None:
             ), done.stderr
 
 
+def test_storage_and_audit_paths_that_cannot_be_made_are_named_by_their_keys(
+    tmp_path: Path,
+) -> None:
+    """ "cannot start: [Errno 13] Permission denied: '…/instances'" named no setting. (A
+    path below a regular file: as root, permissions would not stop the node.)"""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cases = {
+        "storage.path": node_settings(blocker / "var"),
+        "audit.path": {**node_settings(tmp_path / "var"), "audit": {"path": str(blocker / "a")}},
+    }
+    for key, settings in cases.items():
+        config = tmp_path / "node.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        done = subprocess.run(
+            [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 1, done.stderr
+        assert f"cannot start: {key}: cannot create {blocker}" in done.stderr, done.stderr
+        assert "(the node runs as uid" in done.stderr
+
+
 def test_sighup_stops_the_node_cleanly(tmp_path: Path) -> None:
     """A closed terminal (SIGHUP) stops ``serve`` as SIGTERM does: logged, exit 0."""
     node = NodeProcess(node_settings(tmp_path / "var"), tmp_path / "node").start()
