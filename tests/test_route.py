@@ -190,3 +190,23 @@ def test_explain_names_the_route_whose_pipeline_refuses(tmp_path: Path) -> None:
     )
     localizer = explain(rules, header(ImageType=["LOCALIZER"]), 64, models)
     assert localizer.jobs == () and localizer.skip == "localizer/scout image"
+
+
+def test_ct_chest_does_not_measure_lossy_compressed_images_but_packages_may() -> None:
+    """%LAA-950 of a lung: 1.66 % lossless, 1.91 % off 12-bit and 4.62 % off 8-bit JPEG,
+    sent on with nothing to say so."""
+    from pydicom.dataset import FileMetaDataset
+
+    marked = header(LossyImageCompression="01")
+    assert skip_reason(marked, 64) == (
+        "lossy-compressed images (Lossy Image Compression 01; the pipeline measures densities)"
+    )
+    baseline = header()
+    baseline.file_meta = FileMetaDataset()
+    baseline.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
+    assert "JPEG Baseline (Process 1)" in str(skip_reason(baseline, 64))
+    for lossless in ("1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.1"):
+        baseline.file_meta.TransferSyntaxUID = lossless
+        assert skip_reason(baseline, 64) is None
+    assert skip_reason(header(LossyImageCompression="00"), 64) is None
+    assert skip_reason(marked, 64, ANY_IMAGE) is None  # a package's own call
