@@ -164,7 +164,7 @@ def _score(
 ) -> LabelScore:
     count = int(ours.sum())
     if values is None:
-        return LabelScore(key, None, None, count, None, ml, "not in the label map")
+        return LabelScore(key, None, None, count, None, ml, "not in the reference")
     theirs = reference.mask(values)
     ref_count = int(theirs.sum())
     overlap = int(np.logical_and(ours, theirs).sum())
@@ -262,6 +262,16 @@ def run(
     if csv_path is not None and evaluations:
         write_csv(evaluations, csv_path)
         console.print(f"wrote {csv_path}")
+    if code == EXIT_OK and not any(
+        score.reference_labels is not None for found in evaluations for score in found.scores
+    ):
+        # every row n/a: an acceptance script keyed on the exit status must not pass
+        print(
+            f"evaluate: nothing was compared: none of {pipeline.name}'s segments is in the"
+            " reference (see --labels)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     return code
 
 

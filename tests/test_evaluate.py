@@ -315,6 +315,11 @@ def test_cli_bad_input_exits_2_with_a_message(ge_result, own_seg, tmp_path):
     assert "no segment 'Liver'" in bad_map.stderr and "'Left lung'" in bad_map.stderr
     device = cli("--pipeline", "ct-chest", GE_3SLICE, own_seg, "--device", "tpu")
     assert device.returncode == 2 and "unknown device preference 'tpu'" in device.stderr
+    # dcmqi's SEGs of the same CT hold a liver and other organs, none of ct-chest's
+    liver = cli("--pipeline", "ct-chest", GE_3SLICE, DCMQI_SEG / "liver.dcm", "--device", "cpu")
+    assert liver.returncode == 2, liver.stdout + liver.stderr  # was 0, every row n/a
+    assert "nothing was compared: none of ct-chest's segments is in the reference" in (liver.stderr)
+    assert "not in the reference" in liver.stdout
 
 
 # -- label maps and discovery -----------------------------------------------------------------
