@@ -147,6 +147,17 @@ def _pydicom_values(data: bytes) -> dict[str, str]:
     return {key: value for key, value in values.items() if value}
 
 
+def error_comment(reason: str) -> str:
+    """A refusal's reason as an Error Comment (0000,0902) of the response: LO, so at most
+    64 characters of the default repertoire, cut at a word with "..." where longer. The
+    reasons name settings, UIDs' roles and sizes, never patient data."""
+    text = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in reason).strip()
+    if len(text) <= 64:
+        return text
+    cut = text[:61].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return cut + "..."
+
+
 def pynetdicom_uid_check(value: object) -> tuple[bool, str]:
     """pynetdicom's own check of a UID it decodes or is given (``_config.VALIDATORS``),
     as it makes it without ``ENFORCE_UID_CONFORMANCE`` (the node leaves that off): not

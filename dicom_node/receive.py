@@ -44,6 +44,7 @@ from dicom_node.header import (
     Header,
     Rejected,
     check_uids_quickly,
+    error_comment,
     received_header,
     valid_uid,
 )
@@ -316,16 +317,24 @@ class Receiver:
         self._helpers.shutdown()
         return left
 
-    def _handle_store(self, event: evt.Event) -> int:
+    def _handle_store(self, event: evt.Event) -> int | pydicom.Dataset:
         request = cast(C_STORE, event.request)
-        return self.store_status(
+        comment: list[str] = []
+        status = self.store_status(
             str(request.AffectedSOPClassUID),
             str(request.AffectedSOPInstanceUID),
             str(event.context.transfer_syntax),
             (cast(BytesIO, request.DataSet).getvalue(),),
             event.assoc.requestor.ae_title,
             context_class=str(event.context.abstract_syntax),
+            comment=comment,
         )
+        if not comment:
+            return status
+        answer = pydicom.Dataset()
+        answer.Status = status
+        answer.ErrorComment = comment[0]
+        return answer
 
     def store_status(
         self,
@@ -335,6 +344,7 @@ class Receiver:
         dataset: Sequence[bytes | bytearray | memoryview],
         calling: str,
         after: list[Callable[[], None]] | None = None,
+        comment: list[str] | None = None,
         context_class: str | None = None,
     ) -> int:
         """Store one received instance; the C-STORE response status.
@@ -347,6 +357,7 @@ class Receiver:
         ``context_class``: the abstract syntax of the presentation context the request
         came on, where the caller has not checked it against the request's SOP Class
         (the wire path serves only requests whose SOP Class is their context's).
+        ``comment``: where to leave a refusal's reason as the response's Error Comment.
         """
         with log_context(calling_aet=calling):
             try:
@@ -365,6 +376,8 @@ class Receiver:
                 log.warning(
                     "refused C-STORE from %s (status 0x%04X): %s", calling, exc.status, exc.reason
                 )
+                if comment is not None:
+                    comment.append(error_comment(exc.reason))
                 return exc.status
             except Exception:
                 log.exception("unexpected error storing an instance from %s", calling)

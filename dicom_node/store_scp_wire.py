@@ -102,6 +102,7 @@ class StoreFunction(Protocol):
         dataset: Sequence[Buffer],
         calling: str,
         after: list[Callable[[], None]] | None = None,
+        comment: list[str] | None = None,
     ) -> int: ...
 
 
@@ -116,10 +117,22 @@ def _us(element: int, value: int) -> bytes:
     return struct.pack("<HHLH", 0x0000, element, 2, value)
 
 
+def _lo(element: int, text: str) -> bytes:
+    raw = text.encode("ascii")
+    if len(raw) % 2:
+        raw += b" "
+    return struct.pack("<HHL", 0x0000, element, len(raw)) + raw
+
+
 def store_response(
-    message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int
+    message_id: int,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    status: int,
+    error_comment: str = "",
 ) -> bytes:
-    """The command set of a C-STORE-RSP without a dataset, as pynetdicom encodes it."""
+    """The command set of a C-STORE-RSP without a dataset, as pynetdicom encodes it
+    (``error_comment``: an Error Comment, :func:`dicom_node.header.error_comment`)."""
     body = b"".join(
         (
             _ui(0x0002, sop_class_uid),  # Affected SOP Class UID
@@ -127,6 +140,7 @@ def store_response(
             _us(0x0120, message_id),  # Message ID Being Responded To
             _us(0x0800, NO_DATASET),  # Command Data Set Type
             _us(0x0900, status),  # Status
+            _lo(0x0902, error_comment) if error_comment else b"",  # Error Comment
             _ui(0x1000, sop_instance_uid),  # Affected SOP Instance UID
         )
     )
@@ -233,6 +247,7 @@ class FastStore:
         if not self._calling:  # installed at EVT_REQUESTED, before pynetdicom had it
             self._calling = str(self._assoc.requestor.ae_title)
         after: list[Callable[[], None]] = []
+        comment: list[str] = []
         status = self._store(
             request.sop_class,
             request.sop_instance,
@@ -240,9 +255,10 @@ class FastStore:
             fragments,
             self._calling,
             after,
+            comment,
         )
         del fragments, held  # the PDUs read: up to max_instance_bytes
-        self._respond(sock, wrapper, request, status)
+        self._respond(sock, wrapper, request, status, comment[0] if comment else "")
         self._dul._idle_timer.restart()
         for work in after:  # while the peer reads the response and sends its next request
             try:
@@ -393,13 +409,18 @@ class FastStore:
         return known
 
     def _respond(
-        self, sock: socket.socket, wrapper: AssociationSocket, request: _Request, status: int
+        self,
+        sock: socket.socket,
+        wrapper: AssociationSocket,
+        request: _Request,
+        status: int,
+        error_comment: str,
     ) -> None:
         # pynetdicom sends no response when the association ended during the handler
         if not self._assoc.is_established or wrapper.socket is None:
             return
         command = store_response(
-            request.message_id, request.sop_class, request.sop_instance, status
+            request.message_id, request.sop_class, request.sop_instance, status, error_comment
         )
         max_pdu = int(self._assoc.requestor.maximum_length or 0)
         try:

@@ -276,3 +276,18 @@ def test_the_quick_uid_check_answers_as_pynetdicoms_own() -> None:
     values += [" 1.2.3 ", UID("1.2.840.10008.1.2"), 5, b"1.2", None]
     for value in values:
         assert pynetdicom_uid_check(value) == validate_ui(value), repr(value)  # type: ignore[arg-type]
+
+
+def test_an_error_comment_is_a_short_lo_value() -> None:
+    from dicom_node.header import error_comment
+
+    assert error_comment("dataset SOP Class 1.2 != request 1.3") == (
+        "dataset SOP Class 1.2 != request 1.3"
+    )
+    long = error_comment(
+        "an instance of 528000 bytes would leave 0 of the 372736 bytes free, below"
+        " storage.min_free_bytes (0)"
+    )
+    assert long == "an instance of 528000 bytes would leave 0 of the 372736..."
+    assert len(long) <= 64
+    assert error_comment("a\\b\nc \u00e9") == "a?b?c ?"  # LO: no backslash, control, non-ASCII

@@ -308,8 +308,18 @@ def test_a_uid_held_for_another_study_or_patient_is_refused(
     caplog.set_level("WARNING", logger="dicom_node")
     with association(node) as assoc:
         assert assoc.send_c_store(first).Status == 0
-        assert assoc.send_c_store(other).Status == 0xA900
+        refusal = assoc.send_c_store(other)
+        assert refusal.Status == 0xA900
         assert assoc.send_c_store(first).Status == 0  # the same patient again: a resend
+    # what the modality's operator sees (storescu showed "Data Set does not match SOP Class")
+    expected = {
+        "series of another study": "SeriesInstanceUID already belongs to another study",
+        "study of another patient": (
+            "StudyInstanceUID already belongs to another patient (PatientID)"
+        ),
+        "instance of another patient": "SOP Instance UID already stored for another patient...",
+    }[conflict]
+    assert refusal.ErrorComment == expected
     assert node.journal.state_counts()["instances"]["total"] == 1
     (stored,) = _stored_files(node)
     assert pydicom.dcmread(stored).PatientID == first.PatientID

@@ -68,21 +68,29 @@ ROOT = "1.2.826.0.1.3680043.8.498."
 
 @pytest.mark.parametrize("max_pdu", [16384, 0, 64, 71])
 @pytest.mark.parametrize(
-    ("message_id", "instance", "status"),
-    [(1, "1.2.3.4", 0x0000), (65535, "1.2.3.45", 0xA700), (7, ROOT + "12345", 0xC000)],
+    ("message_id", "instance", "status", "comment"),
+    [
+        (1, "1.2.3.4", 0x0000, ""),
+        (65535, "1.2.3.45", 0xA700, ""),
+        (7, ROOT + "12345", 0xC000, ""),
+        (8, "1.2.3.4", 0xA900, "an odd-length one"),
+        (9, "1.2.3.45", 0xA700, "x" * 64),
+    ],
 )
 def test_response_is_pynetdicoms_encoding(
-    max_pdu: int, message_id: int, instance: str, status: int
+    max_pdu: int, message_id: int, instance: str, status: int, comment: str
 ) -> None:
     primitive = C_STORE()
     primitive.MessageIDBeingRespondedTo = message_id
     primitive.AffectedSOPClassUID = CT
     primitive.AffectedSOPInstanceUID = instance
     primitive.Status = status
+    if comment:
+        primitive.ErrorComment = comment
     message = C_STORE_RSP()
     message.primitive_to_message(primitive)
     theirs = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(5, max_pdu))
-    ours = command_pdus(5, store_response(message_id, CT, instance, status), max_pdu)
+    ours = command_pdus(5, store_response(message_id, CT, instance, status, comment), max_pdu)
     assert ours == theirs
 
 
@@ -106,9 +114,11 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     answered: list[int] = []
     respond = FastStore._respond
 
-    def counting(self: FastStore, sock: Any, wrapper: Any, request: Any, status: int) -> None:
+    def counting(
+        self: FastStore, sock: Any, wrapper: Any, request: Any, status: int, comment: str
+    ) -> None:
         answered.append(status)
-        respond(self, sock, wrapper, request, status)
+        respond(self, sock, wrapper, request, status, comment)
 
     monkeypatch.setattr(FastStore, "_respond", counting)
     return answered
