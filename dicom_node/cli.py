@@ -162,7 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_USAGE
-    return _dispatch(args, config)
+    try:
+        return _dispatch(args, config)
+    except BrokenPipeError:  # `dicom-node status | head`: the reader has gone
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # or the interpreter's last flush fails again
+        return EXIT_FAILED
 
 
 def _dispatch_configless(args: argparse.Namespace) -> int:

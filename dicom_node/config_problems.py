@@ -27,6 +27,9 @@ def format_error(error: ErrorDetails) -> list[str]:
         message = "unknown key"
     if error["type"] in ("path_not_file", "path_not_directory"):
         message = f"{message}: {error.get('input')}"  # which one: the file to look for
+    if error["type"] == "too_short" and path.endswith(".token"):
+        # "Value should have at least 16 items after validation, not 5": pydantic's words
+        message = f"at least {error.get('ctx', {}).get('min_length', 16)} characters"
     given = error.get("input")
     if error["type"] == "string_type" and isinstance(given, int | float):
         # ae_title: 1234, or a host written as a number: YAML reads it as one

@@ -332,3 +332,21 @@ def test_a_journal_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> No
         assert done.returncode == 1, (args, done.stderr)
         assert expected in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
         assert done.stderr.count(str(journal / "journal.sqlite")) == 1, done.stderr
+
+
+def test_status_into_a_reader_that_stops_early_is_no_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dicom-node status | head -1`` ended in a BrokenPipeError traceback once the reader
+    had gone: here its stdout is a pipe whose reading end is closed."""
+    import os
+
+    from dicom_node import cli as cli_module
+
+    prepared_journal(tmp_path / "var")
+    config = write_config(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w", buffering=1) as gone:  # each line is written at once
+        monkeypatch.setattr(sys, "stdout", gone)
+        assert cli_module.main(["status", "--config", str(config)]) == 1

@@ -416,3 +416,9 @@ def test_the_web_server_and_the_dicom_listener_on_one_port_is_a_config_problem()
     parse_config(
         {"node": {"ae_title": "A", "port": 11712}, "web": {"port": 11712, "enabled": False}}
     )
+
+
+def test_a_short_web_token_says_characters() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"node": {"ae_title": "AINODE"}, "web": {"token": "short"}})
+    assert err.value.problems == ["web.token: at least 16 characters"]

@@ -357,3 +357,21 @@ def test_a_destination_down_from_the_start_is_logged_once_and_its_return_too(
     assert lines[1] == "destination pacs is now up"
     # pynetdicom's own ERROR lines for each failed connection are not repeated
     assert not [r for r in caplog.records if r.name.startswith("pynetdicom")]
+
+
+def test_a_dashboard_open_to_the_network_without_auth_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/operations.md 6.1: with web.host beyond loopback and no token, anyone who
+    reaches the port sees patient names; the node started without a word."""
+    caplog.set_level(logging.WARNING, logger="dicom_node")
+    with running_node(node_settings(tmp_path / "open", web={"host": "0.0.0.0"})):
+        pass
+    assert "web.host 0.0.0.0: the dashboard and the API" in caplog.text
+    caplog.clear()
+    token = {"host": "0.0.0.0", "token": "a-long-enough-token-1234"}
+    with running_node(node_settings(tmp_path / "closed", web=token)):
+        pass
+    with running_node(node_settings(tmp_path / "local")):
+        pass
+    assert "the dashboard and the API" not in caplog.text

@@ -35,6 +35,7 @@ from dicom_node.web.metrics import Metrics
 from dicom_node.web.openapi import OPENAPI
 
 log = logging.getLogger(__name__)
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 Response = tuple[int, str, bytes]
 JSON = "application/json"
@@ -97,6 +98,14 @@ class WebServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="web", daemon=True)
         self._thread.start()
         log.info("web on http://%s:%d", *self.address)
+        web = self._config.web
+        if web.host not in _LOOPBACK and web.token is None and web.basic_auth is None:
+            log.warning(
+                "web.host %s: the dashboard and the API, which show patient names and IDs,"
+                " are open to every host that reaches this port; set web.token or"
+                " web.basic_auth (docs/operations.md 6.1)",
+                web.host,
+            )
 
     def stop(self) -> None:
         self._monitor.stop()
