@@ -254,7 +254,7 @@ def _build(
         on_jobs([])
         sender.wake()
 
-    web = _web(config, journal, metrics, lambda: receiver.running, on_retry)
+    web = _web(config, journal, metrics, lambda: receiver.running and journal.intact(), on_retry)
     return Node(
         config,
         spool,

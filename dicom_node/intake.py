@@ -15,6 +15,7 @@ journal: a known SOP Instance UID is a duplicate; a study that had completed re-
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -28,6 +29,26 @@ from dicom_node.sqlite_journal import WriterLock, configure_sqlite, writer_lock
 
 class UIDConflict(Exception):
     """A received UID contradicts what the journal already holds."""
+
+
+class JournalReplaced(Exception):
+    """The journal's file was removed or replaced while the node had it open: rows would go
+    to a file nobody will read again (and the worker's next connection makes an empty one)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"journal {path} was removed or replaced while the node runs; restart the node"
+            " (it indexes the stored files again)"
+        )
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, or None when there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 @dataclass(frozen=True)
@@ -240,6 +261,7 @@ class SQLiteIntake:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # the file the connection has open
         self._lock = threading.Lock()  # one statement or transaction at a time
 
     def known(self, sop_uid: str) -> bool:
@@ -285,6 +307,8 @@ class SQLiteIntake:
             self._db = None
 
     def _connection(self) -> sqlite3.Connection:
+        if self._db is not None and file_identity(self.path) != self._identity:
+            raise JournalReplaced(self.path)
         if self._db is None:
             # isolation_level=None: no implicit transactions, record() opens its own.
             db = sqlite3.connect(
@@ -296,6 +320,7 @@ class SQLiteIntake:
                 db.close()
                 raise
             self._db = db
+            self._identity = file_identity(self.path)  # looked at before each use
         return self._db
 
 

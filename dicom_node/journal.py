@@ -98,10 +98,13 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
         self._receiving = (
             None if self.shared else intake.ReceivingJournal(Path(location), self._write_lock)
         )
+        self._identity: tuple[int, int] | None = None  # the SQLite file (see intact)
 
     def create(self) -> None:
         """Create the tables of a new journal, upgrade an older one (see :mod:`database`)."""
         migrate(self._engine, self.location)
+        if not self.shared:
+            self._identity = intake.file_identity(Path(self.location))
 
     def close(self) -> None:
         if self._receiving is not None:
@@ -157,6 +160,14 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
                 if attempt == 2 or not self.shared:
                     raise
         raise AssertionError("unreachable")
+
+    def intact(self) -> bool:
+        """Whether a SQLite journal's file is still the one created or opened by
+        :meth:`create` (not removed or replaced while the node runs); a shared journal is
+        the database server's to keep."""
+        if self.shared or self._identity is None:
+            return True
+        return intake.file_identity(Path(self.location)) == self._identity
 
     def has_instance(self, sop_uid: str) -> bool:
         if self._receiving is not None:

@@ -49,7 +49,13 @@ from dicom_node.header import (
     valid_uid,
 )
 from dicom_node.header_scan import meta_elements_length
-from dicom_node.intake import InstanceJournal, ReceivedInstance, Recorded, UIDConflict
+from dicom_node.intake import (
+    InstanceJournal,
+    JournalReplaced,
+    ReceivedInstance,
+    Recorded,
+    UIDConflict,
+)
 from dicom_node.listener import Elsewhere, HandedServer, listen_error, start_server
 from dicom_node.logs import log_context, quiet_pynetdicom_events
 from dicom_node.part10 import file_meta_bytes
@@ -222,6 +228,7 @@ class Receiver:
         self._helpers = _Helpers(HEADER_THREADS)
         self._storing = _Gauge()  # threads writing an instance now
         self._meta_senders: set[str] = set()  # calling AE titles that sent group 0002
+        self._journal_lost = False  # JournalReplaced seen (logged once)
         self._aborts_seen: weakref.WeakSet[Any] = weakref.WeakSet()  # associations
         self._aborts_lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
@@ -497,6 +504,8 @@ class Receiver:
     def _stored_patient_id(self, sop_uid: str) -> str | None:
         try:
             return self._journal.stored_patient_id(sop_uid)
+        except JournalReplaced as exc:
+            raise self._journal_replaced(exc) from exc
         except Exception as exc:  # the journal's database is away: the sender will retry
             log.debug("journal error", exc_info=True)
             raise Rejected(
@@ -532,6 +541,9 @@ class Receiver:
         except UIDConflict as exc:
             self._spool.remove(received.relpath)
             raise Rejected(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
+        except JournalReplaced as exc:
+            self._spool.remove(received.relpath)
+            raise self._journal_replaced(exc) from exc
         except Exception as exc:
             self._spool.remove(received.relpath)
             # the exception text may quote the row (display details): keep it out of the log
@@ -539,6 +551,13 @@ class Receiver:
             raise Rejected(
                 OUT_OF_RESOURCES, f"cannot record the instance ({type(exc).__name__})"
             ) from exc
+
+    def _journal_replaced(self, exc: JournalReplaced) -> Rejected:
+        """Every instance is refused until a restart; said once at ERROR."""
+        if not self._journal_lost:
+            self._journal_lost = True
+            log.error("%s; refusing every instance with 0xA700 until then", exc)
+        return Rejected(OUT_OF_RESOURCES, "the journal was removed or replaced; restart the node")
 
     def _duplicate(self, calling: str) -> int:
         self._metrics.instances_duplicate.labels(calling_aet=calling).inc()

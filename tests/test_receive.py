@@ -766,3 +766,32 @@ def test_an_association_for_services_the_node_does_not_offer_says_so(
     assert line.startswith("association from QR1 proposed nothing the node serves (")
     assert "Study Root Query/Retrieve Information Model - FIND" in line
     assert "SOP class 1.2.826.0.1.3680043.8.498.77" in line
+
+
+def test_a_journal_removed_while_the_node_runs_stops_the_acknowledgements(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node acknowledged into the deleted file, /healthz said ok, and after a restart
+    the study's results went out a second time under new UIDs."""
+    import urllib.error
+    import urllib.request
+
+    files = [pydicom.dcmread(p) for p in sorted(GE_3SLICE.glob("*.dcm"))]
+    caplog.set_level("WARNING", logger="dicom_node")
+    with running_node(node_settings(tmp_path / "var")) as node:
+        host, port = node.web.address  # type: ignore[union-attr]
+        health = f"http://{host}:{port}/healthz"
+        with association(node) as assoc:
+            assert assoc.send_c_store(files[0]).Status == 0
+        for path in (tmp_path / "var").glob("journal.sqlite*"):
+            path.unlink()
+        with association(node) as assoc:
+            refused = [assoc.send_c_store(ds) for ds in files[1:]]
+        assert [int(r.Status) for r in refused] == [0xA700, 0xA700]
+        assert refused[0].ErrorComment == "the journal was removed or replaced; restart the node"
+        with pytest.raises(urllib.error.HTTPError) as unhealthy:
+            urllib.request.urlopen(health, timeout=5)
+        assert unhealthy.value.code == 503
+        assert len(_stored_files(node)) == 1  # the refused ones left no file
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len([e for e in errors if "was removed or replaced while the node runs" in e]) == 1

@@ -213,7 +213,7 @@ class WebServer:
     def _healthz(self, _request: Request) -> Response:
         if self._healthy():
             return 200, "text/plain", b"ok\n"
-        return 503, "text/plain", b"not accepting associations\n"
+        return 503, "text/plain", b"not accepting associations, or the journal was replaced\n"
 
     def _metrics_page(self, _request: Request) -> Response:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self._metrics.registry)
