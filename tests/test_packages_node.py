@@ -117,7 +117,9 @@ def test_a_ct_study_routed_to_a_package_gives_seg_and_sr(tmp_path: Path) -> None
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == LUNG["value"]
     assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == ANATOMY["value"]
     assert _device_uids(seg) == _device_uids(sr) == [DEVICE_UID]
-    assert sr.SeriesDescription == "lungs-test measurements"
+    # which source series, beside others of the study in the PACS
+    assert sr.SeriesDescription == f"lungs-test measurements of series {ge[0].SeriesNumber}"
+    assert seg.SeriesDescription == f"lungs-test SEG of series {ge[0].SeriesNumber}"
 
 
 def test_a_dx_image_routed_to_a_2d_package_gives_seg_and_planar_sr(tmp_path: Path) -> None:
@@ -175,7 +177,7 @@ def test_a_classifier_package_sends_an_sr_alone(tmp_path: Path) -> None:
     (probability,) = _named(sr, PNEUMOTHORAX_PROBABILITY["value"])
     assert 0.5 < float(probability.MeasuredValueSequence[0].NumericValue) <= 1.0  # 3 decimals
     assert _device_uids(sr) == [DEVICE_UID]
-    assert sr.SeriesDescription == "cxr-pneumothorax measurements"
+    assert sr.SeriesDescription == "cxr-pneumothorax measurements of series 1"
 
 
 # -- with analysis.models_path passed to routing, and the spool to storage commitment -------

@@ -161,7 +161,7 @@ def build_seg(
     )
     first.restore(seg, "SEG")
     add_device_uid(seg, result, equipment)
-    seg.SeriesDescription = f"{result.pipeline} SEG"
+    seg.SeriesDescription = series_description(result, "SEG")
     if "FrameOfReferenceUID" not in seg:
         seg.PatientOrientation = volume.datasets[0].get("PatientOrientation") or ""
     drop_incomplete_study_references(seg)
@@ -241,6 +241,15 @@ def contributing_equipment(
             contribution_description=f"{result.pipeline} analysis",
         )
     ]
+
+
+def series_description(result: AnalysisResult, what: str) -> str:
+    """``<pipeline> <what>``, and the source series' number where it has one
+    (``ct-chest SEG of series 3``): a study whose kernels were analysed apart gets a result
+    series for each, and a PACS lists them side by side under one series number."""
+    number = str(result.volume.datasets[0].get("SeriesNumber", "") or "").strip()
+    text = f"{result.pipeline} {what}" + (f" of series {number}" if number else "")
+    return text[:64]  # LO
 
 
 def add_device_uid(dataset: Dataset, result: AnalysisResult, equipment: Equipment) -> None:

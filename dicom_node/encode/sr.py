@@ -43,6 +43,7 @@ from dicom_node.encode.seg import (
     contributing_equipment,
     drop_incomplete_study_references,
     referenced_source_series,
+    series_description,
     tracking_uid,
     tracking_uid_for_key,
 )
@@ -117,7 +118,7 @@ def build_sr(
     sr.ManufacturerModelName = equipment.model_name
     sr.SoftwareVersions = equipment.software_version
     sr.DeviceSerialNumber = equipment.device_serial_number
-    sr.SeriesDescription = f"{result.pipeline} measurements"
+    sr.SeriesDescription = series_description(result, "measurements")
     drop_incomplete_study_references(sr)
     return sr
 
