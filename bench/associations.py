@@ -28,24 +28,19 @@ from pathlib import Path
 from common import (
     LOCALHOST,
     SENDER_AET,
-    CpuClock,
     CpuUse,
     PeerError,
     Receiver,
     Series,
     console,
     cpu_table,
-    ct_series,
-    evict_page_cache,
     machine,
     peer_env,
     rates_table,
-    settle,
+    start_run,
     tool_path,
-    wait_stored,
-    warm_page_cache,
 )
-from receive import Factory, receivers, show_packages
+from receive import Factory, receivers, show_packages, timed_load
 
 from dicom_node.config import auto_receive_processes
 
@@ -73,21 +68,15 @@ def measure(receiver: Receiver, files: Sequence[Path], workdir: Path) -> tuple[f
 
     Raises :class:`PeerError` when the receiver did not store every instance.
     """
-    receiver.start()
-    try:
-        settle()
-        clock = CpuClock(receiver.pid)
-        seconds = send_one_per_association(receiver.aet, receiver.port, files)
-        cpu = clock.stop()
-        stored = wait_stored(receiver, len(files))
-    finally:
-        receiver.stop()
-    if stored != len(files):
-        raise PeerError(f"{receiver.name} stored {stored} of {len(files)} instances")
-    evict_page_cache(workdir)
+    seconds, _rss, cpu = timed_load(
+        receiver,
+        len(files),
+        workdir,
+        lambda: send_one_per_association(receiver.aet, receiver.port, files),
+    )
     rate = len(files) / seconds
     print(
-        f"  {receiver.name:<15}: stored all {stored}/{len(files)} in {seconds:6.2f} s"
+        f"  {receiver.name:<15}: stored all {len(files)}/{len(files)} in {seconds:6.2f} s"
         f" = {rate:6.1f} associations/s",
         flush=True,
     )
@@ -147,13 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
         args.associations, args.rounds = 5, 1
-    if args.baseline is not None:
-        args.baseline = args.baseline.resolve()
-        if not (args.baseline / "dicom_node" / "__init__.py").is_file():
-            _parser().error(f"--baseline {args.baseline}: no dicom_node package there")
-    print(f"machine: {machine()}", flush=True)
-    files = ct_series(args.associations)
-    warm_page_cache(files)
+    args.baseline, files = start_run(_parser(), args.baseline, args.associations)
     try:
         with tempfile.TemporaryDirectory(prefix="dicom-node-bench-") as tmp:
             contenders = receivers(args.receive_processes, args.baseline)

@@ -6,6 +6,7 @@ same starters the tests use), so a benchmark measures what the tests exercise.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import statistics
@@ -174,6 +175,22 @@ def file_creation_us(folder: Path, count: int = 200) -> float:
     for index in range(count):
         os.close(os.open(folder / f"{index}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     return (time.perf_counter() - started) / count * 1e6
+
+
+def start_run(
+    parser: argparse.ArgumentParser, baseline: Path | None, slices: int
+) -> tuple[Path | None, list[Path]]:
+    """What a receiving benchmark does first: ``--baseline DIR`` resolved and checked (a
+    usage error when DIR holds no ``dicom_node`` package), the machine printed, and the
+    series of ``slices`` made (or found) and read once. Returns both."""
+    if baseline is not None:
+        baseline = baseline.resolve()
+        if not (baseline / "dicom_node" / "__init__.py").is_file():
+            parser.error(f"--baseline {baseline}: no dicom_node package there")
+    print(f"machine: {machine()}", flush=True)
+    files = ct_series(slices)
+    warm_page_cache(files)
+    return baseline, files
 
 
 def split(files: Sequence[Path], groups: int) -> list[list[Path]]:

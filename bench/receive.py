@@ -36,7 +36,6 @@ from common import (
     Target,
     console,
     cpu_table,
-    ct_series,
     evict_page_cache,
     file_creation_us,
     machine,
@@ -44,9 +43,9 @@ from common import (
     run_storescu,
     settle,
     split,
+    start_run,
     targets_table,
     wait_stored,
-    warm_page_cache,
 )
 
 from dicom_node.config import auto_receive_processes
@@ -97,23 +96,13 @@ def measure(
 
     Raises :class:`PeerError` when the receiver did not store every instance.
     """
-    receiver.start()
-    try:
-        settle()
-        clock = CpuClock(receiver.pid)
-        seconds = run_storescu(receiver.aet, receiver.port, split(files, level), workdir)
-        cpu = clock.stop()
-        stored = wait_stored(receiver, len(files))
-        rss = receiver.peak_rss_kib()
-    finally:
-        receiver.stop()
-    if stored != len(files):
-        raise PeerError(f"{receiver.name} stored {stored} of {len(files)} instances")
-    # Free the page cache of the measurement's files (they are removed with the whole run's
-    # folder at the end): on the VM of docs/performance.md, writing past about 1 GB of new
-    # page cache made every write 10x slower for the rest of a run (the guest's first use
-    # of memory), whoever was measured then.
-    evict_page_cache(workdir)
+    seconds, rss, cpu = timed_load(
+        receiver,
+        len(files),
+        workdir,
+        lambda: run_storescu(receiver.aet, receiver.port, split(files, level), workdir),
+    )
+    stored = len(files)
     rate = len(files) / seconds
     peak = "" if rss is None else f", peak RSS {rss / 1024:.0f} MiB"
     print(
@@ -123,6 +112,34 @@ def measure(
         flush=True,
     )
     return rate, rss, cpu
+
+
+def timed_load(
+    receiver: Receiver, expected: int, workdir: Path, send: Callable[[], float]
+) -> tuple[float, int | None, CpuUse]:
+    """Start ``receiver`` fresh, ``send`` to it (its wall seconds), stop it: the seconds,
+    its peak RSS in KiB if known, and the CPU time the load took.
+
+    Raises :class:`PeerError` when the receiver did not store all ``expected`` instances.
+    """
+    receiver.start()
+    try:
+        settle()
+        clock = CpuClock(receiver.pid)
+        seconds = send()
+        cpu = clock.stop()
+        stored = wait_stored(receiver, expected)
+        rss = receiver.peak_rss_kib()
+    finally:
+        receiver.stop()
+    if stored != expected:
+        raise PeerError(f"{receiver.name} stored {stored} of {expected} instances")
+    # Free the page cache of the measurement's files (they are removed with the whole run's
+    # folder at the end): on the VM of docs/performance.md, writing past about 1 GB of new
+    # page cache made every write 10x slower for the rest of a run (the guest's first use
+    # of memory), whoever was measured then.
+    evict_page_cache(workdir)
+    return seconds, rss, cpu
 
 
 def run(
@@ -226,13 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.slices, args.rounds, args.concurrency = 20, 1, [1, 2]
         args.receive_processes = [1, 2]
-    if args.baseline is not None:
-        args.baseline = args.baseline.resolve()
-        if not (args.baseline / "dicom_node" / "__init__.py").is_file():
-            _parser().error(f"--baseline {args.baseline}: no dicom_node package there")
-    print(f"machine: {machine()}", flush=True)
-    files = ct_series(args.slices)
-    warm_page_cache(files)
+    args.baseline, files = start_run(_parser(), args.baseline, args.slices)
     try:
         with tempfile.TemporaryDirectory(prefix="dicom-node-bench-") as tmp:
             creation = [file_creation_us(Path(tmp) / "creation-before")]

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -404,6 +405,21 @@ def _meta_bytes(path: Path) -> bytes:
     return data[132 : 132 + 12 + length]
 
 
+def _serve_failing_start(
+    settings: dict[str, Any], config: Path
+) -> subprocess.CompletedProcess[str]:
+    """``serve`` with ``settings`` written to ``config``; it must fail to start (exit 1)."""
+    config.write_text(yaml.safe_dump(settings))
+    done = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    return done
+
+
 def test_a_port_in_use_is_named_by_its_key(tmp_path: Path) -> None:
     """``[Errno 98] Address already in use`` did not tell the DICOM port from the web one."""
     with socket.socket() as held:
@@ -413,15 +429,7 @@ def test_a_port_in_use_is_named_by_its_key(tmp_path: Path) -> None:
         for section in ("node", "web"):
             settings = node_settings(tmp_path / section)
             settings[section]["port"] = busy
-            config = tmp_path / f"{section}.yaml"
-            config.write_text(yaml.safe_dump(settings))
-            done = subprocess.run(
-                [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert done.returncode == 1, done.stderr
+            done = _serve_failing_start(settings, tmp_path / f"{section}.yaml")
             assert f"cannot start: {section}.port: {LOCALHOST}:{busy} is already in use" in (
                 done.stderr
             ), done.stderr
@@ -439,15 +447,7 @@ def test_storage_and_audit_paths_that_cannot_be_made_are_named_by_their_keys(
         "audit.path": {**node_settings(tmp_path / "var"), "audit": {"path": str(blocker / "a")}},
     }
     for key, settings in cases.items():
-        config = tmp_path / "node.yaml"
-        config.write_text(yaml.safe_dump(settings))
-        done = subprocess.run(
-            [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 1, done.stderr
+        done = _serve_failing_start(settings, tmp_path / "node.yaml")
         assert f"cannot start: {key}: cannot create {blocker}" in done.stderr, done.stderr
         assert "(the node runs as uid" in done.stderr
 
