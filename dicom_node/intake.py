@@ -92,7 +92,6 @@ class Statements:
     new_series: str
     count_series: str
     new_instance: str
-    has_instance: str
     instance_patient: str
     returning: bool  # inserts return the new id as a row (else: the cursor's lastrowid)
 
@@ -124,7 +123,6 @@ _SQLITE = Statements(
         "INSERT INTO instances (sop_uid, sop_class_uid, series_id, relpath, transfer_syntax,"
         " size, calling_aet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     ),
-    has_instance="SELECT 1 FROM instances WHERE sop_uid = ?",
     instance_patient=(
         "SELECT studies.details FROM instances JOIN series ON series.id = instances.series_id"
         " JOIN studies ON studies.id = series.study_id WHERE instances.sop_uid = ?"
@@ -251,7 +249,7 @@ class SQLiteIntake:
     """The intake on a SQLite journal, through a ``sqlite3`` connection of its own.
 
     The caller serialises :meth:`record` with every other writer of its process (the
-    journal's write lock); :meth:`known` needs no lock of the caller's. Like the
+    journal's write lock); :meth:`stored_patient_id` needs no lock of the caller's. Like the
     SQLAlchemy engine it replaces here, the connection commits with
     ``synchronous=NORMAL``: the instance's file was fsynced before, and a row lost to
     a power failure is written again from the file at start
@@ -263,12 +261,6 @@ class SQLiteIntake:
         self._db: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None  # the file the connection has open
         self._lock = threading.Lock()  # one statement or transaction at a time
-
-    def known(self, sop_uid: str) -> bool:
-        with self._lock:
-            return (
-                self._connection().execute(_SQLITE.has_instance, (sop_uid,)).fetchone() is not None
-            )
 
     def stored_patient_id(self, sop_uid: str) -> str | None:
         """The Patient ID recorded with the study of instance ``sop_uid`` ("" for none),
@@ -330,8 +322,6 @@ class InstanceJournal(Protocol):
 
     def record_instance(self, inst: ReceivedInstance) -> Recorded: ...
 
-    def has_instance(self, sop_uid: str) -> bool: ...
-
     def stored_patient_id(self, sop_uid: str) -> str | None: ...
 
     def all_instance_relpaths(self, prefix: str = "") -> set[str]: ...
@@ -359,7 +349,7 @@ class ReceivingJournal:
             return self._intake.record(inst)
 
     def has_instance(self, sop_uid: str) -> bool:
-        return self._intake.known(sop_uid)
+        return self.stored_patient_id(sop_uid) is not None
 
     def stored_patient_id(self, sop_uid: str) -> str | None:
         """The Patient ID of stored instance ``sop_uid``'s study, or None if not stored."""

@@ -170,10 +170,7 @@ class Journal(JournalReports, JournalLeases, JournalDeliveries):
         return intake.file_identity(Path(self.location)) == self._identity
 
     def has_instance(self, sop_uid: str) -> bool:
-        if self._receiving is not None:
-            return self._receiving.has_instance(sop_uid)
-        with self._engine.connect() as conn:
-            return conn.exec_driver_sql(self._intake.has_instance, (sop_uid,)).first() is not None
+        return self.stored_patient_id(sop_uid) is not None
 
     def stored_patient_id(self, sop_uid: str) -> str | None:
         """The Patient ID recorded with stored instance ``sop_uid``'s study ("" for none),
