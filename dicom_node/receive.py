@@ -336,12 +336,7 @@ class Receiver:
             context_class=str(event.context.abstract_syntax),
             comment=comment,
         )
-        if not comment:
-            return status
-        answer = pydicom.Dataset()
-        answer.Status = status
-        answer.ErrorComment = comment[0]
-        return answer
+        return _with_comment(status, comment[0]) if comment else status
 
     def store_status(
         self,
@@ -687,10 +682,15 @@ def _handle_action(event: evt.Event) -> tuple[pydicom.Dataset, None]:
         " a failure although its images were stored",
         requestor,
     )
-    status = pydicom.Dataset()
-    status.Status = PROCESSING_FAILURE
-    status.ErrorComment = NOT_A_COMMITMENT_SCP
-    return status, None
+    return _with_comment(PROCESSING_FAILURE, NOT_A_COMMITMENT_SCP), None
+
+
+def _with_comment(status: int, comment: str) -> pydicom.Dataset:
+    """A handler's status for pynetdicom with an Error Comment (0000,0902)."""
+    answer = pydicom.Dataset()
+    answer.Status = status
+    answer.ErrorComment = comment
+    return answer
 
 
 def _sop_name(abstract_syntax: object) -> str:
