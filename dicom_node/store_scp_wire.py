@@ -106,11 +106,16 @@ class StoreFunction(Protocol):
     ) -> int: ...
 
 
-def _ui(element: int, uid: str) -> bytes:
-    raw = uid.encode("ascii")
+def _text(element: int, text: str, padding: bytes) -> bytes:
+    """A command element of text, padded to an even length (UI: NUL, LO: space)."""
+    raw = text.encode("ascii")
     if len(raw) % 2:
-        raw += b"\0"
+        raw += padding
     return struct.pack("<HHL", 0x0000, element, len(raw)) + raw
+
+
+def _ui(element: int, uid: str) -> bytes:
+    return _text(element, uid, b"\0")
 
 
 def _us(element: int, value: int) -> bytes:
@@ -118,10 +123,7 @@ def _us(element: int, value: int) -> bytes:
 
 
 def _lo(element: int, text: str) -> bytes:
-    raw = text.encode("ascii")
-    if len(raw) % 2:
-        raw += b" "
-    return struct.pack("<HHL", 0x0000, element, len(raw)) + raw
+    return _text(element, text, b" ")
 
 
 def store_response(
